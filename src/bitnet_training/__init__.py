@@ -1,0 +1,22 @@
+"""bitnet-training: quantization-aware training of BitNet (1-bit / 1.58-bit) models on PyTorch."""
+
+from .errors import BitNetError, ConfigError
+from .models import BitNetLM, ModelConfig
+from .nn import BitLinear, ConversionReport, RMSNorm, quantize_model
+from .quant import FakeQuantize, QATConfig, QuantSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BitLinear",
+    "BitNetError",
+    "BitNetLM",
+    "ConfigError",
+    "ConversionReport",
+    "FakeQuantize",
+    "ModelConfig",
+    "QATConfig",
+    "QuantSpec",
+    "RMSNorm",
+    "quantize_model",
+]
