@@ -1,0 +1,234 @@
+"""BitLinear against nn.Linear (quantization off) and the BitNet reference form (on)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bitnet_training import BitLinear, QATConfig
+from bitnet_training.errors import ConfigError
+from bitnet_training.nn.norm import RMSNorm
+
+
+def ref_weight_quant(w):
+    """BitNet FAQ code: absmean ternary, per tensor."""
+    scale = 1.0 / w.abs().mean().clamp(min=1e-5)
+    return (w * scale).round().clamp(-1, 1) / scale
+
+
+def ref_activation_quant(x, bits=8):
+    qp = 2 ** (bits - 1) - 1
+    scale = qp / x.abs().max(dim=-1, keepdim=True).values.clamp(min=1e-5)
+    return (x * scale).round().clamp(-qp - 1, qp) / scale
+
+
+def ref_bitlinear(x, w, b=None, bits=8):
+    """The reference training form: y = linear(x + sg(q(x) - x), w + sg(q(w) - w))."""
+    xq = x + (ref_activation_quant(x, bits) - x).detach()
+    wq = w + (ref_weight_quant(w) - w).detach()
+    return F.linear(xq, wq, b)
+
+
+VARIANTS = {
+    "fused-int": QATConfig(),
+    "fused-float": QATConfig(integer_matmul=False),
+    "plain": QATConfig(fused=False),
+    "no-cache": QATConfig(cache_quantized_weight=False),
+}
+
+
+def _pair(config, bias=True, shape=(2, 5, 48), out=24):
+    lin = nn.Linear(shape[-1], out, bias=bias)
+    layer = BitLinear.from_linear(copy.deepcopy(lin), config)
+    x = torch.randn(*shape)
+    return lin, layer, x
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("bias", [True, False])
+def test_equals_reference_formula_forward_and_gradients(name, bias):
+    lin, layer, x = _pair(VARIANTS[name], bias)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = layer(x1)
+    y_ref = ref_bitlinear(x2, lin.weight, lin.bias)
+    # Same codes; the integer GEMM sums exactly, the float path in another order: 1e-5.
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.weight.grad, lin.weight.grad, rtol=1e-5, atol=1e-5)
+    if bias:
+        torch.testing.assert_close(layer.bias.grad, lin.bias.grad)
+
+
+def test_equals_nn_linear_when_quantization_is_off():
+    lin, layer, x = _pair(QATConfig.off())
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, y_ref = layer(x1), lin(x2)
+    assert torch.equal(y, y_ref)
+    y.sum().backward()
+    y_ref.sum().backward()
+    assert torch.equal(x1.grad, x2.grad) and torch.equal(layer.weight.grad, lin.weight.grad)
+
+
+def test_bf16_autocast_matches_reference_under_autocast():
+    lin, layer, x = _pair(QATConfig(integer_matmul=False))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        y_ref = ref_bitlinear(x, lin.weight, lin.bias)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_int = BitLinear.from_linear(lin, QATConfig())(x)
+    assert y_int.dtype == torch.bfloat16
+    torch.testing.assert_close(y_int.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_integer_matmul_equals_fake_quant_path():
+    lin = nn.Linear(256, 128)
+    x = torch.randn(64, 256) * 3
+    for per_channel in (False, True):
+        a = BitLinear.from_linear(lin, QATConfig(per_channel=per_channel))
+        b = BitLinear.from_linear(lin, QATConfig(per_channel=per_channel, integer_matmul=False))
+        torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-5)
+
+
+def _saved_activations(fn, n_tokens):
+    """(dtype, bytes) of each tensor autograd saves whose first dim is the token count."""
+    saved = []
+
+    def pack(t):
+        if t.dim() and t.shape[0] == n_tokens:  # activations; the weight is not one
+            saved.append((t.dtype, t.numel() * t.element_size()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
+
+
+def test_fused_saves_int8_codes_not_float_activations():
+    lin = nn.Linear(512, 512, bias=False)
+    x = torch.randn(256, 512, requires_grad=True)
+    fused = BitLinear.from_linear(lin, QATConfig())
+    ours = _saved_activations(lambda: fused(x), 256)
+    ref = _saved_activations(lambda: ref_bitlinear(x, lin.weight), 256)
+    # int8 codes (1 byte each) and one float32 scale per token...
+    assert sorted(ours, key=str) == sorted(
+        [(torch.int8, 256 * 512), (torch.float32, 256 * 4)], key=str
+    )
+    # ...against the float32 quantized activations of the reference form (4 bytes each).
+    assert (torch.float32, 256 * 512 * 4) in ref
+
+
+def test_weight_quantized_once_per_optimizer_step():
+    lin, layer, x = _pair(QATConfig(), bias=False)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x)
+    first = layer._cache[1]
+    layer(x)
+    assert layer._cache[1] is first  # same weight version: reused
+    layer(x).sum().backward()
+    opt.step()
+    y = layer(x)
+    assert layer._cache[1] is not first  # the step changed the weight: re-quantized
+    torch.testing.assert_close(y, ref_bitlinear(x, layer.weight.detach()), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        layer.weight.mul_(2)  # any in-place change invalidates the cache
+    torch.testing.assert_close(
+        layer(x), ref_bitlinear(x, layer.weight.detach()), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_same_output_in_train_and_eval():
+    _, layer, x = _pair(QATConfig())
+    y_train = layer.train()(x)
+    y_eval = layer.eval()(x)
+    assert torch.equal(y_train, y_eval)
+
+
+def test_from_linear_keeps_parameters_device_dtype():
+    lin = nn.Linear(16, 8).double()
+    layer = BitLinear.from_linear(lin)
+    assert isinstance(layer, nn.Linear)
+    assert layer.weight is lin.weight and layer.bias is lin.bias
+    assert layer.weight.dtype == torch.float64
+    assert list(layer.state_dict()) == ["weight", "bias"]
+    assert layer(torch.randn(3, 16, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_quantized_weight_returns_codes_and_scale():
+    layer = BitLinear(32, 16)
+    codes, scale, zp = layer.quantized_weight()
+    assert codes.dtype == torch.int8 and set(codes.unique().tolist()) <= {-1, 0, 1}
+    assert scale.item() == pytest.approx(layer.weight.abs().mean().item(), rel=1e-6)
+    assert zp is None
+    codes8, scale8, _ = BitLinear(
+        32, 16, config=QATConfig(weight_bits=8, per_channel=True)
+    ).quantized_weight()
+    assert scale8.shape == (16, 1) and codes8.abs().max() == 127
+
+
+def test_input_norm_normalises_before_quantizing():
+    lin, layer, x = _pair(QATConfig(input_norm=True), bias=False)
+    assert isinstance(layer.norm, RMSNorm)
+    norm = RMSNorm(x.shape[-1])
+    torch.testing.assert_close(layer(x), ref_bitlinear(norm(x), lin.weight), rtol=1e-5, atol=1e-5)
+    assert "norm.weight" in layer.state_dict()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        QATConfig(weight_bits=1),
+        QATConfig(weight_bits=4, group_size=16),
+        QATConfig(weight_bits=2, symmetric=False, per_channel=True),
+        QATConfig(activation_bits=4),
+        QATConfig(activation_bits=None),
+        QATConfig(activation_symmetric=False),
+        QATConfig(activation_granularity="tensor", straight_through_estimator="clipped"),
+    ],
+)
+def test_other_bit_widths_run_and_match_plain_form(config):
+    lin, layer, x = _pair(config)
+    plain = BitLinear.from_linear(copy.deepcopy(lin), config.replace(fused=False))
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = layer(x1), plain(x2)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    y1.sum().backward()
+    y2.sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_clipped_ste_masks_weight_gradient_in_fused_path():
+    lin = nn.Linear(32, 16, bias=False)
+    with torch.no_grad():
+        lin.weight[0, 0] = 10.0  # far beyond 1.5 gamma: clamped, so no gradient
+    layer = BitLinear.from_linear(lin, QATConfig(straight_through_estimator="clipped"))
+    layer(torch.randn(4, 32)).sum().backward()
+    assert layer.weight.grad[0, 0] == 0
+    assert (layer.weight.grad != 0).float().mean() > 0.5
+
+
+def test_qat_config_defaults_and_validation():
+    c = QATConfig()
+    assert (c.weight_bits, c.activation_bits, c.per_channel, c.group_size) == (1.58, 8, False, None)
+    assert c.weight_spec().granularity == "tensor" and c.activation_spec().granularity == "token"
+    assert QATConfig(weight_bits=4.0).weight_bits == 4
+    for kwargs, needle in [
+        ({"weight_bits": 3.5}, "QATConfig.weight_bits=3.5 is invalid: expected one of 1, 1.58"),
+        ({"activation_bits": 6}, "QATConfig.activation_bits=6 is invalid: expected 4, 8 or None"),
+        ({"per_channel": True, "group_size": 64}, "QATConfig.group_size=64"),
+        ({"group_size": 0}, "QATConfig.group_size=0"),
+        ({"straight_through_estimator": "soft"}, "straight_through_estimator='soft'"),
+        ({"symmetric": False}, "QATConfig.symmetric=False"),
+        ({"fused": "yes"}, "QATConfig.fused='yes'"),
+    ]:
+        with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(".", r"\.")):
+            QATConfig(**kwargs)
+    with pytest.raises(ConfigError, match="QATConfig.wieght_bits"):
+        QATConfig.from_dict({"wieght_bits": 2})
