@@ -125,7 +125,7 @@ def test_fused_saves_int8_codes_not_float_activations():
 
 
 def test_weight_quantized_once_per_optimizer_step():
-    lin, layer, x = _pair(QATConfig(), bias=False)
+    _, layer, x = _pair(QATConfig(), bias=False)
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     layer(x)
     first = layer._cache[1]

@@ -29,11 +29,8 @@ def test_llama_conversion_report_forward_backward():
     model = tiny_llama()
     params_before = {n: p for n, p in model.named_parameters()}
     report = quantize_model(model, QATConfig())
-    expected = sorted(
-        f"model.layers.{i}.{'self_attn' if p.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{p}"
-        for i in range(2)
-        for p in PROJ
-    )
+    block = {p: "self_attn" if p in PROJ[:4] else "mlp" for p in PROJ}
+    expected = sorted(f"model.layers.{i}.{block[p]}.{p}" for i in range(2) for p in PROJ)
     assert sorted(report.replaced) == expected
     assert report.skipped == [("lm_head", "output head stays full precision")]
     assert isinstance(model.model.layers[0].self_attn.q_proj, BitLinear)
