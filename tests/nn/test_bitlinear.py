@@ -232,3 +232,30 @@ def test_qat_config_defaults_and_validation():
             QATConfig(**kwargs)
     with pytest.raises(ConfigError, match="QATConfig.wieght_bits"):
         QATConfig.from_dict({"wieght_bits": 2})
+
+
+def test_layers_reading_the_same_input_share_its_codes():
+    q = BitLinear(48, 24, bias=False)
+    k = BitLinear(48, 16, bias=False)
+    x = torch.randn(4, 48, requires_grad=True)
+    saved = _saved_activations(lambda: (q(x), k(x)), 4)
+    # One int8 code tensor (and one scale per token) kept for both layers' backward.
+    assert sum(n for d, n in saved if d == torch.int8) == 2 * 4 * 48  # same tensor saved twice
+    codes_q = q(x).grad_fn.saved_tensors[0]
+    codes_k = k(x).grad_fn.saved_tensors[0]
+    assert codes_q.data_ptr() == codes_k.data_ptr()
+    # An in-place change of the input invalidates the shared codes.
+    x2 = torch.randn(4, 48)
+    y_before = k(x2)
+    x2.mul_(3)
+    torch.testing.assert_close(k(x2), ref_bitlinear(x2, k.weight), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(k(x2), y_before)
+
+
+def test_torch_compile_matches_eager():
+    pytest.importorskip("torch._inductor")
+    lin = nn.Linear(32, 16)
+    layer = BitLinear.from_linear(lin)
+    x = torch.randn(8, 32)
+    compiled = torch.compile(layer, backend="aot_eager")  # traces the graph; no C++ build
+    torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)

@@ -18,6 +18,9 @@ gradients (tests compare them):
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,13 +62,51 @@ class _WeightSTE(torch.autograd.Function):
         return (grad if mask is None else grad * mask), None, None
 
 
+class _ActivationCodes(threading.local):
+    """The last input quantized by a fused BitLinear, per thread.
+
+    q_proj, k_proj and v_proj (and gate_proj, up_proj) read the same tensor: quantizing it
+    once and saving one set of codes for all of them saves time and activation memory. An
+    entry is reused only for the very same tensor object at the same version (an in-place
+    change bumps it) and bit width.
+    """
+
+    ref = None  # weakref to the input tensor
+    key = None  # (version, bits)
+    value = None  # (codes_i8, inv)
+
+    def lookup(self, x: torch.Tensor, bits: int):
+        if self.ref is not None and self.ref() is x and self.key == (x._version, bits):
+            return self.value
+        return None
+
+    def store(self, x: torch.Tensor, bits: int, value) -> None:
+        self.ref, self.key, self.value = weakref.ref(x), (x._version, bits), value
+
+
+_ACT_CODES = _ActivationCodes()
+
+
+def _quantize_activations(x2: torch.Tensor, bits: int):
+    """BitNet reference activation quantizer on (N, in): int8 codes and s = Qp / max|x|.
+
+    codes = clamp(round(x * s), -Qp - 1, Qp), s per token with max|x| clamped at 1e-5. With
+    s from the row's own absmax, |x * s| <= Qp, so the clamp can never act and is skipped.
+    """
+    xf = x2.float()
+    qp = 2 ** (bits - 1) - 1
+    inv = qp / xf.abs().amax(dim=-1, keepdim=True).clamp_(min=SCALE_EPS)
+    return (xf * inv).round_(), inv
+
+
 class _FusedBitLinear(torch.autograd.Function):
     """linear(q_a(x), w_q) + b with per-token symmetric absmax activation quantization.
 
-    Saves int8 codes (N, in) and the per-token reciprocal scales (N, 1) for the backward,
-    where the quantized activations are rebuilt for the weight gradient. The activation
+    Saves int8 codes (N, in) and the per-token scales s (N, 1) for the backward, where the
+    quantized activations x_q = codes / s are rebuilt for the weight gradient. The activation
     gradient passes straight through (an absmax grid never clamps), the weight gradient goes
-    to the latent weight (masked by `w_mask` for the clipped STE).
+    to the latent weight (masked by `w_mask` for the clipped STE). In float32 the gradients
+    equal the reference form's exactly; under bf16 autocast up to bf16 rounding.
     """
 
     @staticmethod
@@ -73,23 +114,26 @@ class _FusedBitLinear(torch.autograd.Function):
         in_f, out_f = x.shape[-1], w_q.shape[0]
         lead = x.shape[:-1]
         with torch.autocast(x.device.type, enabled=False):
-            xf = x.reshape(-1, in_f).float()
-            # BitNet reference activation quantizer: s = Qp / max|x| (max clamped at 1e-5),
-            # codes = clamp(round(x * s), -Qp - 1, Qp). With s from the row's own absmax,
-            # |x * s| <= Qp, so the clamp can never act and is skipped.
-            qp = 2 ** (bits - 1) - 1
-            inv = qp / xf.abs().amax(dim=-1, keepdim=True).clamp_(min=SCALE_EPS)
-            codes = (xf * inv).round_()
-            codes_i8 = codes.to(torch.int8)
+            shared = None if torch.compiler.is_compiling() else _ACT_CODES.lookup(x, bits)
+            if shared is not None:
+                codes_i8, inv = shared
+                codes = None
+            else:
+                codes, inv = _quantize_activations(x.reshape(-1, in_f), bits)
+                codes_i8 = codes.to(torch.int8)
+                if not torch.compiler.is_compiling():
+                    _ACT_CODES.store(x, bits, (codes_i8, inv))
             if use_int:
                 # Exact integer GEMM, then both scales: y = (x_q W_q^T) * gamma / s.
-                y = torch._int_mm(codes_i8, w_codes_t).float()
-                y = y.mul_(w_scale_row).div_(inv)
+                acc = torch._int_mm(codes_i8, w_codes_t)
+                if w_scale_row.dim() == 0:  # per-tensor gamma folds into the per-token scale
+                    y = acc.to(dt).mul_((w_scale_row / inv).to(dt))
+                else:
+                    y = acc.to(dt).div_(inv.to(dt)).mul_(w_scale_row.to(dt))
                 if bias is not None:
-                    y = y.add_(bias.float())
-                y = y.to(dt)
+                    y = y.add_(bias.to(dt))
             else:
-                x_q = codes.div_(inv).to(dt)
+                x_q = (codes if codes is not None else codes_i8.float()).div(inv).to(dt)
                 y = F.linear(x_q, w_q, None if bias is None else bias.to(dt))
         ctx.save_for_backward(codes_i8, inv, w_q, w_mask)
         ctx.meta = (x.dtype, weight.dtype, None if bias is None else bias.dtype, dt, lead)
@@ -104,7 +148,9 @@ class _FusedBitLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (g @ w_q).reshape(*lead, w_q.shape[1]).to(x_dtype)
         if ctx.needs_input_grad[1]:
-            x_q = torch.div(codes_i8, inv).to(dt)  # rebuilt from the int8 codes
+            # Rebuild x_q from the int8 codes: exactly the reference's in float32; in a lower
+            # precision straight in that dtype (one pass instead of two).
+            x_q = torch.div(codes_i8, inv if dt == torch.float32 else inv.to(dt)).to(dt)
             grad_w = (g.t() @ x_q).to(w_dtype)
             if w_mask is not None:
                 grad_w = grad_w * w_mask

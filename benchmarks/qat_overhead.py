@@ -1,0 +1,241 @@
+"""QAT overhead: training-step time and peak memory of the `tiny` BitNetLM.
+
+Variants, all the same model, weights and batch:
+  off        quantization off (plain nn.Linear): the baseline
+  ours       BitLinear (fused int8-saving autograd function, integer GEMM, cached weight)
+  reference  the BitNet team's published training form, written here:
+             y = linear(x + sg(q_a(x) - x), W + sg(q_w(W) - W)), per-token int8, absmean W
+  hf         transformers' AutoBitLinear in online-quantization mode
+
+A step is forward + backward + AdamW step. For each precision (fp32, bf16 autocast) and
+mode (eager, torch.compile) it prints the median step time and the ratios to `off` and to
+`reference`, measured in one run with the variants interleaved round by round. Peak memory
+is measured for each variant in a fresh subprocess: the peak growth of the heap (malloc's
+bytes in use, sampled after every ATen op) during one training step, and the bytes autograd
+saves for the backward. Never asserts a time: it prints a table.
+
+    python benchmarks/qat_overhead.py                # everything (~10 min on 2 cores)
+    python benchmarks/qat_overhead.py --no-compile --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+import subprocess
+import sys
+import time
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bitnet_training import BitNetLM, ModelConfig
+
+VARIANTS = ("off", "ours", "reference", "hf")
+
+
+class ReferenceBitLinear(nn.Linear):
+    """The reference training BitLinear: STE by `x + (q(x) - x).detach()` on both sides."""
+
+    def forward(self, x):
+        w = self.weight
+        w_scale = 1.0 / w.abs().mean().clamp(min=1e-5)
+        w_q = (w * w_scale).round().clamp(-1, 1) / w_scale
+        x_scale = 127.0 / x.abs().max(dim=-1, keepdim=True).values.clamp(min=1e-5)
+        x_q = (x * x_scale).round().clamp(-128, 127) / x_scale
+        return F.linear(x + (x_q - x).detach(), w + (w_q - w).detach(), self.bias)
+
+
+def _swap_linears(model: nn.Module, make) -> None:
+    for name, m in list(model.named_modules()):
+        if type(m) is nn.Linear and name != "lm_head":
+            new = make(m)
+            new.weight = m.weight
+            model.set_submodule(name, new)
+
+
+def build(variant: str, cfg: ModelConfig) -> nn.Module:
+    torch.manual_seed(0)
+    if variant == "ours":
+        return BitNetLM(cfg)
+    model = BitNetLM(cfg, qat=False)
+    if variant == "reference":
+        _swap_linears(model, lambda m: ReferenceBitLinear(m.in_features, m.out_features, False))
+    elif variant == "hf":
+        from transformers.integrations.bitnet import AutoBitLinear
+
+        _swap_linears(
+            model, lambda m: AutoBitLinear(m.in_features, m.out_features, False, online_quant=True)
+        )
+    return model
+
+
+class Runner:
+    """One variant's model, optimizer and step function at one precision and mode."""
+
+    def __init__(self, variant, cfg, batch, precision, compiled):
+        self.model = build(variant, cfg)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(0, cfg.vocab_size, (batch[0], batch[1]), generator=g)
+        self.dtype = torch.bfloat16 if precision == "bf16" else None
+        self.fwd = torch.compile(self.model) if compiled else self.model
+
+    def step(self):
+        with torch.autocast("cpu", dtype=self.dtype or torch.float32, enabled=bool(self.dtype)):
+            loss = self.fwd(self.ids, labels=self.ids).loss
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss
+
+
+def saved_bytes(runner: Runner) -> int:
+    """Bytes of distinct storages autograd holds for the backward at the end of a forward.
+
+    Tensors saved by graph branches that were later cut off (the quantizer's own ops under
+    `.detach()`) are dead by then and not counted; parameters are not counted.
+    """
+    refs = []
+
+    def pack(t):
+        # Keep a detached alias: packing `t` itself would tie a node that saves its own
+        # output into a reference cycle that outlives the cut-off branch. (No backward runs.)
+        d = t.detach()
+        refs.append(weakref.ref(d))
+        return d
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=runner.dtype or torch.float32, enabled=bool(runner.dtype)):
+            loss = runner.model(runner.ids, labels=runner.ids).loss
+    params = {p.untyped_storage().data_ptr() for p in runner.model.parameters()}
+    alive = {}
+    for r in refs:
+        t = r()
+        if t is not None and t.untyped_storage().data_ptr() not in params:
+            alive[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    del loss
+    return sum(alive.values())
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]  # fmt: skip
+
+
+_libc = ctypes.CDLL("libc.so.6")
+_libc.mallinfo2.restype = _Mallinfo2
+
+
+def _heap_in_use() -> int:
+    """Bytes malloc has handed out and not taken back (all arenas, mmapped blocks too).
+
+    PyTorch's CPU allocator is plain malloc, so this is the memory its tensors hold; unlike
+    RSS it does not depend on whether freed memory was returned to the OS.
+    """
+    m = _libc.mallinfo2()
+    return m.uordblks + m.hblkhd
+
+
+class PeakHeap(TorchDispatchMode):
+    """Track the peak of `_heap_in_use()` after every ATen op (forward and backward)."""
+
+    def __enter__(self):
+        self.base = self.peak = _heap_in_use()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, _heap_in_use())
+        return out
+
+
+def memory_child(args) -> None:
+    """Run in a fresh process: peak heap growth of one training step, and saved bytes."""
+    cfg = ModelConfig.preset(args.model)
+    r = Runner(args.variant, cfg, (args.batch, args.seq), args.precision, False)
+    r.step()  # first step allocates the optimizer state: not part of the step's peak
+    with PeakHeap() as tracker:
+        r.step()
+    saved = saved_bytes(r)
+    print(json.dumps({"peak": tracker.peak - tracker.base, "saved": saved}))
+
+
+def measure_memory(args, variant, precision):
+    cmd = [sys.executable, __file__, "--child", "--variant", variant, "--precision", precision,
+           "--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def time_variants(args, precision, compiled):
+    cfg = ModelConfig.preset(args.model)
+    runners = {v: Runner(v, cfg, (args.batch, args.seq), precision, compiled) for v in VARIANTS}
+    for r in runners.values():  # warm-up (and compilation)
+        for _ in range(2):
+            r.step()
+    times = {v: [] for v in VARIANTS}
+    for _ in range(args.steps):  # interleaved rounds: drift on a shared machine hits all alike
+        for v, r in runners.items():
+            t = time.perf_counter()
+            r.step()
+            times[v].append(time.perf_counter() - t)
+    return {v: statistics.median(ts) for v, ts in times.items()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per variant")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="ours", help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return memory_child(args)
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset(args.model)
+    print(f"# {args.model} BitNetLM ({cfg.num_parameters() / 1e6:.1f} M parameters), batch "
+          f"{args.batch} x {args.seq} = {args.batch * args.seq} tokens, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}")  # fmt: skip
+    print("\n## Step time (forward + backward + AdamW), median of", args.steps, "interleaved steps")
+    print(f"{'precision':9} {'mode':8} " + " ".join(f"{v + ' ms':>12}" for v in VARIANTS)
+          + f" {'ours/off':>9} {'ref/off':>8} {'hf/off':>7} {'ours/ref':>9}")  # fmt: skip
+    modes = [False] if args.no_compile else [False, True]
+    for compiled in modes:
+        for precision in ("fp32", "bf16"):
+            t = time_variants(args, precision, compiled)
+            cells = " ".join(f"{t[v] * 1e3:12.1f}" for v in VARIANTS)
+            print(f"{precision:9} {'compile' if compiled else 'eager':8} {cells} "
+                  f"{t['ours'] / t['off']:9.3f} {t['reference'] / t['off']:8.3f} "
+                  f"{t['hf'] / t['off']:7.3f} {t['ours'] / t['reference']:9.3f}",
+                  flush=True)  # fmt: skip
+    if args.no_memory:
+        return
+    print("\n## Memory (eager): peak heap growth in one step; bytes saved for the backward")
+    print(f"{'precision':9} " + " ".join(f"{v + ' MiB':>14}" for v in VARIANTS)
+          + f" {'ours/ref peak':>14} {'ours/ref saved':>15}")  # fmt: skip
+    for precision in ("fp32", "bf16"):
+        m = {v: measure_memory(args, v, precision) for v in VARIANTS}
+        cells = " ".join(
+            f"{m[v]['peak'] / 2**20:6.0f} ({m[v]['saved'] / 2**20:4.0f})" for v in VARIANTS
+        )
+        print(f"{precision:9} {cells} {m['ours']['peak'] / m['reference']['peak']:14.3f} "
+              f"{m['ours']['saved'] / m['reference']['saved']:15.3f}", flush=True)  # fmt: skip
+    print("   (each cell: peak heap growth during a step, in parentheses saved-for-backward MiB)")
+
+
+if __name__ == "__main__":
+    main()
