@@ -86,8 +86,11 @@ class Runner:
         self.dtype = torch.bfloat16 if precision == "bf16" else None
         self.fwd = torch.compile(self.model) if compiled else self.model
 
+    def autocast(self):
+        return torch.autocast("cpu", dtype=self.dtype or torch.float32, enabled=bool(self.dtype))
+
     def step(self):
-        with torch.autocast("cpu", dtype=self.dtype or torch.float32, enabled=bool(self.dtype)):
+        with self.autocast():
             loss = self.fwd(self.ids, labels=self.ids).loss
         loss.backward()
         self.opt.step()
@@ -110,9 +113,8 @@ def saved_bytes(runner: Runner) -> int:
         refs.append(weakref.ref(d))
         return d
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=runner.dtype or torch.float32, enabled=bool(runner.dtype)):
-            loss = runner.model(runner.ids, labels=runner.ids).loss
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), runner.autocast():
+        loss = runner.model(runner.ids, labels=runner.ids).loss
     params = {p.untyped_storage().data_ptr() for p in runner.model.parameters()}
     alive = {}
     for r in refs:
