@@ -167,3 +167,11 @@ def test_tied_embeddings_and_presets():
         ModelConfig.preset("huge")
     with pytest.raises(ConfigError, match="model.num_key_value_heads=3"):
         ModelConfig(num_attention_heads=4, num_key_value_heads=3, hidden_size=64)
+
+
+def test_generate_under_inference_mode_equals_no_grad():
+    model = BitNetLM(small_config())
+    prompt = torch.randint(0, 96, (1, 4))
+    expected = model.generate(prompt, 6)
+    with torch.inference_mode():
+        assert torch.equal(model.generate(prompt, 6), expected)

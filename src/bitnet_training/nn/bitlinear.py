@@ -114,14 +114,16 @@ class _FusedBitLinear(torch.autograd.Function):
         in_f, out_f = x.shape[-1], w_q.shape[0]
         lead = x.shape[:-1]
         with torch.autocast(x.device.type, enabled=False):
-            shared = None if torch.compiler.is_compiling() else _ACT_CODES.lookup(x, bits)
+            # Inference tensors keep no version counter, so they cannot be shared safely.
+            share = not torch.compiler.is_compiling() and not x.is_inference()
+            shared = _ACT_CODES.lookup(x, bits) if share else None
             if shared is not None:
                 codes_i8, inv = shared
                 codes = None
             else:
                 codes, inv = _quantize_activations(x.reshape(-1, in_f), bits)
                 codes_i8 = codes.to(torch.int8)
-                if not torch.compiler.is_compiling():
+                if share:
                     _ACT_CODES.store(x, bits, (codes_i8, inv))
             if use_int:
                 # Exact integer GEMM, then both scales: y = (x_q W_q^T) * gamma / s.
@@ -215,8 +217,12 @@ class BitLinear(nn.Linear):
         w = self.weight
         if spec is None:
             return w.detach().to(dt), None, None, None
-        cacheable = self.config.cache_quantized_weight and not torch.compiler.is_compiling()
-        key = (w._version, w.data_ptr(), w.dtype, w.device, spec)
+        cacheable = (
+            self.config.cache_quantized_weight
+            and not torch.compiler.is_compiling()
+            and not w.is_inference()  # no version counter to key the cache on
+        )
+        key = (w._version, w.data_ptr(), w.dtype, w.device, spec) if cacheable else None
         if cacheable and self._cache is not None and self._cache[0] == key:
             entry = self._cache[1]
         else:
