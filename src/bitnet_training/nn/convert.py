@@ -53,6 +53,7 @@ def _output_head(model: nn.Module):
     try:
         return get() if callable(get) else None
     except (NotImplementedError, AttributeError):
+        # Some transformers models define the method but raise for "no output head".
         return None
 
 
