@@ -22,6 +22,8 @@ from ..errors import ConfigError
 from .functional import (
     GRANULARITIES,
     Quantized,
+    _grouped,
+    _reduce,
     binary_quantize,
     dequantize,
     int_quantize,
@@ -80,18 +82,11 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> Quantized:
 
 def _binary_mask(x: torch.Tensor, spec: QuantSpec, beta: torch.Tensor) -> torch.Tensor:
     # Recompute alpha = mean(W) per slice; the mask is |W - alpha| <= beta.
-    xf = x.float()
+    g = _grouped(x.float(), spec.granularity, spec.group_size)
     if spec.granularity == "group":
-        g = xf.reshape(*x.shape[:-1], x.shape[-1] // spec.group_size, spec.group_size)
-        m = (g - g.mean(-1, keepdim=True)).abs() <= beta.unsqueeze(-1)
-        return m.reshape(x.shape)
-    if spec.granularity == "tensor":
-        alpha = xf.mean()
-    elif spec.granularity == "channel":
-        alpha = xf.mean(dim=tuple(range(1, x.dim())), keepdim=True)
-    else:
-        alpha = xf.mean(dim=-1, keepdim=True)
-    return (xf - alpha).abs() <= beta
+        beta = beta.unsqueeze(-1)  # stored without the trailing group dim
+    m = (g - _reduce(g, spec.granularity, "meanv")).abs() <= beta
+    return m.reshape(x.shape)
 
 
 def clip_mask(x: torch.Tensor, q: Quantized, spec: QuantSpec) -> torch.Tensor:
