@@ -5,3 +5,38 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# A model small enough that a training step takes milliseconds.
+MICRO_MODEL = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=128,
+)
+
+
+@pytest.fixture
+def micro_model():
+    from bitnet_training import BitNetLM, ModelConfig
+
+    def make(qat=True, seed=0):
+        torch.manual_seed(seed)
+        return BitNetLM(ModelConfig(**MICRO_MODEL), qat=qat)
+
+    return make
+
+
+@pytest.fixture
+def token_windows():
+    from bitnet_training.data import TokenWindowDataset
+
+    def make(n_windows=24, seq_len=16, seed=1):
+        g = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, 256, (n_windows * (seq_len - 1) + 1,), generator=g)
+        return TokenWindowDataset(tokens.int(), seq_len, bytes_per_token=1.0)
+
+    return make

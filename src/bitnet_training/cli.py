@@ -1,0 +1,322 @@
+"""`bitnet-train` (also `python -m bitnet_training`): train, evaluate and sample BitNet models.
+
+    bitnet-train train [--config FILE] [--resume [CKPT]] [--overwrite] [key=value ...]
+    bitnet-train train --config FILE --print-config [key=value ...]
+    bitnet-train eval CKPT [key=value ...]
+    bitnet-train generate CKPT --prompt TEXT [--max-new-tokens N] [--temperature T] ...
+
+The CLI owns the terminal: progress on stderr, the summary on stdout. Errors the user can fix
+print one line and exit with status 2; an interrupted run exits with 128 + the signal number
+after saving its checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import shutil
+import sys
+import time
+
+import torch
+
+from . import __version__
+from .config import RunConfig, apply_override, config_from_dict, load_config
+from .data import ByteTokenizer, build_datasets
+from .errors import BitNetError
+from .models import BitNetLM
+from .train import ProgressBar, Trainer, list_checkpoints
+from .train import checkpoint as ckpt_io
+
+log = logging.getLogger("bitnet_training")
+
+EPILOG = """\
+overrides are dotted config keys, e.g. training.max_steps=200 qat.weight_bits=1
+  model_preset=tiny|small|2b4t   model.<field>   quantize=true|false   qat.<field>
+  training.<field> (training.optimizer.<field>, training.scheduler.<field>)
+  data.source=embedded|files data.train_files=a.txt,b.txt data.val_files=...
+  sample.prompt=... sample.max_new_tokens=N
+see `bitnet-train train --print-config` for every key and its current value.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bitnet-train",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"bitnet-training {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,generate}")
+
+    t = sub.add_parser(
+        "train",
+        help="train a model (default: tiny BitNet b1.58 on the embedded corpus)",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("--config", help="YAML run config (default: built-in defaults)")
+    t.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
+    t.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="CKPT",
+        help="continue from a checkpoint (default: the output_dir's latest)",
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete checkpoints and logs already in training.output_dir first",
+    )
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("overrides", nargs="*", metavar="key=value")
+
+    e = sub.add_parser(
+        "eval",
+        help="loss, perplexity and bits per byte of a checkpoint",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    e.add_argument("checkpoint", help="a checkpoint directory or a run directory (its latest)")
+    e.add_argument("--max-batches", type=int, default=None, help="evaluate at most N batches")
+    e.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="e.g. data.source=files data.val_files=my.txt",
+    )
+
+    g = sub.add_parser("generate", help="continue a prompt with a checkpoint's model")
+    g.add_argument("checkpoint", help="a checkpoint directory or a run directory (its latest)")
+    g.add_argument("--prompt", default=None, help="text to continue (default: sample.prompt)")
+    g.add_argument("--max-new-tokens", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    return p
+
+
+# ------------------------------------------------------------------------------ helpers
+def build_model(cfg: RunConfig) -> BitNetLM:
+    """The model a run config describes (BitNet b1.58 with `cfg.qat`, or full precision
+    when `quantize` is false), initialized under `training.seed`."""
+    torch.manual_seed(cfg.training.seed)
+    return BitNetLM(cfg.model, qat=cfg.qat if cfg.quantize else False)
+
+
+def _check_vocab(cfg: RunConfig, tokenizer) -> None:
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise BitNetError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
+            f"{cfg.model.vocab_size}: set model.vocab_size >= {tokenizer.vocab_size}"
+        )
+
+
+def load_run(path: str, overrides: list[str] = ()) -> tuple[RunConfig, BitNetLM, str]:
+    """The run config (with `overrides`), model and checkpoint directory of `path`."""
+    ckpt = ckpt_io.resolve_checkpoint(path)
+    ckpt_io.read_state(ckpt)  # checks the format version
+    meta = ckpt_io.read_metadata(ckpt)
+    data = meta.get("run_config")
+    if not isinstance(data, dict):
+        raise BitNetError(f"checkpoint {ckpt!r} has no run config (not written by bitnet-train)")
+    for item in overrides:
+        apply_override(data, item)
+    cfg = config_from_dict(data)
+    model = build_model(cfg)
+    ckpt_io.load_model_weights(model, ckpt)
+    return cfg, model, ckpt
+
+
+def sample_text(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    seed: int,
+) -> str:
+    """`prompt` continued by `model` (sampling when temperature > 0, else greedy)."""
+    ids = torch.tensor([tokenizer.encode(prompt, add_bos=True)])
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None:
+        max_new_tokens = max(0, min(max_new_tokens, limit - ids.shape[1]))
+    g = torch.Generator().manual_seed(seed)
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature or 1.0,
+            top_k=top_k,
+            eos_token_id=tokenizer.eos_token_id,
+            generator=g,
+        )
+    return tokenizer.decode(out[0])
+
+
+def _prepare_output_dir(out: str, resume: str | None, overwrite: bool) -> None:
+    existing = list_checkpoints(out)
+    if existing and resume is None and not overwrite:
+        raise BitNetError(
+            f"training.output_dir {out!r} already holds checkpoints: pass --resume to "
+            "continue, --overwrite to start again, or choose another training.output_dir"
+        )
+    if overwrite and resume is None and os.path.isdir(out):
+        for path in existing + glob.glob(os.path.join(out, ".tmp-checkpoint-*")):
+            shutil.rmtree(path)
+        for name in ("latest", "best", "metrics.jsonl"):
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+        shutil.rmtree(os.path.join(out, "tensorboard"), ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_train(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        sys.stdout.write(cfg.to_yaml())
+        return 0
+    out = cfg.training.output_dir
+    _prepare_output_dir(out, args.resume, args.overwrite)
+    tokenizer = ByteTokenizer()
+    _check_vocab(cfg, tokenizer)
+    t0 = time.perf_counter()
+    data = build_datasets(cfg.data, tokenizer)
+    log.info(
+        "data: %s, %d training and %d validation tokens (fingerprint %s, %.1f s)",
+        data.info["source"],
+        data.info["train_tokens"],
+        data.info["val_tokens"],
+        data.info["fingerprint"],
+        time.perf_counter() - t0,
+    )
+    model = build_model(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    log.info(
+        "model: %s, %.2f M parameters, %s",
+        cfg.model_preset,
+        n / 1e6,
+        "BitNet b1.58 QAT" if cfg.quantize else "full precision",
+    )
+    callbacks = [] if args.no_progress else [ProgressBar()]
+    metadata = {"run_config": cfg.to_dict(), "data": data.info, "tokenizer": "byte"}
+    trainer = Trainer(model, cfg.training, data.train, data.val, callbacks, metadata)
+    result = trainer.train(resume_from=args.resume)
+    _print_summary(cfg, result, data, model, tokenizer)
+    if result.interrupted:
+        return 128 + (result.signal or 2)
+    return 0
+
+
+def _print_summary(cfg, result, data, model, tokenizer) -> None:
+    m = result.metrics
+    lines = ["", "== summary =="]
+    lines.append(
+        f"model        {cfg.model_preset}, "
+        + (
+            f"BitNet {cfg.qat.weight_bits}-bit weights / "
+            f"{cfg.qat.activation_bits or 'fp'}-bit activations"
+            if cfg.quantize
+            else "full precision"
+        )
+    )
+    lines.append(f"device       {result.device}, precision {result.precision}")
+    tps = result.tokens / max(result.wall_time_s, 1e-9)
+    lines.append(
+        f"steps        {result.steps} ({result.tokens:,} tokens, {tps:,.0f} tokens/s)"
+        + (" - interrupted" if result.interrupted else "")
+    )
+    if m.get("train_loss") is not None:
+        lines.append(f"train loss   {m['train_loss']:.4f}")
+    if "val_loss" in m:
+        lines.append(
+            f"val loss     {m['val_loss']:.4f}   perplexity {m['val_perplexity']:.2f}"
+            f"   bits/byte {m.get('val_bits_per_byte', float('nan')):.3f}"
+        )
+    elif data.val is None:
+        lines.append("validation   none (no validation text: set data.val_files)")
+    lines.append(f"wall time    {result.wall_time_s:.1f} s")
+    lines.append(f"checkpoint   {result.last_checkpoint}")
+    if result.best_checkpoint and result.best_checkpoint != result.last_checkpoint:
+        lines.append(
+            f"best         {result.best_checkpoint} ({cfg.training.best_metric} "
+            f"{result.best_metric:.4f})"
+        )
+    s = cfg.sample
+    if s.max_new_tokens and not result.interrupted:
+        text = sample_text(
+            model.cpu(), tokenizer, s.prompt, s.max_new_tokens, s.temperature, s.top_k, s.seed
+        )
+        lines.append(f"sample       {text!r}")
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+def cmd_eval(args) -> int:
+    cfg, model, ckpt = load_run(args.checkpoint, args.overrides)
+    tokenizer = ByteTokenizer()
+    _check_vocab(cfg, tokenizer)
+    data = build_datasets(cfg.data, tokenizer)
+    if data.val is None:
+        raise BitNetError("no validation text: set data.val_files (or data.val_fraction > 0)")
+    trainer = Trainer(model, cfg.training, None, data.val, callbacks=[])
+    trainer.callbacks = []  # evaluation writes no logs
+    m = trainer.evaluate(max_batches=args.max_batches)
+    sys.stdout.write(
+        f"checkpoint   {ckpt}\n"
+        f"val loss     {m['val_loss']:.4f}\n"
+        f"perplexity   {m['val_perplexity']:.2f}\n"
+        f"bits/byte    {m.get('val_bits_per_byte', float('nan')):.4f}\n"
+    )
+    return 0
+
+
+def cmd_generate(args) -> int:
+    cfg, model, _ = load_run(args.checkpoint)
+    s = cfg.sample
+    prompt = s.prompt if args.prompt is None else args.prompt
+    n = s.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
+    temperature = s.temperature if args.temperature is None else args.temperature
+    top_k = s.top_k if args.top_k is None else args.top_k
+    seed = s.seed if args.seed is None else args.seed
+    if n < 0:
+        raise BitNetError(f"--max-new-tokens={n} is invalid: expected an integer >= 0")
+    if temperature < 0:
+        raise BitNetError(f"--temperature={temperature} is invalid: expected a number >= 0")
+    if top_k is not None and top_k < 1:
+        raise BitNetError(f"--top-k={top_k} is invalid: expected a positive integer")
+    text = sample_text(model, ByteTokenizer(), prompt, n, temperature, top_k, seed)
+    sys.stdout.write(text + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    # Overrides may come before or after options: collect every stray `key=value`.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}
+    try:
+        return commands[args.command](args)
+    except BitNetError as e:
+        sys.stderr.write(f"bitnet-train: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: exit at once
+        sys.stderr.write("bitnet-train: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

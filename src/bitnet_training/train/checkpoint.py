@@ -1,0 +1,244 @@
+"""Checkpoints: one directory per save, written atomically, loadable without running code.
+
+Layout of `<output_dir>/checkpoint-<step>/`:
+    model.safetensors      model weights (safetensors: tensors only, no code)
+    optimizer.pt           optimizer state, `torch.save`d; read back with `weights_only=True`
+    rng.safetensors        torch CPU (and CUDA) generator states
+    trainer_state.json     format version, step, data position, callback and scheduler
+                           states, grad-scaler state, Python and NumPy RNG states, config
+    metadata.json          what the caller passed (the CLI stores the resolved run config)
+`<output_dir>/latest` and `<output_dir>/best` are one-line files naming a checkpoint directory.
+
+A save goes to a hidden temporary directory that is renamed into place only when every file
+is written and synced, and the `latest` pointer moves after that: an error or a kill mid-save
+leaves the previous checkpoint and pointer as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from ..errors import BitNetError
+
+FORMAT_VERSION = 1
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+MODEL_FILE, OPTIMIZER_FILE, RNG_FILE = "model.safetensors", "optimizer.pt", "rng.safetensors"
+STATE_FILE, METADATA_FILE = "trainer_state.json", "metadata.json"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:08d}"
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # not every platform can open a directory; the rename is still atomic
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_pointer(output_dir: str, name: str, target: str) -> None:
+    """Atomically point `<output_dir>/<name>` (e.g. `latest`) at checkpoint dir `target`."""
+    tmp = os.path.join(output_dir, f".{name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(target + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(output_dir, name))
+    _fsync_dir(output_dir)
+
+
+def read_pointer(output_dir: str, name: str) -> str | None:
+    """The checkpoint directory `<output_dir>/<name>` points at, or None."""
+    try:
+        with open(os.path.join(output_dir, name)) as f:
+            target = f.read().strip()
+    except OSError:
+        return None
+    path = os.path.join(output_dir, target)
+    return path if target and os.path.isdir(path) else None
+
+
+def save_checkpoint(
+    output_dir: str,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict,
+    rng: dict[str, torch.Tensor],
+    metadata: dict | None = None,
+    _before_commit: Callable[[str], None] | None = None,
+) -> str:
+    """Write checkpoint `step` under `output_dir` atomically and return its path.
+
+    `state` must be JSON-serializable (the format version is added); `rng` maps names to
+    uint8 generator-state tensors. An existing checkpoint of the same step is replaced only
+    once the new one is complete. `_before_commit(tmp_dir)` is a test hook called just before
+    the rename.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    final = os.path.join(output_dir, checkpoint_name(step))
+    tmp = tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=output_dir)
+    try:
+        save_model(model, os.path.join(tmp, MODEL_FILE))
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
+        save_file({k: v.contiguous() for k, v in rng.items()}, os.path.join(tmp, RNG_FILE))
+        _write_json(os.path.join(tmp, STATE_FILE), {**state, "format_version": FORMAT_VERSION})
+        _write_json(os.path.join(tmp, METADATA_FILE), metadata or {})
+        for fname in os.listdir(tmp):  # torch.save and safetensors do not fsync
+            with open(os.path.join(tmp, fname), "rb+") as f:
+                os.fsync(f.fileno())
+        if _before_commit is not None:
+            _before_commit(tmp)
+        if os.path.exists(final):  # same step saved twice: swap, never leave neither
+            trash = tempfile.mkdtemp(prefix=".trash-", dir=output_dir)
+            os.replace(final, os.path.join(trash, "old"))
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoint directories under `output_dir`, oldest (lowest step) first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        m = CHECKPOINT_RE.match(name)
+        if m and os.path.isfile(os.path.join(output_dir, name, STATE_FILE)):
+            found.append((int(m.group(1)), os.path.join(output_dir, name)))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory from `path`: a checkpoint itself, or a run directory (its
+    `latest` pointer, else its newest checkpoint). A `BitNetError` if there is none."""
+    if not os.path.exists(path):
+        raise BitNetError(f"checkpoint {path!r} does not exist")
+    if os.path.isfile(os.path.join(path, STATE_FILE)):
+        return path
+    if os.path.isdir(path):
+        latest = read_pointer(path, "latest")
+        if latest is not None:
+            return latest
+        found = list_checkpoints(path)
+        if found:
+            return found[-1]
+    raise BitNetError(f"{path!r} is not a checkpoint and holds no checkpoints")
+
+
+def read_state(ckpt: str) -> dict:
+    """`trainer_state.json` of checkpoint `ckpt`, with its format version checked."""
+    path = os.path.join(ckpt, STATE_FILE)
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        raise BitNetError(f"{ckpt!r} is not a checkpoint (no {STATE_FILE})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BitNetError(f"checkpoint {ckpt!r} has an unreadable {STATE_FILE}: {e}") from None
+    if not isinstance(state, dict):
+        raise BitNetError(f"checkpoint {ckpt!r} has an unreadable {STATE_FILE}")
+    version = state.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BitNetError(
+            f"checkpoint {ckpt!r} has format version {version!r}; this bitnet-training "
+            f"reads version {FORMAT_VERSION}"
+        )
+    return state
+
+
+def read_metadata(ckpt: str) -> dict:
+    """`metadata.json` of checkpoint `ckpt` ({} when absent)."""
+    try:
+        with open(os.path.join(ckpt, METADATA_FILE)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BitNetError(f"checkpoint {ckpt!r} has an unreadable {METADATA_FILE}: {e}") from None
+
+
+def load_model_weights(model: torch.nn.Module, ckpt: str) -> None:
+    """Load `model.safetensors` of `ckpt` into `model`; a checkpoint of another architecture
+    (missing, unexpected or differently shaped tensors) is a one-line `BitNetError`."""
+    path = os.path.join(ckpt, MODEL_FILE)
+    if not os.path.isfile(path):
+        raise BitNetError(f"checkpoint {ckpt!r} has no {MODEL_FILE}")
+    try:
+        missing, unexpected = load_model(model, path, strict=False)
+    except SafetensorError as e:
+        raise BitNetError(f"checkpoint {ckpt!r}: unreadable {MODEL_FILE}: {e}") from None
+    except RuntimeError as e:  # shape mismatch from load_state_dict
+        first = str(e).strip().splitlines()[-1].strip()
+        raise BitNetError(f"checkpoint {ckpt!r} does not fit this model: {first}") from None
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(sorted(missing)[:3])}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(sorted(unexpected)[:3])}")
+        raise BitNetError(f"checkpoint {ckpt!r} does not fit this model: {'; '.join(parts)}")
+
+
+def load_optimizer_state(ckpt: str) -> dict | None:
+    """The optimizer state dict of `ckpt` (`weights_only=True`: data only), or None."""
+    path = os.path.join(ckpt, OPTIMIZER_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle refused (not data-only) or a corrupt file
+        raise BitNetError(f"checkpoint {ckpt!r}: cannot load {OPTIMIZER_FILE}: {e}") from None
+
+
+def load_rng(ckpt: str) -> dict[str, torch.Tensor]:
+    path = os.path.join(ckpt, RNG_FILE)
+    return load_file(path) if os.path.isfile(path) else {}
+
+
+def prune_checkpoints(output_dir: str, keep: int | None, protect: set[str]) -> list[str]:
+    """Delete the oldest checkpoints beyond the newest `keep`, never one in `protect`
+    (the best and the latest). Returns the deleted paths."""
+    if keep is None:
+        return []
+    found = list_checkpoints(output_dir)
+    protect = {os.path.realpath(p) for p in protect if p}
+    excess = len(found) - keep
+    deleted = []
+    for path in found:
+        if excess <= 0:
+            break
+        if os.path.realpath(path) in protect:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        deleted.append(path)
+        excess -= 1
+    return deleted

@@ -1,0 +1,252 @@
+"""`TrainingConfig`: how the `Trainer` runs (optimizer, schedule, precision, evaluation, saving)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from ..errors import ConfigError
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("constant", "linear", "cosine", "two_stage")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _need(path: str, value, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(path, value, allowed)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive_int(path, v, optional=False):
+    _need(
+        path,
+        v,
+        (optional and v is None) or (_is_int(v) and v > 0),
+        "a positive integer" + (" or None" if optional else ""),
+    )
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimizer. `adamw` (default; BitNet uses betas (0.9, 0.95)) or `sgd`.
+
+    weight_decay applies to matrices only (linear and embedding weights), never to norms or
+    biases. `momentum` and `nesterov` are SGD's; `beta1`, `beta2`, `eps` are AdamW's.
+    """
+
+    name: str = "adamw"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    momentum: float = 0.9
+    nesterov: bool = False
+
+    def __post_init__(self):
+        p = "training.optimizer"
+        _need(f"{p}.name", self.name, self.name in OPTIMIZERS, " or ".join(OPTIMIZERS))
+        _need(
+            f"{p}.weight_decay",
+            self.weight_decay,
+            _is_num(self.weight_decay) and self.weight_decay >= 0,
+            "a number >= 0",
+        )
+        for name in ("beta1", "beta2", "momentum"):
+            v = getattr(self, name)
+            _need(f"{p}.{name}", v, _is_num(v) and 0 <= v < 1, "a number in [0, 1)")
+        _need(f"{p}.eps", self.eps, _is_num(self.eps) and self.eps > 0, "a positive number")
+        _need(f"{p}.nesterov", self.nesterov, isinstance(self.nesterov, bool), "true or false")
+        if self.nesterov and self.name == "sgd":
+            _need(f"{p}.momentum", self.momentum, self.momentum > 0, "> 0 when nesterov is on")
+
+
+@dataclass
+class SchedulerConfig:
+    """The learning-rate schedule, applied per optimizer step after `warmup_steps` of linear
+    warm-up from 0.
+
+    constant: the peak LR throughout. linear / cosine: decay from the peak to `eta_min`
+    (an absolute LR) over `t_max` steps (default: the rest of the run). two_stage: BitNet
+    b1.58's recipe (training-tips FAQ): linear decay from the peak; at the halfway point the LR
+    drops to `stage_two_lr_factor` of its value and decays on, and weight decay changes
+    from the optimizer's value to `stage_two_weight_decay` (0: the latent weights' magnitude
+    is the confidence of their ternary value, and decay would make them flip).
+    """
+
+    name: str = "two_stage"
+    warmup_steps: int = 0
+    t_max: int | None = None
+    eta_min: float = 0.0
+    stage_two_lr_factor: float = 2 / 3  # 700M recipe: peak 1.5e-3, stage two 1e-3
+    stage_two_weight_decay: float = 0.0
+
+    def __post_init__(self):
+        p = "training.scheduler"
+        _need(f"{p}.name", self.name, self.name in SCHEDULERS, ", ".join(SCHEDULERS))
+        _need(
+            f"{p}.warmup_steps",
+            self.warmup_steps,
+            _is_int(self.warmup_steps) and self.warmup_steps >= 0,
+            "an integer >= 0",
+        )
+        _positive_int(f"{p}.t_max", self.t_max, optional=True)
+        _need(
+            f"{p}.eta_min",
+            self.eta_min,
+            _is_num(self.eta_min) and self.eta_min >= 0,
+            "a number >= 0",
+        )
+        f = self.stage_two_lr_factor
+        _need(f"{p}.stage_two_lr_factor", f, _is_num(f) and 0 < f <= 1, "a number in (0, 1]")
+        wd = self.stage_two_weight_decay
+        _need(f"{p}.stage_two_weight_decay", wd, _is_num(wd) and wd >= 0, "a number >= 0")
+
+
+@dataclass
+class TrainingConfig:
+    """Everything the `Trainer` needs besides the model and data. Defaults work on a CPU.
+
+    learning_rate: peak LR (BitNet trains at several times a full-precision model's LR).
+    batch_size: sequences per micro-batch; an optimizer step sees
+        `batch_size * gradient_accumulation_steps` sequences.
+    num_epochs / max_steps: run length; `max_steps` (optimizer steps), when set, wins.
+    gradient_clip_norm: clip the global gradient norm to this (None: no clipping).
+    mixed_precision: `auto` (bf16 autocast on CPU and on GPUs that support it, else fp16),
+        `bf16`, `fp16` (autocast + dynamic loss scaling with `init_scale`, `growth_factor`,
+        `backoff_factor`, `growth_interval`; for GPUs: fp16 matmuls are slow on CPUs) or
+        `fp32`.
+    eval_every: evaluate every N steps (None: only at the end, when there is eval data);
+        eval_steps: at most N evaluation batches (None: the whole evaluation set).
+    save_every: checkpoint every N steps (None: only at the end); save_total_limit: keep the
+        newest N checkpoints (the best is always kept; None keeps all); save_best_only: save
+        only when `best_metric` improves at an evaluation (and at the end).
+    best_metric / best_mode: the metric that picks the best checkpoint and drives early
+        stopping; early_stopping_patience: stop after N evaluations without improvement of at
+        least `early_stopping_min_delta` (None: never stop early).
+    log_every: log (progress bar, JSON lines, TensorBoard) every N steps.
+    seed: drives initialization order, data order and sampling; output_dir: checkpoints and
+        logs; device: `auto` (CUDA when available), `cpu` or `cuda`.
+    """
+
+    learning_rate: float = 1.5e-3
+    batch_size: int = 16
+    num_epochs: int = 1
+    max_steps: int | None = None
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    gradient_clip_norm: float | None = 1.0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "auto"
+    init_scale: float = 2.0**16
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    growth_interval: int = 2000
+    eval_every: int | None = None
+    eval_steps: int | None = None
+    save_every: int | None = None
+    save_total_limit: int | None = 3
+    save_best_only: bool = False
+    best_metric: str = "val_loss"
+    best_mode: str = "min"
+    early_stopping_patience: int | None = None
+    early_stopping_min_delta: float = 0.0
+    log_every: int = 10
+    seed: int = 0
+    output_dir: str = "runs/default"
+    device: str = "auto"
+
+    def __post_init__(self):
+        p = "training"
+        if isinstance(self.optimizer, str):
+            self.optimizer = OptimizerConfig(name=self.optimizer)
+        if isinstance(self.scheduler, str):
+            self.scheduler = SchedulerConfig(name=self.scheduler)
+        if self.mixed_precision is True:
+            self.mixed_precision = "auto"
+        elif self.mixed_precision is False:
+            self.mixed_precision = "fp32"
+        lr = self.learning_rate
+        _need(f"{p}.learning_rate", lr, _is_num(lr) and lr > 0, "a positive number")
+        for name in (
+            "batch_size",
+            "num_epochs",
+            "gradient_accumulation_steps",
+            "log_every",
+            "growth_interval",
+        ):
+            _positive_int(f"{p}.{name}", getattr(self, name))
+        for name in (
+            "max_steps",
+            "eval_every",
+            "eval_steps",
+            "save_every",
+            "save_total_limit",
+            "early_stopping_patience",
+        ):
+            _positive_int(f"{p}.{name}", getattr(self, name), optional=True)
+        c = self.gradient_clip_norm
+        _need(
+            f"{p}.gradient_clip_norm",
+            c,
+            c is None or (_is_num(c) and c > 0),
+            "a positive number or None",
+        )
+        _need(
+            f"{p}.mixed_precision",
+            self.mixed_precision,
+            self.mixed_precision in PRECISIONS,
+            ", ".join(PRECISIONS),
+        )
+        _need(
+            f"{p}.init_scale",
+            self.init_scale,
+            _is_num(self.init_scale) and self.init_scale > 0,
+            "a positive number",
+        )
+        _need(
+            f"{p}.growth_factor",
+            self.growth_factor,
+            _is_num(self.growth_factor) and self.growth_factor > 1,
+            "a number > 1",
+        )
+        _need(
+            f"{p}.backoff_factor",
+            self.backoff_factor,
+            _is_num(self.backoff_factor) and 0 < self.backoff_factor < 1,
+            "a number in (0, 1)",
+        )
+        _need(
+            f"{p}.save_best_only",
+            self.save_best_only,
+            isinstance(self.save_best_only, bool),
+            "true or false",
+        )
+        _need(
+            f"{p}.best_metric",
+            self.best_metric,
+            isinstance(self.best_metric, str) and bool(self.best_metric),
+            "a metric name",
+        )
+        _need(f"{p}.best_mode", self.best_mode, self.best_mode in ("min", "max"), "min or max")
+        d = self.early_stopping_min_delta
+        _need(f"{p}.early_stopping_min_delta", d, _is_num(d) and d >= 0, "a number >= 0")
+        _need(f"{p}.seed", self.seed, _is_int(self.seed) and self.seed >= 0, "an integer >= 0")
+        _need(
+            f"{p}.output_dir",
+            self.output_dir,
+            isinstance(self.output_dir, str) and bool(self.output_dir),
+            "a directory path",
+        )
+        _need(f"{p}.device", self.device, self.device in DEVICES, ", ".join(DEVICES))
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,193 @@
+"""The CLI end to end at a tiny size: train, eval, generate, resume, and every user error."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bitnet_training.cli import main
+
+MICRO = [
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "model.num_hidden_layers=2",
+    "model.num_attention_heads=2",
+    "model.num_key_value_heads=1",
+    "data.seq_len=32",
+    "training.batch_size=4",
+    "training.log_every=5",
+    "training.mixed_precision=fp32",
+    "sample.max_new_tokens=16",
+]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "a",
+        "lazy",
+        "dog",
+        "while",
+        "ternary",
+        "weights",
+        "learn",
+    ]
+    lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(300)]
+    train, val = tmp_path / "train.txt", tmp_path / "val.txt"
+    train.write_text("\n".join(lines[:260]))
+    val.write_text("\n".join(lines[260:]))
+    return ["data.source=files", f"data.train_files={train}", f"data.val_files={val}"]
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_eval_generate_resume(tmp_path, capsys, corpus):
+    out_dir = tmp_path / "run"
+    base = ["train", "--no-progress", *MICRO, *corpus, f"training.output_dir={out_dir}"]
+    code, out, err = run(
+        capsys, *base, "training.max_steps=20", "training.save_every=10", "training.eval_every=10"
+    )
+    assert code == 0, err
+    assert "val loss" in out and "bits/byte" in out and "sample" in out
+    assert (out_dir / "checkpoint-00000020").is_dir()
+    assert (out_dir / "latest").read_text().strip() == "checkpoint-00000020"
+    records = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [5, 10, 15, 20]
+    val_loss = [r["val_loss"] for r in records if r["kind"] == "eval"][-1]
+
+    code, out, err = run(capsys, "eval", out_dir)
+    assert code == 0, err
+    assert f"val loss     {val_loss:.4f}" in out and "perplexity" in out and "bits/byte" in out
+
+    code, out, err = run(
+        capsys,
+        "generate",
+        out_dir,
+        "--prompt",
+        "the quick",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0",
+    )
+    assert code == 0, err
+    assert out.startswith("the quick") and len(out.encode()) <= len("the quick") + 8 * 4 + 1
+
+    code, out, err = run(capsys, *base, "training.max_steps=30", "--resume")
+    assert code == 0, err
+    assert "steps        30" in out and (out_dir / "checkpoint-00000030").is_dir()
+
+    # Starting again into a run directory without --resume is refused, nothing touched.
+    code, out, err = run(capsys, *base, "training.max_steps=30")
+    assert code == 2 and "already holds checkpoints" in err
+
+
+def test_print_config(capsys):
+    code, out, _ = run(
+        capsys, "train", "--print-config", "training.max_steps=3", "qat.weight_bits=1"
+    )
+    assert code == 0
+    assert "max_steps: 3" in out and "weight_bits: 1" in out and "model_preset: tiny" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["training.learning_rat=1"], "did you mean 'training.learning_rate'?"),
+        (["training.batch_size=two"], "training.batch_size='two' is invalid: expected an integer"),
+        (["training.learning_rate=-1"], "training.learning_rate=-1.0 is invalid"),
+        (["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
+        (["data.source=files", "data.train_files=missing.txt"], "'missing.txt' does not exist"),
+        (["model.vocab_size=100"], "the tokenizer has 259 tokens but model.vocab_size is 100"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(capsys, tmp_path, args, message):
+    code, _, err = run(capsys, "train", f"training.output_dir={tmp_path / 'r'}", *args)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("bitnet-train: error: ") and message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").glob("checkpoint-*"))
+
+
+def test_bad_data_files_exit_2(capsys, tmp_path):
+    empty, binary = tmp_path / "empty.txt", tmp_path / "b.bin"
+    empty.write_text("")
+    binary.write_bytes(bytes(range(256)))
+    for path, message in ((empty, "is empty"), (binary, "is a binary file")):
+        code, _, err = run(capsys, "train", "data.source=files", f"data.train_files={path}")
+        assert code == 2 and message in err and str(path) in err
+
+
+def test_incompatible_and_unknown_checkpoints_exit_2(tmp_path, capsys, corpus):
+    out_dir = tmp_path / "run"
+    code, _, err = run(
+        capsys,
+        "train",
+        "--no-progress",
+        *MICRO,
+        *corpus,
+        "training.max_steps=2",
+        f"training.output_dir={out_dir}",
+        "sample.max_new_tokens=0",
+    )
+    assert code == 0, err
+    ckpt = out_dir / "checkpoint-00000002"
+    code, _, err = run(capsys, "eval", ckpt, "model.hidden_size=128")
+    assert code == 2 and "does not fit this model" in err
+    code, _, err = run(capsys, "eval", tmp_path / "nothing")
+    assert code == 2 and "does not exist" in err
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state["format_version"] = 99
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    code, _, err = run(capsys, "generate", ckpt)
+    assert code == 2 and "format version 99" in err
+
+
+def test_python_m_entry_point_and_sigint(tmp_path, corpus):
+    """A real process: Ctrl-C (SIGINT) saves a checkpoint, then exits with 130."""
+    out_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "bitnet_training",
+        "train",
+        "--no-progress",
+        *MICRO,
+        *corpus,
+        "training.max_steps=100000",
+        "training.log_every=1",
+        f"training.output_dir={out_dir}",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        # Wait until training is under way (a metrics record is written).
+        metrics = out_dir / "metrics.jsonl"
+        for _ in range(600):
+            if metrics.exists() and metrics.read_text().count("\n") >= 2:
+                break
+            if proc.poll() is not None:
+                break
+            import time
+
+            time.sleep(0.1)
+        proc.send_signal(2)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted" in out
+    latest = (out_dir / "latest").read_text().strip()
+    assert (out_dir / latest / "model.safetensors").is_file()
