@@ -4,6 +4,7 @@ from .errors import BitNetError, ConfigError
 from .models import BitNetLM, ModelConfig
 from .nn import BitLinear, ConversionReport, RMSNorm, quantize_model
 from .quant import FakeQuantize, QATConfig, QuantSpec
+from .train import Callback, Trainer, TrainingCallbacks, TrainingConfig, TrainResult
 
 __version__ = "0.1.0"
 
@@ -11,6 +12,7 @@ __all__ = [
     "BitLinear",
     "BitNetError",
     "BitNetLM",
+    "Callback",
     "ConfigError",
     "ConversionReport",
     "FakeQuantize",
@@ -18,5 +20,9 @@ __all__ = [
     "QATConfig",
     "QuantSpec",
     "RMSNorm",
+    "TrainResult",
+    "Trainer",
+    "TrainingCallbacks",
+    "TrainingConfig",
     "quantize_model",
 ]

@@ -37,3 +37,29 @@ def test_nested_configs_and_shorthands():
         OptimizerConfig(beta2=1.0)
     with pytest.raises(ConfigError, match="training.scheduler.stage_two_lr_factor"):
         SchedulerConfig(stage_two_lr_factor=0)
+
+
+def test_rng_round_trip_through_json():
+    import json
+    import random
+
+    import numpy as np
+    import torch
+
+    from bitnet_training.train.rng import capture_rng, restore_rng
+
+    tensors, jsonable = capture_rng()
+    jsonable = json.loads(json.dumps(jsonable))
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    restore_rng(tensors, jsonable)
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and (a[1] == b[1]).all() and a[2] == b[2]
+
+
+def test_precision_auto_on_cpu_is_bf16():
+    import torch
+
+    from bitnet_training.train.precision import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert resolve_precision("fp16", torch.device("cpu")) == "fp16"

@@ -12,14 +12,10 @@ import contextlib
 import logging
 import math
 import os
-import random
-import signal
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
@@ -30,6 +26,9 @@ from ..optim import build_optimizer
 from . import checkpoint as ckpt_io
 from .callbacks import Callback, Checkpointing, EarlyStopping, LRScheduling, MetricsLogging
 from .config import TrainingConfig
+from .precision import resolve_device, resolve_precision
+from .rng import capture_rng, restore_rng
+from .signals import GracefulStop
 
 log = logging.getLogger(__name__)
 
@@ -59,26 +58,6 @@ def _loss_of(out) -> torch.Tensor:
             "with .loss) when called with the batch, e.g. with labels"
         )
     return loss
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise BitNetError("training.device='cuda' but no CUDA device is available")
-    return torch.device(name)
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """`auto` -> what runs fastest here: bf16 on CPUs (measured about 2x fp32 on AVX-512;
-    fp16 matmuls are about 100x slower there) and on GPUs that support it, else fp16."""
-    if name != "auto":
-        if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise BitNetError("training.mixed_precision='bf16' but this GPU has no bf16 support")
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16"
 
 
 @dataclass
@@ -163,7 +142,7 @@ class Trainer:
         self.sampler: ResumableBatchSampler | None = None
         self.total_steps = 0
         self.history: list[dict] = []
-        self._signal: int | None = None
+        self._stop = GracefulStop()
 
     # ----------------------------------------------------------------- setup and state
     def _call(self, hook: str, *args) -> None:
@@ -203,39 +182,13 @@ class Trainer:
         self.total_steps = c.max_steps or c.num_epochs * per_epoch
         self._call("setup")
 
-    def _rng_state(self) -> tuple[dict, dict]:
-        tensors = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"cuda{i}"] = s
-        np_state = np.random.get_state()
-        py_state = random.getstate()
-        jsonable = {
-            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "python": [py_state[0], list(py_state[1]), py_state[2]],
-        }
-        return tensors, jsonable
-
-    def _set_rng_state(self, tensors: dict, jsonable: dict) -> None:
-        if "torch" in tensors:
-            torch.set_rng_state(tensors["torch"])
-        cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
-        if cuda and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(cuda)
-        if "numpy" in jsonable:
-            kind, keys, pos, has_gauss, gauss = jsonable["numpy"]
-            np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-        if "python" in jsonable:
-            v, internal, gauss = jsonable["python"]
-            random.setstate((v, tuple(internal), gauss))
-
     def save_checkpoint(self, _before_commit=None) -> str:
         """Write a checkpoint of the current step (atomically), move `latest` (and `best`
         when this step's evaluation is the best so far), prune old ones, call `on_save`."""
         c, s = self.config, self.state
         if s.best_step == s.step and s.best_metric is not None:
             s.best_checkpoint = os.path.join(c.output_dir, ckpt_io.checkpoint_name(s.step))
-        rng_tensors, rng_json = self._rng_state()
+        rng_tensors, rng_json = capture_rng()
         state = {
             "step": s.step,
             "tokens_seen": s.tokens_seen,
@@ -296,13 +249,21 @@ class Trainer:
         if self.scaler is not None and st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
         self.sampler.load_state_dict(data)
+        planned = st.get("total_steps")
+        if planned is not None and planned != self.total_steps:
+            log.warning(
+                "the checkpoint's run was planned for %d steps, this one for %d: the "
+                "learning-rate schedule keeps its original shape",
+                planned,
+                self.total_steps,
+            )
         s = self.state
         s.step, s.tokens_seen = int(st["step"]), int(st["tokens_seen"])
         s.best_metric, s.best_step = st.get("best_metric"), st.get("best_step")
         best = st.get("best_checkpoint")
         s.best_checkpoint = os.path.join(self.config.output_dir, best) if best else None
         s.last_checkpoint = ckpt
-        self._set_rng_state(ckpt_io.load_rng(ckpt), st.get("rng", {}))
+        restore_rng(ckpt_io.load_rng(ckpt), st.get("rng", {}))
         log.info("resumed from %s at step %d", ckpt, s.step)
         return ckpt
 
@@ -393,30 +354,6 @@ class Trainer:
             if better:
                 s.best_metric, s.best_step = v, s.step
 
-    def _on_signal(self, signum, frame) -> None:
-        self._signal = signum
-        log.warning(
-            "%s received: saving a checkpoint after this step, then stopping "
-            "(press Ctrl-C again to exit at once)",
-            signal.Signals(signum).name,
-        )
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-    @contextlib.contextmanager
-    def _signals(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        for s in old:
-            signal.signal(s, self._on_signal)
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-
     def train(self, resume_from: str | None = None) -> TrainResult:
         """Run to `max_steps` / `num_epochs` (or until a callback or a signal stops it),
         resuming from checkpoint `resume_from` ("latest": this run's newest) if given."""
@@ -425,15 +362,14 @@ class Trainer:
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         t_start = time.perf_counter()
-        self._signal = None
         self.history = []
         last_eval_step = None
-        with self._signals():
+        with self._stop:
             self._call("on_train_begin")
             batches = iter(self.sampler)
             window_loss, window_tok = [], []
             t_log = time.perf_counter()
-            while s.step < self.total_steps and not s.should_stop and self._signal is None:
+            while s.step < self.total_steps and not s.should_stop and not self._stop.received:
                 self._call("on_step_begin")
                 micro = [
                     self._to_device(default_collate([self.train_data[i] for i in next(batches)]))
@@ -468,7 +404,7 @@ class Trainer:
                 if s.should_save:
                     s.should_save = False
                     self.save_checkpoint()
-            interrupted = self._signal is not None
+            interrupted = self._stop.received is not None
             if self.eval_data is not None and last_eval_step != s.step and not interrupted:
                 self.evaluate()
             needs_final = not c.save_best_only or s.best_step == s.step or interrupted
@@ -492,7 +428,7 @@ class Trainer:
                 tokens=s.tokens_seen,
                 wall_time_s=time.perf_counter() - t_start,
                 interrupted=interrupted,
-                signal=self._signal,
+                signal=self._stop.received,
                 precision=self.precision,
                 device=str(self.device),
                 history=list(self.history),
