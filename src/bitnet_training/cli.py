@@ -143,7 +143,9 @@ def sample_text(
     seed: int,
 ) -> str:
     """`prompt` continued by `model` (sampling when temperature > 0, else greedy)."""
-    ids = torch.tensor([tokenizer.encode(prompt, add_bos=True)])
+    # Training text is documents joined by EOS, so a document starts right after an EOS:
+    # prefixing one makes the prompt look like the start of a document.
+    ids = torch.tensor([[tokenizer.eos_token_id, *tokenizer.encode(prompt)]])
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if limit is not None:
         max_new_tokens = max(0, min(max_new_tokens, limit - ids.shape[1]))

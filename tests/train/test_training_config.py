@@ -30,6 +30,7 @@ def test_training_config_rejects(kwargs, field):
 def test_nested_configs_and_shorthands():
     assert TrainingConfig(optimizer="sgd").optimizer == OptimizerConfig(name="sgd")
     assert TrainingConfig(scheduler="cosine").scheduler.name == "cosine"
+    assert TrainingConfig(optimizer={"name": "sgd", "momentum": 0.5}).optimizer.momentum == 0.5
     assert TrainingConfig(mixed_precision=False).mixed_precision == "fp32"
     with pytest.raises(ConfigError, match="training.optimizer.name"):
         OptimizerConfig(name="lamb")

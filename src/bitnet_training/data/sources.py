@@ -36,6 +36,8 @@ def build_datasets(config: DataConfig, tokenizer) -> Datasets:
             val_docs = read_text_files(config.val_files, "data.val_files")
         else:
             train_docs, val_docs = split_documents(train_docs, config.val_fraction)
+            if not train_docs:  # a lone file hashed into validation: train on it instead
+                train_docs, val_docs = val_docs, []
         docs = train_docs + val_docs
     train = TokenWindowDataset.from_documents(train_docs, tokenizer, config.seq_len)
     if len(train) == 0:

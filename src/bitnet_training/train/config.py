@@ -168,8 +168,12 @@ class TrainingConfig:
         p = "training"
         if isinstance(self.optimizer, str):
             self.optimizer = OptimizerConfig(name=self.optimizer)
+        elif isinstance(self.optimizer, dict):
+            self.optimizer = OptimizerConfig(**self.optimizer)
         if isinstance(self.scheduler, str):
             self.scheduler = SchedulerConfig(name=self.scheduler)
+        elif isinstance(self.scheduler, dict):
+            self.scheduler = SchedulerConfig(**self.scheduler)
         if self.mixed_precision is True:
             self.mixed_precision = "auto"
         elif self.mixed_precision is False:
