@@ -27,7 +27,7 @@ from .config import RunConfig, apply_override, config_from_dict, load_config
 from .data import ByteTokenizer, build_datasets
 from .errors import BitNetError
 from .models import BitNetLM
-from .train import ProgressBar, Trainer, list_checkpoints
+from .train import ProgressBar, QATControl, TernaryDiagnostics, Trainer, list_checkpoints
 from .train import checkpoint as ckpt_io
 
 log = logging.getLogger("bitnet_training")
@@ -209,6 +209,10 @@ def cmd_train(args) -> int:
         "BitNet b1.58 QAT" if cfg.quantize else "full precision",
     )
     callbacks = [] if args.no_progress else [ProgressBar()]
+    if cfg.quantize:
+        callbacks.append(QATControl())
+        if cfg.diagnostics:
+            callbacks.append(TernaryDiagnostics())
     metadata = {"run_config": cfg.to_dict(), "data": data.info, "tokenizer": "byte"}
     trainer = Trainer(model, cfg.training, data.train, data.val, callbacks, metadata)
     result = trainer.train(resume_from=args.resume)

@@ -50,8 +50,9 @@ class DataConfig:
         if not 0 <= self.val_fraction < 1:
             raise ConfigError("data.val_fraction", self.val_fraction, "a number in [0, 1)")
         if self.source == "files" and not self.train_files:
-            raise ConfigError("data.train_files", self.train_files,
-                              "at least one file when data.source is files")  # fmt: skip
+            raise ConfigError(
+                "data.train_files", self.train_files, "at least one file when data.source is files"
+            )
 
 
 @dataclass
@@ -77,11 +78,14 @@ class SampleConfig:
 class RunConfig:
     """A whole run. `model_preset` names the base shape (`tiny`, `small`, `2b4t`) that the
     `model` section's fields override; `quantize` false trains the same architecture with
-    plain `nn.Linear` layers (the full-precision baseline), ignoring `qat`."""
+    plain `nn.Linear` layers (the full-precision baseline), ignoring `qat`. `diagnostics`
+    logs ternary statistics (share of -1 / 0 / +1, flip rate, quantization error) at every
+    log step of a quantized run."""
 
     model_preset: str = "tiny"
     model: ModelConfig = field(default_factory=ModelConfig)
     quantize: bool = True
+    diagnostics: bool = True
     qat: QATConfig = field(default_factory=QATConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -165,12 +169,27 @@ def build(cls, data: dict | None, path: str = ""):
             raise _unknown(path, str(key), names)
         sub = f"{path}.{key}" if path else key
         tp = hints[key]
-        inner, _ = _split_optional(tp)
-        if is_dataclass(inner):
+        inner, optional = _split_optional(tp)
+        item = typing.get_args(inner)[0] if typing.get_origin(inner) is list else None
+        if value is None and optional:
+            kwargs[key] = None
+        elif is_dataclass(inner):
             if isinstance(value, str | bool):  # shorthand: optimizer: sgd
                 kwargs[key] = value
             else:
                 kwargs[key] = build(inner, value, sub)
+        elif item is not None and is_dataclass(item):
+            if not isinstance(value, list):
+                raise ConfigError(sub, value, f"a list of {item.__name__} mappings")
+            item_fields = [f.name for f in fields(item)]
+            kwargs[key] = [
+                build(
+                    item,
+                    dict(zip(item_fields, v, strict=False)) if isinstance(v, list) else v,
+                    f"{sub}[{i}]",
+                )
+                for i, v in enumerate(value)
+            ]
         else:
             kwargs[key] = _coerce(sub, value, tp)
     try:
@@ -207,7 +226,7 @@ def apply_override(data: dict, item: str) -> None:
     key = key.strip()
     tp = _field_type(key)
     base, _ = _split_optional(tp)
-    if base is str or typing.get_origin(base) is list:
+    if base is str or (typing.get_origin(base) is list and typing.get_args(base) == (str,)):
         value: Any = raw
     else:
         try:

@@ -18,6 +18,7 @@ gradients (tests compare them):
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import weakref
 
@@ -28,6 +29,7 @@ from torch import nn
 from ..quant.config import QATConfig
 from ..quant.fake_quant import clip_mask, fake_quantize, quantize
 from ..quant.functional import SCALE_EPS, Quantized, dequantize
+from ..quant.schedule import bits_at
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -195,6 +197,29 @@ class BitLinear(nn.Linear):
                 self.in_features, device=self.weight.device, dtype=self.weight.dtype
             )
         self._cache = None
+        # Progressive quantization state, set per step by `set_progress` (a QATControl
+        # callback calls it): blend strengths lambda and the weight bit width of the stage.
+        self.weight_blend = 1.0
+        self.activation_blend = 1.0
+        self.stage_bits = None  # None: config.weight_bits
+
+    def set_progress(self, step: int, steps_per_epoch: float = 1.0) -> None:
+        """Set lambda (weights, activations) and the bit stage for optimizer step `step`
+        from the config's schedules and stages (pure functions of the step)."""
+        cfg = self.config
+        ws, as_ = cfg.weight_schedule, cfg.activation_schedule
+        self.weight_blend = ws.resolve(steps_per_epoch).value(step) if ws else 1.0
+        self.activation_blend = as_.resolve(steps_per_epoch).value(step) if as_ else 1.0
+        bits = bits_at(cfg.weight_bit_stages, step, cfg.weight_bits)
+        self.stage_bits = None if bits == cfg.weight_bits else bits
+
+    def weight_spec(self):
+        """The weight quantizer in effect now (the config's, at the current stage's bits)."""
+        spec = self.config.weight_spec()
+        if spec is not None and self.stage_bits is not None:
+            symmetric = spec.symmetric or self.stage_bits in (1, 1.58)
+            spec = dataclasses.replace(spec, bits=self.stage_bits, symmetric=symmetric)
+        return spec
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: QATConfig | None = None) -> BitLinear:
@@ -213,10 +238,10 @@ class BitLinear(nn.Linear):
 
     def _quantize_weight(self, dt: torch.dtype):
         """(w_q in dt, codes^T or None, scale row or None, clip mask or None)."""
-        spec = self.config.weight_spec()
+        spec = self.weight_spec()
         w = self.weight
         if spec is None:
-            return w.detach().to(dt), None, None, None
+            return w.detach().to(dt), None, None, None, None
         cacheable = (
             self.config.cache_quantized_weight
             and not torch.compiler.is_compiling()
@@ -236,13 +261,45 @@ class BitLinear(nn.Linear):
                 self._cache = (key, entry)
         if dt not in entry["dq"]:
             entry["dq"][dt] = dequantize(entry["q"], torch.float32).to(dt)
-        return entry["dq"][dt], entry.get("codes_t"), entry.get("scale_row"), entry["mask"]
+        return (
+            entry["dq"][dt],
+            entry.get("codes_t"),
+            entry.get("scale_row"),
+            entry["mask"],
+            entry["q"],
+        )
+
+    def _perturb_weight(self, w_q: torch.Tensor, q: Quantized, dt: torch.dtype) -> torch.Tensor:
+        """The weight the forward uses when quantization is blended in, partial (Quant-Noise)
+        or noisy: w + lambda * mask * (q(w) - w) [+ noise_factor * step * U(-1/2, 1/2)].
+        Randomness comes from torch's global generator (seeded, saved in checkpoints)."""
+        cfg = self.config
+        w = self.weight.detach().float()
+        delta = w_q.float() - w
+        if self.training and cfg.quant_noise is not None:
+            # Quant-Noise (arXiv 2004.07320): quantize a random fraction p of blocks of
+            # `block` consecutive input elements per row; the rest stay full precision.
+            block = cfg.quant_noise_block_size
+            n_blocks = -(-w.shape[1] // block)
+            chosen = torch.rand(w.shape[0], n_blocks, device=w.device) < cfg.quant_noise
+            delta = delta * chosen.repeat_interleave(block, dim=1)[:, : w.shape[1]]
+        w_eff = w + self.weight_blend * delta
+        if self.training and cfg.noise_factor > 0:
+            # One quantization step per element: the scale broadcast to the weight's shape.
+            step = dequantize(Quantized(torch.ones_like(q.codes), q.scale, None), torch.float32)
+            w_eff = w_eff + cfg.noise_factor * step * (torch.rand_like(w) - 0.5)
+        return w_eff.to(dt)
+
+    def _weight_is_perturbed(self) -> bool:
+        cfg = self.config
+        return self.weight_blend < 1.0 or (
+            self.training and (cfg.quant_noise is not None or cfg.noise_factor > 0)
+        )
 
     def quantized_weight(self) -> Quantized:
         """The weight's integer codes and scale(s), as export stores them: (codes, scale[, zp])."""
         spec = (
-            self.config.weight_spec()
-            or self.config.replace(enable_weight_quantization=True).weight_spec()
+            self.weight_spec() or self.config.replace(enable_weight_quantization=True).weight_spec()
         )
         return quantize(self.weight.detach(), spec)
 
@@ -253,9 +310,18 @@ class BitLinear(nn.Linear):
             x = self.norm(x)
         cfg = self.config
         dt = _compute_dtype(x)
-        w_q, codes_t, scale_row, mask = self._quantize_weight(dt)
+        w_q, codes_t, scale_row, mask, q = self._quantize_weight(dt)
+        if q is not None and self._weight_is_perturbed():
+            w_q, codes_t = self._perturb_weight(w_q, q, dt), None  # no longer integer
         a_spec = cfg.activation_spec()
-        if cfg.fused and a_spec is not None and a_spec.symmetric and a_spec.granularity == "token":
+        blend_a = a_spec is not None and self.activation_blend < 1.0
+        if (
+            cfg.fused
+            and not blend_a
+            and a_spec is not None
+            and a_spec.symmetric
+            and a_spec.granularity == "token"
+        ):
             n = x.numel() // x.shape[-1] if x.shape[-1] else 0
             use_int = (
                 cfg.integer_matmul
@@ -263,16 +329,27 @@ class BitLinear(nn.Linear):
                 and _int_mm_supported(n, self.in_features, self.out_features, x.device)
             )
             return _FusedBitLinear.apply(
-                x, self.weight, self.bias, w_q, codes_t, scale_row, mask,
-                int(a_spec.bits), use_int, dt,
-            )  # fmt: skip
-        if a_spec is not None:
+                x,
+                self.weight,
+                self.bias,
+                w_q,
+                codes_t,
+                scale_row,
+                mask,
+                int(a_spec.bits),
+                use_int,
+                dt,
+            )
+        if blend_a:  # progressive: x + lambda * stopgrad(q(x) - x)
+            x = x + self.activation_blend * (fake_quantize(x.detach(), a_spec) - x.detach())
+        elif a_spec is not None:
             x = fake_quantize(x, a_spec)
-        w = self.weight if cfg.weight_spec() is None else _WeightSTE.apply(self.weight, w_q, mask)
+        w = self.weight if q is None else _WeightSTE.apply(self.weight, w_q, mask)
         return F.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:
         c = self.config
         a = c.activation_bits if c.enable_activation_quantization else None
-        w = c.weight_bits if c.enable_weight_quantization else None
+        spec = self.weight_spec()
+        w = spec.bits if spec is not None else None
         return f"{super().extra_repr()}, weight_bits={w}, activation_bits={a}"

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from ..errors import ConfigError
 from .fake_quant import STE_MODES, WEIGHT_BITS, QuantSpec
+from .schedule import BitStage, QuantizationSchedule
 
 ACTIVATION_BITS = (4, 8, None)
 ACTIVATION_GRANULARITIES = ("token", "tensor")
@@ -33,6 +34,18 @@ class QATConfig:
         activation and weight codes where the backend and layout allow it.
     cache_quantized_weight: quantize each weight once per optimizer step (re-quantize only
         when the latent weight changes) instead of once per forward.
+    weight_schedule / activation_schedule: progressive quantization, a `QuantizationSchedule`
+        of the blend strength lambda in `x + lambda * stopgrad(q(x) - x)` (None: lambda = 1).
+    weight_bit_stages: `BitStage(step, bits)` list, e.g. 8 -> 4 -> 2 -> 1.58 bits; before the
+        first stage, and without stages, weights use `weight_bits`.
+    quant_noise: Quant-Noise (Fan et al. 2020, arXiv 2004.07320): in training, each forward
+        quantizes a random fraction `quant_noise` of weight blocks (`quant_noise_block_size`
+        consecutive input elements of a row) and leaves the rest full precision (None: off,
+        every block quantized).
+    noise_factor: in training, add uniform noise of `noise_factor` quantization steps,
+        U(-1/2, 1/2) * noise_factor * scale, to the quantized weights (0: off).
+    The schedules, stages and noise act only in training and need the step from a
+    `QATControl` callback (the CLI adds it); evaluation sees the current lambda and bits.
     """
 
     weight_bits: float = 1.58
@@ -49,6 +62,12 @@ class QATConfig:
     fused: bool = True
     integer_matmul: bool = True
     cache_quantized_weight: bool = True
+    weight_schedule: QuantizationSchedule | None = None
+    activation_schedule: QuantizationSchedule | None = None
+    weight_bit_stages: list[BitStage] = field(default_factory=list)
+    quant_noise: float | None = None
+    quant_noise_block_size: int = 8
+    noise_factor: float = 0.0
 
     def __post_init__(self):
         def need(name, ok, allowed):
@@ -107,6 +126,64 @@ class QATConfig:
             "symmetric",
             self.symmetric or self.weight_bits not in (1, 1.58),
             "true for 1-bit and 1.58-bit weights",
+        )
+
+        for name in ("weight_schedule", "activation_schedule"):
+            v = getattr(self, name)
+            if isinstance(v, dict):
+                setattr(self, name, QuantizationSchedule(**v))
+            need(
+                name,
+                v is None or isinstance(getattr(self, name), QuantizationSchedule),
+                "a QuantizationSchedule, a mapping of its fields, or None",
+            )
+        stages = []
+        for st in self.weight_bit_stages or []:
+            if isinstance(st, dict):
+                st = BitStage(**st)
+            elif isinstance(st, list | tuple) and len(st) == 2:
+                st = BitStage(*st)
+            need(
+                "weight_bit_stages",
+                isinstance(st, BitStage),
+                "a list of BitStage(step, bits), {step, bits} mappings or [step, bits] pairs",
+            )
+            stages.append(st)
+        self.weight_bit_stages = sorted(stages, key=lambda st: st.step)
+        need(
+            "quant_noise",
+            self.quant_noise is None
+            or (
+                isinstance(self.quant_noise, int | float)
+                and not isinstance(self.quant_noise, bool)
+                and 0 < self.quant_noise <= 1
+            ),
+            "a fraction in (0, 1] or None (off)",
+        )
+        need(
+            "quant_noise_block_size",
+            isinstance(self.quant_noise_block_size, int)
+            and not isinstance(self.quant_noise_block_size, bool)
+            and self.quant_noise_block_size > 0,
+            "a positive integer",
+        )
+        need(
+            "noise_factor",
+            isinstance(self.noise_factor, int | float)
+            and not isinstance(self.noise_factor, bool)
+            and self.noise_factor >= 0,
+            "a number >= 0",
+        )
+
+    @property
+    def progressive(self) -> bool:
+        """Whether anything here depends on the training step (schedules, stages, noise)."""
+        return bool(
+            self.weight_schedule
+            or self.activation_schedule
+            or self.weight_bit_stages
+            or self.quant_noise
+            or self.noise_factor
         )
 
     @classmethod

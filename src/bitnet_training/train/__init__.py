@@ -11,6 +11,7 @@ from .callbacks import (
 )
 from .checkpoint import FORMAT_VERSION, list_checkpoints, resolve_checkpoint
 from .config import OptimizerConfig, SchedulerConfig, TrainingConfig
+from .qat import QATControl, TernaryDiagnostics
 from .trainer import Trainer, TrainerState, TrainResult, causal_lm_targets
 
 __all__ = [
@@ -22,7 +23,9 @@ __all__ = [
     "MetricsLogging",
     "OptimizerConfig",
     "ProgressBar",
+    "QATControl",
     "SchedulerConfig",
+    "TernaryDiagnostics",
     "TrainResult",
     "Trainer",
     "TrainerState",

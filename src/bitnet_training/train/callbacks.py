@@ -9,7 +9,9 @@ Hooks, in the order the `Trainer` calls them:
     on_evaluate(trainer, metrics)   after each evaluation
     on_save(trainer, path)          after each checkpoint
     on_train_end(trainer, result)
-Callbacks run in list order. They steer the run through `trainer.state` (`should_stop`,
+Callbacks run in list order, stable-sorted by their `order` (default 0; the loggers,
+`MetricsLogging` and `ProgressBar`, have 100 so that they see what other callbacks add to
+`logs` and `metrics`). They steer the run through `trainer.state` (`should_stop`,
 `should_save`) and may keep state across a resume with `state_dict` / `load_state_dict`
 (JSON-serializable), saved in every checkpoint under the callback's `key`.
 """
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 
 class Callback:
     """Base class: every hook does nothing. Override the ones you need."""
+
+    order = 0
 
     @property
     def key(self) -> str:
@@ -156,6 +160,8 @@ class MetricsLogging(Callback):
     installed and `tensorboard` is True. `log_every` (a multiple of the trainer's) thins
     the training records."""
 
+    order = 100
+
     def __init__(self, log_every: int | None = None, tensorboard: bool = True):
         self.log_every, self.tensorboard = log_every, tensorboard
         self.jsonl: JsonlWriter | None = None
@@ -190,6 +196,8 @@ class ProgressBar(Callback):
     """A `tqdm` progress bar on `file` (stderr): step / total, ETA, and the latest loss,
     learning rate and tokens per second."""
 
+    order = 100
+
     def __init__(self, file=None):
         self.file, self.bar = file, None
 
@@ -213,10 +221,18 @@ class ProgressBar(Callback):
         self.bar.update(1)
 
     def on_log(self, trainer, logs):
+        extra = {}
+        if "w_zero" in logs:  # ternary diagnostics, when a TernaryDiagnostics callback runs
+            extra["w0"] = f"{logs['w_zero']:.2f}"
+        if "flip_rate" in logs:
+            extra["flip"] = f"{logs['flip_rate']:.1e}"
+        if "qat_weight_lambda" in logs and logs["qat_weight_lambda"] < 1:
+            extra["lam"] = f"{logs['qat_weight_lambda']:.2f}"
         self.bar.set_postfix(
             loss=f"{logs['loss']:.4f}",
             lr=f"{logs['lr']:.2e}",
             tok_s=f"{logs['tokens_per_s']:.0f}",
+            **extra,
             refresh=False,
         )
 

@@ -135,12 +135,14 @@ class Trainer:
                     c.best_mode,
                 )
             )
-        self.callbacks = [d for d in defaults if not any(type(u) is type(d) for u in user)] + user
+        chosen = [d for d in defaults if not any(type(u) is type(d) for u in user)] + user
+        self.callbacks = sorted(chosen, key=lambda cb: cb.order)
         self.state = TrainerState()
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler: torch.amp.GradScaler | None = None
         self.sampler: ResumableBatchSampler | None = None
         self.total_steps = 0
+        self.steps_per_epoch = 1
         self.history: list[dict] = []
         self._stop = GracefulStop()
 
@@ -180,6 +182,7 @@ class Trainer:
                 "training.max_steps or use more data"
             )
         self.total_steps = c.max_steps or c.num_epochs * per_epoch
+        self.steps_per_epoch = max(1, per_epoch)
         self._call("setup")
 
     def save_checkpoint(self, _before_commit=None) -> str:
@@ -339,8 +342,8 @@ class Trainer:
         if bpt:
             metrics["val_bits_per_byte"] = loss / math.log(2) / bpt
         self._track_best(metrics)
-        self.history.append({"kind": "eval", **metrics})
         self._call("on_evaluate", metrics)
+        self.history.append({"kind": "eval", **metrics})
         return metrics
 
     def _track_best(self, metrics: dict) -> None:
@@ -396,8 +399,8 @@ class Trainer:
                     if self.scaler is not None:
                         logs["loss_scale"] = float(self.scaler.get_scale())
                     window_loss, window_tok, t_log = [], [], now
+                    self._call("on_log", logs)  # callbacks may add to logs (diagnostics)
                     self.history.append({"kind": "train", **logs})
-                    self._call("on_log", logs)
                 if self.eval_data is not None and c.eval_every and s.step % c.eval_every == 0:
                     self.evaluate()
                     last_eval_step = s.step
