@@ -272,8 +272,7 @@ def cmd_eval(args) -> int:
     data = build_datasets(cfg.data, tokenizer)
     if data.val is None:
         raise BitNetError("no validation text: set data.val_files (or data.val_fraction > 0)")
-    trainer = Trainer(model, cfg.training, None, data.val, callbacks=[])
-    trainer.callbacks = []  # evaluation writes no logs
+    trainer = Trainer(model, cfg.training, None, data.val)  # loggers stay idle outside train()
     m = trainer.evaluate(max_batches=args.max_batches)
     sys.stdout.write(
         f"checkpoint   {ckpt}\n"

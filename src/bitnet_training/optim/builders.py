@@ -8,6 +8,9 @@ import torch
 from torch import nn
 
 from ..errors import BitNetError
+from ..nn.bitlinear import BitLinear
+from ..quant.fake_quant import quantize
+from ..quant.functional import Quantized, dequantize
 
 if TYPE_CHECKING:
     from ..train.config import TrainingConfig
@@ -31,17 +34,65 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def qat_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Groups for quantization-aware training: weight decay only on the weights of linear
+    layers (`nn.Linear`, `BitLinear`); none on norms, biases, embeddings or quantizer
+    scales (anything else). Shared parameters appear once; empty groups are left out."""
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    seen: set[int] = set()
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        # A weight tied to an embedding is an embedding: no decay.
+        (decay if id(p) in linear_weights and id(p) not in embeddings else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _latent_clip_hook(model: nn.Module, factor: float):
+    """An optimizer post-step hook clamping each BitLinear's latent weight to +-factor times
+    its quantization scale (per tensor, channel or group, as the layer quantizes)."""
+    layers = [m for m in model.modules() if isinstance(m, BitLinear)]
+
+    @torch.no_grad()
+    def hook(optimizer, args, kwargs):
+        for m in layers:
+            spec = m.weight_spec()
+            if spec is None:
+                continue
+            q = quantize(m.weight.detach(), spec)
+            bound = dequantize(Quantized(torch.ones_like(q.codes), q.scale, None), torch.float32)
+            bound = (factor * bound).reshape(m.weight.shape).to(m.weight.dtype)
+            torch.minimum(m.weight, bound, out=m.weight)
+            torch.maximum(m.weight, -bound, out=m.weight)
+
+    return hook
+
+
 def build_optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:
-    """`torch.optim.AdamW` or `torch.optim.SGD` over `parameter_groups(model)` at the peak
-    learning rate (the scheduler scales it from there)."""
+    """The optimizer `config.optimizer` names, at the peak learning rate (the scheduler scales
+    it from there): `torch.optim.AdamW` or `torch.optim.SGD` over `parameter_groups`, or, for
+    `qat_adamw` / `qat_sgd`, over `qat_parameter_groups` with the optional latent-weight
+    clipping hook."""
     oc = config.optimizer
-    groups = parameter_groups(model, oc.weight_decay)
+    qat = oc.name.startswith("qat_")
+    groups = (qat_parameter_groups if qat else parameter_groups)(model, oc.weight_decay)
     if not groups:
         raise BitNetError("the model has no trainable parameters")
-    if oc.name == "sgd":
-        return torch.optim.SGD(
+    if oc.name.endswith("sgd"):
+        opt = torch.optim.SGD(
             groups, lr=config.learning_rate, momentum=oc.momentum, nesterov=oc.nesterov
         )
-    return torch.optim.AdamW(
-        groups, lr=config.learning_rate, betas=(oc.beta1, oc.beta2), eps=oc.eps
-    )
+    else:
+        opt = torch.optim.AdamW(
+            groups, lr=config.learning_rate, betas=(oc.beta1, oc.beta2), eps=oc.eps
+        )
+    if qat and oc.latent_clip is not None:
+        opt.register_step_post_hook(_latent_clip_hook(model, oc.latent_clip))
+    return opt

@@ -24,7 +24,8 @@ class ScheduleFn:
     warmup: linear 1/(warmup) ... 1 over the first `warmup` steps (never 0, so the first
     update is not wasted). After warm-up, `kind` decays the factor from 1 to `floor` over
     `decay_steps`: constant (no decay), linear, cosine (`floor + (1-floor)(1+cos(pi t))/2`),
-    two_stage (linear, times `stage_two_factor` from step `halfway` on).
+    two_stage (linear, times `stage_two_factor` from step `halfway` on), wsd (1 for `stable`
+    steps, then linear over `decay_steps`).
     """
 
     kind: str
@@ -33,12 +34,18 @@ class ScheduleFn:
     floor: float
     halfway: int = 0
     stage_two_factor: float = 1.0
+    stable: int = 0
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
             return (step + 1) / self.warmup
         if self.kind == "constant":
             return 1.0
+        if self.kind == "wsd":  # warmup-stable-decay: hold the peak, then decay at the end
+            if step < self.warmup + self.stable:
+                return 1.0
+            t = min(1.0, (step - self.warmup - self.stable) / max(1, self.decay_steps))
+            return self.floor + (1 - self.floor) * (1 - t)
         t = min(1.0, (step - self.warmup) / max(1, self.decay_steps))
         if self.kind == "cosine":
             return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * t))
@@ -87,6 +94,10 @@ def build_scheduler(
     `peak_lr` (`eta_min` is an absolute LR, turned into a factor of the peak here)."""
     warmup = min(config.warmup_steps, total_steps)
     decay = config.t_max if config.t_max is not None else max(1, total_steps - warmup)
+    stable = 0
+    if config.name == "wsd":
+        decay = max(1, round(config.decay_fraction * (total_steps - warmup)))
+        stable = max(0, total_steps - warmup - decay)
     fn = ScheduleFn(
         kind=config.name,
         warmup=warmup,
@@ -94,6 +105,7 @@ def build_scheduler(
         floor=min(1.0, config.eta_min / peak_lr),
         halfway=total_steps // 2,
         stage_two_factor=config.stage_two_lr_factor,
+        stable=stable,
     )
     two = config.name == "two_stage"
     return ScheduledLR(

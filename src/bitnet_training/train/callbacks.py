@@ -174,13 +174,15 @@ class MetricsLogging(Callback):
             self.tb = TensorBoardWriter(os.path.join(out, "tensorboard"))
 
     def on_log(self, trainer, logs):
-        if self.log_every and logs["step"] % self.log_every:
-            return
+        if self.jsonl is None or (self.log_every and logs["step"] % self.log_every):
+            return  # not training (a stand-alone evaluate), or thinned out
         self.jsonl.write({"kind": "train", **logs})
         if self.tb:
             self.tb.write(logs, logs["step"], "train/")
 
     def on_evaluate(self, trainer, metrics):
+        if self.jsonl is None:
+            return
         self.jsonl.write({"kind": "eval", **metrics})
         if self.tb:
             self.tb.write(metrics, metrics["step"], "eval/")
@@ -237,6 +239,8 @@ class ProgressBar(Callback):
         )
 
     def on_evaluate(self, trainer, metrics):
+        if self.bar is None:
+            return
         self.bar.write(
             f"step {metrics['step']}: "
             + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("val_"))

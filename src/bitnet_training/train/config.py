@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import ConfigError
 
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULERS = ("constant", "linear", "cosine", "two_stage")
+OPTIMIZERS = ("adamw", "sgd", "qat_adamw", "qat_sgd")
+SCHEDULERS = ("constant", "linear", "cosine", "two_stage", "wsd")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -37,10 +37,15 @@ def _positive_int(path, v, optional=False):
 
 @dataclass
 class OptimizerConfig:
-    """The optimizer. `adamw` (default; BitNet uses betas (0.9, 0.95)) or `sgd`.
+    """The optimizer: `adamw` (default; BitNet uses betas (0.9, 0.95)), `sgd`, or their
+    quantization-aware forms `qat_adamw` / `qat_sgd`.
 
-    weight_decay applies to matrices only (linear and embedding weights), never to norms or
-    biases. `momentum` and `nesterov` are SGD's; `beta1`, `beta2`, `eps` are AdamW's.
+    adamw / sgd: weight decay on matrices (linear and embedding weights), never on norms or
+    biases. qat_adamw / qat_sgd: weight decay only on the weights of linear layers (quantized
+    or not), never on norms, biases, embeddings or quantizer scales; and with `latent_clip`,
+    after every step each `BitLinear`'s latent weights are clamped to +-latent_clip times its
+    quantization scale (a latent weight far beyond the rounding threshold could never flip
+    back). `momentum` and `nesterov` are SGD's; `beta1`, `beta2`, `eps` are AdamW's.
     """
 
     name: str = "adamw"
@@ -50,6 +55,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     momentum: float = 0.9
     nesterov: bool = False
+    latent_clip: float | None = None
 
     def __post_init__(self):
         p = "training.optimizer"
@@ -65,7 +71,16 @@ class OptimizerConfig:
             _need(f"{p}.{name}", v, _is_num(v) and 0 <= v < 1, "a number in [0, 1)")
         _need(f"{p}.eps", self.eps, _is_num(self.eps) and self.eps > 0, "a positive number")
         _need(f"{p}.nesterov", self.nesterov, isinstance(self.nesterov, bool), "true or false")
-        if self.nesterov and self.name == "sgd":
+        lc = self.latent_clip
+        _need(
+            f"{p}.latent_clip",
+            lc,
+            lc is None or (_is_num(lc) and lc > 0),
+            "a positive number or None",
+        )
+        if lc is not None and not self.name.startswith("qat_"):
+            _need(f"{p}.latent_clip", lc, False, "None unless name is qat_adamw or qat_sgd")
+        if self.nesterov and self.name.endswith("sgd"):
             _need(f"{p}.momentum", self.momentum, self.momentum > 0, "> 0 when nesterov is on")
 
 
@@ -79,7 +94,9 @@ class SchedulerConfig:
     b1.58's recipe (training-tips FAQ): linear decay from the peak; at the halfway point the LR
     drops to `stage_two_lr_factor` of its value and decays on, and weight decay changes
     from the optimizer's value to `stage_two_weight_decay` (0: the latent weights' magnitude
-    is the confidence of their ternary value, and decay would make them flip).
+    is the confidence of their ternary value, and decay would make them flip). wsd
+    (warmup-stable-decay): the peak LR until the last `decay_fraction` of the run, then linear
+    decay to `eta_min`.
     """
 
     name: str = "two_stage"
@@ -88,6 +105,7 @@ class SchedulerConfig:
     eta_min: float = 0.0
     stage_two_lr_factor: float = 2 / 3  # 700M recipe: peak 1.5e-3, stage two 1e-3
     stage_two_weight_decay: float = 0.0
+    decay_fraction: float = 0.2
 
     def __post_init__(self):
         p = "training.scheduler"
@@ -107,6 +125,8 @@ class SchedulerConfig:
         )
         f = self.stage_two_lr_factor
         _need(f"{p}.stage_two_lr_factor", f, _is_num(f) and 0 < f <= 1, "a number in (0, 1]")
+        df = self.decay_fraction
+        _need(f"{p}.decay_fraction", df, _is_num(df) and 0 < df <= 1, "a number in (0, 1]")
         wd = self.stage_two_weight_decay
         _need(f"{p}.stage_two_weight_decay", wd, _is_num(wd) and wd >= 0, "a number >= 0")
 
@@ -119,7 +139,10 @@ class TrainingConfig:
     batch_size: sequences per micro-batch; an optimizer step sees
         `batch_size * gradient_accumulation_steps` sequences.
     num_epochs / max_steps: run length; `max_steps` (optimizer steps), when set, wins.
-    gradient_clip_norm: clip the global gradient norm to this (None: no clipping).
+    gradient_clip_norm: clip the global gradient norm to this (None: no clipping);
+        gradient_clip_value: clip each gradient element to [-v, v]; agc_clip_factor:
+        adaptive gradient clipping (NFNets, arXiv 2102.06171) of each unit's gradient to
+        this fraction of its weight norm (floored at `agc_eps`). Applied AGC, value, norm.
     mixed_precision: `auto` (bf16 autocast on CPU and on GPUs that support it, else fp16),
         `bf16`, `fp16` (autocast + dynamic loss scaling with `init_scale`, `growth_factor`,
         `backoff_factor`, `growth_interval`; for GPUs: fp16 matmuls are slow on CPUs) or
@@ -144,6 +167,9 @@ class TrainingConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     gradient_clip_norm: float | None = 1.0
+    gradient_clip_value: float | None = None
+    agc_clip_factor: float | None = None
+    agc_eps: float = 1e-3
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "auto"
     init_scale: float = 2.0**16
@@ -197,6 +223,17 @@ class TrainingConfig:
             "early_stopping_patience",
         ):
             _positive_int(f"{p}.{name}", getattr(self, name), optional=True)
+        for name in ("gradient_clip_value", "agc_clip_factor"):
+            v = getattr(self, name)
+            _need(
+                f"{p}.{name}", v, v is None or (_is_num(v) and v > 0), "a positive number or None"
+            )
+        _need(
+            f"{p}.agc_eps",
+            self.agc_eps,
+            _is_num(self.agc_eps) and self.agc_eps > 0,
+            "a positive number",
+        )
         c = self.gradient_clip_norm
         _need(
             f"{p}.gradient_clip_norm",

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, default_collate
 
 from ..data.sampler import ResumableBatchSampler
 from ..errors import BitNetError
-from ..optim import build_optimizer
+from ..optim import build_optimizer, clip_gradients
 from . import checkpoint as ckpt_io
 from .callbacks import Callback, Checkpointing, EarlyStopping, LRScheduling, MetricsLogging
 from .config import TrainingConfig
@@ -294,8 +294,10 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        clip = self.config.gradient_clip_norm
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf)
+        c = self.config
+        norm = clip_gradients(
+            params, c.gradient_clip_norm, c.gradient_clip_value, c.agc_clip_factor, c.agc_eps
+        )
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skipped when a gradient is inf / nan
             self.scaler.update()
