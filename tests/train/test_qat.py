@@ -110,3 +110,15 @@ def test_resume_mid_schedule_is_exact(tmp_path, micro_model, token_windows):
     )
     assert saved["callbacks"]["QATControl"]["step"] == 4
     assert saved["callbacks"]["QATControl"]["qat_weight_bits"] == 8
+
+
+def test_activation_clip_rate_in_diagnostics():
+    cfg = QATConfig(activation_observer="minmax", calibration_samples=1)
+    layer = BitLinear(4, 2, bias=False, config=cfg)
+    diag = TernaryDiagnostics()
+    diag.setup(type("T", (), {"model": torch.nn.Sequential(layer)})())
+    layer(torch.full((1, 4), 0.5))  # calibrates: range [0, 0.5], symmetric step 0.5 / 127
+    assert diag.clipping() == {}  # not tracked in this step
+    layer.track_clipping = True
+    layer(torch.tensor([[0.1, 0.2, 5.0, -5.0]]))
+    assert diag.clipping() == {"act_clip_rate/0": 0.5, "act_clip_rate": 0.5}

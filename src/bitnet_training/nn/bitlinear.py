@@ -29,6 +29,8 @@ from torch import nn
 from ..quant.config import QATConfig
 from ..quant.fake_quant import clip_mask, fake_quantize, quantize
 from ..quant.functional import SCALE_EPS, Quantized, dequantize
+from ..quant.lsq import lsq_quantize
+from ..quant.observers import make_observer
 from ..quant.schedule import bits_at
 
 
@@ -202,6 +204,25 @@ class BitLinear(nn.Linear):
         self.weight_blend = 1.0
         self.activation_blend = 1.0
         self.stage_bits = None  # None: config.weight_bits
+        # Static activation quantization: an observer (its buffers travel in state_dict and
+        # checkpoints), optionally an LSQ step size; `track_clipping` asks the next forward
+        # to record the share of clamped activations in `last_clip_rate`.
+        self.act_observer = None
+        self.track_clipping, self.last_clip_rate = False, None
+        cfg = self.config
+        if cfg.activation_observer is not None:
+            channels = self.in_features if cfg.activation_per_channel else None
+            self.act_observer = make_observer(
+                cfg.activation_observer, channels, cfg.observer_momentum, cfg.observer_percentile
+            )
+            self.act_observer.register_buffer(
+                "remaining", torch.tensor(cfg.calibration_samples, dtype=torch.int64)
+            )
+            self.act_observer.to(self.weight.device)
+            if cfg.learnable_scales:
+                shape = (self.in_features,) if channels else ()
+                self.act_scale = nn.Parameter(torch.ones(shape, device=self.weight.device))
+                self.register_buffer("act_scale_ready", torch.zeros((), dtype=torch.bool))
 
     def set_progress(self, step: int, steps_per_epoch: float = 1.0) -> None:
         """Set lambda (weights, activations) and the bit stage for optimizer step `step`
@@ -212,6 +233,49 @@ class BitLinear(nn.Linear):
         self.activation_blend = as_.resolve(steps_per_epoch).value(step) if as_ else 1.0
         bits = bits_at(cfg.weight_bit_stages, step, cfg.weight_bits)
         self.stage_bits = None if bits == cfg.weight_bits else bits
+        until = cfg.calibration_until
+        if (
+            self.act_observer is not None
+            and cfg.online_calibration
+            and step % cfg.calibration_frequency == 0
+            and (until is None or step < until)
+        ):
+            self.act_observer.remaining.fill_(cfg.calibration_samples)  # open a window
+
+    def _static_activations(self, x: torch.Tensor, bits: int) -> torch.Tensor:
+        """Fake-quantize `x` with the observer's fixed ranges (updating them first while a
+        calibration window is open), or with the LSQ step size. Gradients: clipped STE
+        (PyTorch's fake_quantize) or LSQ's."""
+        cfg, obs = self.config, self.act_observer
+        left = int(obs.remaining)
+        if (self.training and left > 0) or not obs.initialized:
+            obs(x)
+            obs.remaining.fill_(max(0, left - (x.shape[0] if x.ndim > 1 else 1)))
+        symmetric = cfg.activation_symmetric
+        xf = x.float()
+        if cfg.learnable_scales:
+            if not bool(self.act_scale_ready):
+                with torch.no_grad():
+                    self.act_scale.copy_(obs.qparams(bits, True)[0])
+                    self.act_scale_ready.fill_(True)
+            out = lsq_quantize(xf, self.act_scale, bits)
+            scale, zp = self.act_scale.detach(), torch.zeros((), dtype=torch.int32)
+        else:
+            scale, zp = obs.qparams(bits, symmetric)
+            qmin, qmax = (
+                (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+            )
+            if obs.per_channel:
+                out = torch.fake_quantize_per_channel_affine(xf, scale, zp, xf.ndim - 1, qmin, qmax)
+            else:
+                out = torch.fake_quantize_per_tensor_affine(xf, scale, zp, qmin, qmax)
+        if self.track_clipping:
+            with torch.no_grad():
+                qn, qp = (2 ** (bits - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+                v = (xf / scale).round() + zp
+                lo = -qn if symmetric else 0
+                self.last_clip_rate = ((v < lo) | (v > qp)).float().mean()
+        return out.to(x.dtype)
 
     def weight_spec(self):
         """The weight quantizer in effect now (the config's, at the current stage's bits)."""
@@ -315,9 +379,11 @@ class BitLinear(nn.Linear):
             w_q, codes_t = self._perturb_weight(w_q, q, dt), None  # no longer integer
         a_spec = cfg.activation_spec()
         blend_a = a_spec is not None and self.activation_blend < 1.0
+        static_a = a_spec is not None and self.act_observer is not None
         if (
             cfg.fused
             and not blend_a
+            and not static_a
             and a_spec is not None
             and a_spec.symmetric
             and a_spec.granularity == "token"
@@ -340,7 +406,10 @@ class BitLinear(nn.Linear):
                 use_int,
                 dt,
             )
-        if blend_a:  # progressive: x + lambda * stopgrad(q(x) - x)
+        if static_a:
+            x_q = self._static_activations(x, int(a_spec.bits))
+            x = x + self.activation_blend * (x_q - x) if blend_a else x_q
+        elif blend_a:  # progressive: x + lambda * stopgrad(q(x) - x)
             x = x + self.activation_blend * (fake_quantize(x.detach(), a_spec) - x.detach())
         elif a_spec is not None:
             x = fake_quantize(x, a_spec)

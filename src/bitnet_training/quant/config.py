@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from ..errors import ConfigError
 from .fake_quant import STE_MODES, WEIGHT_BITS, QuantSpec
+from .observers import OBSERVERS
 from .schedule import BitStage, QuantizationSchedule
 
 ACTIVATION_BITS = (4, 8, None)
@@ -44,6 +45,18 @@ class QATConfig:
         every block quantized).
     noise_factor: in training, add uniform noise of `noise_factor` quantization steps,
         U(-1/2, 1/2) * noise_factor * scale, to the quantized weights (0: off).
+    activation_observer: static activation quantization with ranges from an observer,
+        `minmax`, `ema` (moving average, `observer_momentum`) or `percentile`
+        (`observer_percentile`), per tensor or, with `activation_per_channel`, per input
+        feature; symmetric or not by `activation_symmetric`; 8 or 4 bits. None (default):
+        BitNet's dynamic per-token absmax.
+    online_calibration / calibration_frequency / calibration_samples / calibration_until: the
+        observer watches the first `calibration_samples` training samples (sequences), then
+        its ranges freeze; with online calibration it watches that many again every
+        `calibration_frequency` steps, until step `calibration_until` (None: throughout).
+    learnable_scales: LSQ (Esser et al. 2019, arXiv 1902.08153): the activation step size is a
+        parameter, initialized from the observer's first calibration, trained with LSQ's
+        gradient scaling (needs an observer and symmetric activations).
     The schedules, stages and noise act only in training and need the step from a
     `QATControl` callback (the CLI adds it); evaluation sees the current lambda and bits.
     """
@@ -68,6 +81,15 @@ class QATConfig:
     quant_noise: float | None = None
     quant_noise_block_size: int = 8
     noise_factor: float = 0.0
+    activation_observer: str | None = None
+    activation_per_channel: bool = False
+    observer_momentum: float = 0.01
+    observer_percentile: float = 99.99
+    online_calibration: bool = True
+    calibration_frequency: int = 1000
+    calibration_samples: int = 512
+    calibration_until: int | None = None
+    learnable_scales: bool = False
 
     def __post_init__(self):
         def need(name, ok, allowed):
@@ -175,6 +197,49 @@ class QATConfig:
             "a number >= 0",
         )
 
+        obs = self.activation_observer
+        need(
+            "activation_observer",
+            obs is None or obs in OBSERVERS,
+            f"{', '.join(OBSERVERS)} or None (dynamic per-token)",
+        )
+        need(
+            "activation_observer",
+            obs is None or self.activation_bits is not None,
+            "None when activation_bits is None",
+        )
+        for name in ("activation_per_channel", "online_calibration", "learnable_scales"):
+            need(name, isinstance(getattr(self, name), bool), "true or false")
+        m = self.observer_momentum
+        need("observer_momentum", isinstance(m, int | float) and 0 < m <= 1, "a number in (0, 1]")
+        pc = self.observer_percentile
+        need(
+            "observer_percentile",
+            isinstance(pc, int | float) and 50 < pc <= 100,
+            "a number in (50, 100]",
+        )
+        for name in ("calibration_frequency", "calibration_samples"):
+            v = getattr(self, name)
+            need(
+                name, isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"
+            )
+        u = self.calibration_until
+        need(
+            "calibration_until",
+            u is None or (isinstance(u, int) and u >= 0),
+            "an integer >= 0 or None",
+        )
+        need(
+            "learnable_scales",
+            not self.learnable_scales or obs is not None,
+            "false unless activation_observer is set (LSQ starts from its calibration)",
+        )
+        need(
+            "learnable_scales",
+            not self.learnable_scales or self.activation_symmetric,
+            "false unless activation_symmetric is true (LSQ's signed grid)",
+        )
+
     @property
     def progressive(self) -> bool:
         """Whether anything here depends on the training step (schedules, stages, noise)."""
@@ -184,6 +249,7 @@ class QATConfig:
             or self.weight_bit_stages
             or self.quant_noise
             or self.noise_factor
+            or self.activation_observer
         )
 
     @classmethod

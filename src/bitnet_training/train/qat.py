@@ -71,7 +71,8 @@ class TernaryDiagnostics(Callback):
     quantized weights at -1, 0 and +1 (`w_neg`, `w_zero`, `w_pos`, in units of the scale for
     wider grids: the share of zero codes is `w_zero`), the `flip_rate` (share of weights whose
     code changed since the previous log step) and the relative quantization error
-    `quant_error` = ||W - Q(W)|| / ||W||. Per-layer values are logged as
+    `quant_error` = ||W - Q(W)|| / ||W||, and, for statically quantized activations, the
+    `act_clip_rate` (share of activations outside the range). Per-layer values are logged as
     `<stat>/<layer name>` when `per_layer` is True. Costs one quantization of each weight per
     log step (see benchmarks/diagnostics_cost.py)."""
 
@@ -129,5 +130,29 @@ class TernaryDiagnostics(Callback):
                 out["flip_rate"] = totals["flip_rate"] / n_flip
         return out
 
+    def on_step_begin(self, trainer):
+        # The activation clipping rate is measured in the forward: only in steps that log.
+        nxt = trainer.state.step + 1
+        log_now = nxt % trainer.config.log_every == 0 or nxt == trainer.total_steps
+        for _, m in self.layers:
+            m.track_clipping = log_now and m.act_observer is not None
+
+    def clipping(self) -> dict:
+        """`act_clip_rate`: the share of activations outside the static quantization range in
+        the last tracked forward (layers with an observer only: BitNet's dynamic per-token
+        absmax never clips)."""
+        out, rates = {}, []
+        for name, m in self.layers:
+            if m.last_clip_rate is not None:
+                rate = float(m.last_clip_rate)
+                rates.append(rate)
+                if self.per_layer:
+                    out[f"act_clip_rate/{name}"] = rate
+                m.last_clip_rate, m.track_clipping = None, False
+        if rates:
+            out["act_clip_rate"] = sum(rates) / len(rates)
+        return out
+
     def on_log(self, trainer, logs):
         logs.update(self.measure())
+        logs.update(self.clipping())
