@@ -27,7 +27,15 @@ from .config import RunConfig, apply_override, config_from_dict, load_config
 from .data import ByteTokenizer, build_datasets
 from .errors import BitNetError
 from .models import BitNetLM
-from .train import ProgressBar, QATControl, TernaryDiagnostics, Trainer, list_checkpoints
+from .train import (
+    MultiStage,
+    ProgressBar,
+    QATControl,
+    QuantizationTuner,
+    TernaryDiagnostics,
+    Trainer,
+    list_checkpoints,
+)
 from .train import checkpoint as ckpt_io
 
 log = logging.getLogger("bitnet_training")
@@ -211,8 +219,14 @@ def cmd_train(args) -> int:
     callbacks = [] if args.no_progress else [ProgressBar()]
     if cfg.quantize:
         callbacks.append(QATControl())
+        if cfg.stages:
+            callbacks.append(MultiStage(cfg.stages, cfg.qat))
+        if cfg.qat_tuner is not None:
+            callbacks.append(QuantizationTuner(cfg.qat_tuner))
         if cfg.diagnostics:
             callbacks.append(TernaryDiagnostics())
+    elif cfg.stages or cfg.qat_tuner is not None:
+        raise BitNetError("stages and qat_tuner need quantize=true")
     metadata = {"run_config": cfg.to_dict(), "data": data.info, "tokenizer": "byte"}
     trainer = Trainer(model, cfg.training, data.train, data.val, callbacks, metadata)
     result = trainer.train(resume_from=args.resume)

@@ -21,6 +21,7 @@ from .errors import BitNetError, ConfigError
 from .models.config import PRESETS, ModelConfig
 from .quant.config import QATConfig
 from .train.config import TrainingConfig
+from .train.qat import TrainingStage
 
 DATA_SOURCES = ("embedded", "files")
 
@@ -80,7 +81,10 @@ class RunConfig:
     `model` section's fields override; `quantize` false trains the same architecture with
     plain `nn.Linear` layers (the full-precision baseline), ignoring `qat`. `diagnostics`
     logs ternary statistics (share of -1 / 0 / +1, flip rate, quantization error) at every
-    log step of a quantized run."""
+    log step of a quantized run. `stages` (a list of `TrainingStage`: steps, name, lr_factor,
+    qat overrides) runs the training in stages; `qat_tuner` (a relative threshold, e.g. 0.05)
+    holds progressive quantization while the validation loss is that much worse than its
+    best."""
 
     model_preset: str = "tiny"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -90,6 +94,13 @@ class RunConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    stages: list[TrainingStage] = field(default_factory=list)
+    qat_tuner: float | None = None
+
+    def __post_init__(self):
+        t = self.qat_tuner
+        if t is not None and not (isinstance(t, int | float) and t >= 0):
+            raise ConfigError("qat_tuner", t, "a relative threshold >= 0 or None (off)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,6 +156,10 @@ def _coerce(path: str, value, tp):
         if isinstance(value, str):
             return value
         raise ConfigError(path, value, "a string")
+    if base is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(path, value, "a mapping")
     if typing.get_origin(base) is list:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
@@ -195,9 +210,11 @@ def build(cls, data: dict | None, path: str = ""):
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        leaf = e.field.rsplit(".", 1)[-1]
+        # Name the key as the user wrote it: the class's own prefix becomes `path`.
         if path and not e.field.startswith(path + "."):
-            raise ConfigError(f"{path}.{leaf}", e.value, e.allowed) from None
+            parts = e.field.split(".")
+            rest = parts[-1] if parts[-1] in names else ".".join(parts[1:])
+            raise ConfigError(f"{path}.{rest}", e.value, e.allowed) from None
         raise
 
 
@@ -284,7 +301,12 @@ def config_from_dict(data: dict) -> RunConfig:
     if not isinstance(model, dict):
         raise ConfigError("model", model, "a mapping of ModelConfig fields")
     data["model"] = {**PRESETS[preset], **model}
-    return build(RunConfig, data)
+    cfg = build(RunConfig, data)
+    for i, stage in enumerate(cfg.stages):
+        # Each stage's overrides must make a valid QATConfig; store them coerced.
+        merged = build(QATConfig, {**asdict(cfg.qat), **stage.qat}, f"stages[{i}].qat")
+        stage.qat = {k: getattr(merged, k) for k in stage.qat}
+    return cfg
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:

@@ -11,7 +11,7 @@ from .callbacks import (
 )
 from .checkpoint import FORMAT_VERSION, list_checkpoints, resolve_checkpoint
 from .config import OptimizerConfig, SchedulerConfig, TrainingConfig
-from .qat import QATControl, TernaryDiagnostics
+from .qat import MultiStage, QATControl, QuantizationTuner, TernaryDiagnostics, TrainingStage
 from .trainer import Trainer, TrainerState, TrainResult, causal_lm_targets
 
 __all__ = [
@@ -21,9 +21,11 @@ __all__ = [
     "EarlyStopping",
     "LRScheduling",
     "MetricsLogging",
+    "MultiStage",
     "OptimizerConfig",
     "ProgressBar",
     "QATControl",
+    "QuantizationTuner",
     "SchedulerConfig",
     "TernaryDiagnostics",
     "TrainResult",
@@ -31,6 +33,7 @@ __all__ = [
     "TrainerState",
     "TrainingCallbacks",
     "TrainingConfig",
+    "TrainingStage",
     "causal_lm_targets",
     "list_checkpoints",
     "resolve_checkpoint",

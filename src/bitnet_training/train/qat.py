@@ -9,12 +9,20 @@ relative quantization error.
 
 from __future__ import annotations
 
+import itertools
+import logging
+from dataclasses import dataclass, field
+
 import torch
 
+from ..errors import BitNetError, ConfigError
 from ..nn.bitlinear import BitLinear
+from ..quant.config import QATConfig
 from ..quant.fake_quant import quantize
 from ..quant.functional import dequantize
 from .callbacks import Callback
+
+log = logging.getLogger(__name__)
 
 
 def _bitlinears(model: torch.nn.Module) -> list[tuple[str, BitLinear]]:
@@ -31,13 +39,33 @@ class QATControl(Callback):
     def __init__(self):
         self.layers: list[tuple[str, BitLinear]] = []
         self.trainer = None
+        self.held_steps = 0  # steps a QuantizationTuner held the schedule for
 
     def setup(self, trainer):
         self.layers, self.trainer = _bitlinears(trainer.model), trainer
 
-    def _apply(self, trainer) -> None:
+    def schedule_step(self, trainer) -> int:
+        """The step the quantization schedules read: the training step minus held steps."""
+        return max(0, trainer.state.step - self.held_steps)
+
+    def tightening(self, trainer) -> bool:
+        """Whether quantization still changes after the current schedule step (a lambda
+        below 1 now, or a schedule or bit stage that has not finished)."""
+        t = self.schedule_step(trainer)
         for _, m in self.layers:
-            m.set_progress(trainer.state.step, trainer.steps_per_epoch)
+            c = m.config
+            ends = [st.step for st in c.weight_bit_stages]
+            for sch in (c.weight_schedule, c.activation_schedule):
+                if sch is not None:
+                    ends.append(sch.resolve(trainer.steps_per_epoch).end_step)
+            if m.weight_blend < 1 or m.activation_blend < 1 or any(t < e for e in ends):
+                return True
+        return False
+
+    def _apply(self, trainer) -> None:
+        step = self.schedule_step(trainer)
+        for _, m in self.layers:
+            m.set_progress(step, trainer.steps_per_epoch)
 
     def on_train_begin(self, trainer):
         self._apply(trainer)
@@ -60,10 +88,80 @@ class QATControl(Callback):
         logs.update(self.current())
 
     def state_dict(self):
-        return {"step": self.trainer.state.step if self.trainer else 0, **self.current()}
+        step = self.trainer.state.step if self.trainer else 0
+        return {"step": step, "held_steps": self.held_steps, **self.current()}
 
     def load_state_dict(self, state):
-        pass  # everything follows from the restored step
+        # lambda, stages and noise follow from the restored step and the held steps.
+        self.held_steps = int(state.get("held_steps", 0))
+
+
+class QuantizationTuner(Callback):
+    """Validation-based tuning of progressive quantization: after each evaluation, while
+    quantization is still tightening, if `metric` (a loss) is worse than the best seen by more
+    than `threshold` (relative), the schedule is held (the `QATControl` clock stops) until an
+    evaluation is back within the threshold. Each decision goes to the log and, as
+    `qat_tuner_hold` (1 holding, 0 not), into the evaluation metrics. Needs a `QATControl`
+    among the callbacks."""
+
+    def __init__(self, threshold: float = 0.05, metric: str = "val_loss"):
+        if not threshold >= 0:
+            raise ConfigError("qat_tuner.threshold", threshold, "a number >= 0")
+        self.threshold, self.metric = threshold, metric
+        self.best: float | None = None
+        self.holding = False
+        self.control: QATControl | None = None
+        self.decisions: list[dict] = []
+
+    def setup(self, trainer):
+        found = [cb for cb in trainer.callbacks if isinstance(cb, QATControl)]
+        if not found:
+            raise BitNetError("QuantizationTuner needs a QATControl callback in the same run")
+        self.control = found[0]
+
+    def on_step_end(self, trainer):
+        if self.holding:
+            self.control.held_steps += 1
+
+    def on_evaluate(self, trainer, metrics):
+        if self.metric not in metrics:
+            return
+        value = float(metrics[self.metric])
+        limit = None if self.best is None else self.best * (1 + self.threshold)
+        if limit is not None and value > limit and self.control.tightening(trainer):
+            decision = "hold" if not self.holding else "keep holding"
+            self.holding = True
+        elif self.holding and (limit is None or value <= limit):
+            decision, self.holding = "release", False
+        else:
+            decision = "continue"
+        if self.best is None or value < self.best:
+            self.best = value
+        record = {
+            "step": trainer.state.step,
+            "decision": decision,
+            self.metric: value,
+            "best": self.best,
+            "schedule_step": self.control.schedule_step(trainer),
+        }
+        self.decisions.append(record)
+        if decision != "continue":
+            log.info(
+                "quantization tuner at step %d: %s (%s %.4f, best %.4f, threshold %.0f%%)",
+                trainer.state.step,
+                decision,
+                self.metric,
+                value,
+                self.best,
+                100 * self.threshold,
+            )
+        metrics["qat_tuner_hold"] = int(self.holding)
+
+    def state_dict(self):
+        return {"best": self.best, "holding": self.holding}
+
+    def load_state_dict(self, state):
+        self.best, self.holding = state["best"], bool(state["holding"])
 
 
 class TernaryDiagnostics(Callback):
@@ -156,3 +254,114 @@ class TernaryDiagnostics(Callback):
     def on_log(self, trainer, logs):
         logs.update(self.measure())
         logs.update(self.clipping())
+
+
+@dataclass
+class TrainingStage:
+    """One stage of a multi-stage run: `steps` optimizer steps (the last stage runs on to
+    the end), its own QAT settings (`qat`: QATConfig fields overriding the run's) and a
+    learning-rate factor applied on top of the schedule."""
+
+    steps: int
+    name: str = ""
+    lr_factor: float = 1.0
+    qat: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise ConfigError("stages.steps", self.steps, "a positive integer")
+        if not isinstance(self.lr_factor, int | float) or not self.lr_factor > 0:
+            raise ConfigError("stages.lr_factor", self.lr_factor, "a positive number")
+        bad = STRUCTURAL_QAT_FIELDS & set(self.qat)
+        if bad:
+            raise ConfigError(
+                f"stages.qat.{sorted(bad)[0]}",
+                self.qat[sorted(bad)[0]],
+                "the run's value: it changes the layers' structure, not a setting",
+            )
+
+
+# Fields that decide which buffers and parameters a BitLinear has: fixed for a whole run.
+STRUCTURAL_QAT_FIELDS = {
+    "input_norm",
+    "activation_observer",
+    "activation_per_channel",
+    "learnable_scales",
+}
+
+
+class MultiStage(Callback):
+    """Moves a run through `stages`: at each stage's first step every `BitLinear` gets the
+    stage's QAT settings (`base` with the stage's overrides; `base` defaults to the layers'
+    config at setup), and the learning rate of each step is multiplied by the stage's
+    `lr_factor`. The current stage is logged (`stage`) and saved in checkpoints; it follows
+    from the step, so a resumed run continues in the same stage."""
+
+    order = -10  # before the LR schedule (which it wraps) and QATControl (which reads configs)
+
+    def __init__(self, stages: list[TrainingStage], base: QATConfig | None = None):
+        if not stages:
+            raise ConfigError("stages", stages, "at least one stage")
+        self.stages, self.base = list(stages), base
+        self.configs: list[QATConfig] = []
+        self.current: int | None = None
+        self.layers: list[tuple[str, BitLinear]] = []
+        self._lr_before: list[float] | None = None
+
+    def setup(self, trainer):
+        self.layers = _bitlinears(trainer.model)
+        base = self.base or (self.layers[0][1].config if self.layers else QATConfig())
+        self.configs = []
+        for i, st in enumerate(self.stages):
+            try:
+                self.configs.append(base.replace(**st.qat))
+            except (ConfigError, TypeError) as e:
+                raise BitNetError(f"stages[{i}].qat: {e}") from None
+        self.ends = list(itertools.accumulate(st.steps for st in self.stages))
+
+    def stage_at(self, step: int) -> int:
+        return next((i for i, end in enumerate(self.ends) if step < end), len(self.stages) - 1)
+
+    def _enter(self, trainer) -> None:
+        i = self.stage_at(trainer.state.step)
+        if i != self.current:
+            for _, m in self.layers:
+                m.config = self.configs[i]
+            if self.current is not None:
+                log.info(
+                    "step %d: stage %d (%s) begins",
+                    trainer.state.step,
+                    i,
+                    self.stages[i].name or f"#{i}",
+                )
+            self.current = i
+
+    def on_train_begin(self, trainer):
+        self._enter(trainer)
+
+    def on_step_begin(self, trainer):
+        self._enter(trainer)
+        factor = self.stages[self.current].lr_factor
+        groups = trainer.optimizer.param_groups
+        self._lr_before = [g["lr"] for g in groups]
+        for g in groups:
+            g["lr"] *= factor
+
+    def on_step_end(self, trainer):
+        if self._lr_before is not None:  # undo, so the schedule's next value is unscaled
+            for g, lr in zip(trainer.optimizer.param_groups, self._lr_before, strict=True):
+                g["lr"] = lr
+            self._lr_before = None
+
+    def on_log(self, trainer, logs):
+        logs["stage"] = self.current
+        logs["lr_factor"] = self.stages[self.current].lr_factor
+
+    def state_dict(self):
+        return {
+            "stage": self.current,
+            "name": self.stages[self.current].name if self.current is not None else None,
+        }
+
+    def load_state_dict(self, state):
+        pass  # the stage follows from the restored step
