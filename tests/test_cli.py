@@ -191,3 +191,43 @@ def test_python_m_entry_point_and_sigint(tmp_path, corpus):
     assert "interrupted" in out
     latest = (out_dir / "latest").read_text().strip()
     assert (out_dir / latest / "model.safetensors").is_file()
+
+
+def test_qat_in_depth_from_yaml(tmp_path, capsys, corpus):
+    cfg = tmp_path / "qat.yaml"
+    cfg.write_text(
+        "qat:\n"
+        "  weight_schedule: {shape: cosine, end_step: 6}\n"
+        "  weight_bit_stages: [[0, 8], [4, 1.58]]\n"
+        "  quant_noise: 0.5\n"
+        "  activation_observer: ema\n"
+        "  calibration_samples: 8\n"
+        "stages:\n"
+        "  - {name: warm, steps: 4}\n"
+        "  - {name: main, steps: 4, lr_factor: 0.5}\n"
+        "qat_tuner: 0.05\n"
+        "training: {optimizer: {name: qat_adamw, latent_clip: 3.0}, agc_clip_factor: 0.1,\n"
+        "           scheduler: wsd, eval_every: 4}\n"
+    )
+    out_dir = tmp_path / "run"
+    code, _, err = run(
+        capsys,
+        "train",
+        "--config",
+        cfg,
+        "--no-progress",
+        *MICRO,
+        *corpus,
+        "training.max_steps=8",
+        "training.log_every=4",
+        f"training.output_dir={out_dir}",
+    )
+    assert code == 0, err
+    records = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["stage"] for r in train] == [0, 1]
+    assert [r["qat_weight_bits"] for r in train] == [8, 1.58]
+    last = train[-1]
+    assert {"w_neg", "w_zero", "w_pos", "flip_rate", "quant_error", "act_clip_rate"} <= set(last)
+    assert any(k.startswith("flip_rate/model.layers.0.") for k in last)
+    assert all("qat_tuner_hold" in r for r in records if r["kind"] == "eval")

@@ -168,6 +168,7 @@ def sample_text(
             top_k=top_k,
             eos_token_id=tokenizer.eos_token_id,
             generator=g,
+            vocab_limit=tokenizer.vocab_size,
         )
     return tokenizer.decode(out[0])
 

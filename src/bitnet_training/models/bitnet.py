@@ -232,14 +232,16 @@ class BitNetLM(nn.Module):
         eos_token_id: int | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        vocab_limit: int | None = None,
     ) -> torch.Tensor:
         """Continue `input_ids` (batch, prompt) by up to `max_new_tokens` tokens.
 
         Greedy unless `do_sample`; sampling divides logits by `temperature` and keeps the
         `top_k` most likely tokens. With `use_cache` each step feeds one token and reuses
         the keys and values of the past (same tokens as without, much less work). A sequence
-        that emits `eos_token_id` is padded with it until all are done. Returns
-        (batch, prompt + generated).
+        that emits `eos_token_id` is padded with it until all are done. `vocab_limit` keeps
+        generation to ids below it (a vocabulary padded beyond the tokenizer's, like the
+        `tiny` preset's 320 rows for 259 byte tokens). Returns (batch, prompt + generated).
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ConfigError("max_new_tokens", max_new_tokens, "a non-negative integer")
@@ -260,6 +262,8 @@ class BitNetLM(nn.Module):
             out = self(feed if use_cache else seq, past_key_values=past, use_cache=use_cache)
             past = out.past_key_values if use_cache else None
             logits = out.logits[:, -1].float()
+            if vocab_limit is not None:
+                logits[:, vocab_limit:] = float("-inf")
             if do_sample:
                 logits = logits / temperature
                 if top_k is not None and top_k < logits.shape[-1]:
