@@ -23,28 +23,25 @@ MICRO = [
 ]
 
 
+def write_corpus(d) -> list[str]:
+    """Small train / validation text files under `d` (plus `other.txt`: the same size as the
+    training text, different content) and the overrides that select them."""
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while",
+             "ternary", "weights", "learn"]  # fmt: skip
+    lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(300)]
+    (d / "train.txt").write_text("\n".join(lines[:260]))
+    (d / "val.txt").write_text("\n".join(lines[260:]))
+    (d / "other.txt").write_text("\n".join(reversed(lines[:260])))
+    return [
+        "data.source=files",
+        f"data.train_files={d / 'train.txt'}",
+        f"data.val_files={d / 'val.txt'}",
+    ]
+
+
 @pytest.fixture
 def corpus(tmp_path):
-    words = [
-        "the",
-        "quick",
-        "brown",
-        "fox",
-        "jumps",
-        "over",
-        "a",
-        "lazy",
-        "dog",
-        "while",
-        "ternary",
-        "weights",
-        "learn",
-    ]
-    lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(300)]
-    train, val = tmp_path / "train.txt", tmp_path / "val.txt"
-    train.write_text("\n".join(lines[:260]))
-    val.write_text("\n".join(lines[260:]))
-    return ["data.source=files", f"data.train_files={train}", f"data.val_files={val}"]
+    return write_corpus(tmp_path)
 
 
 def run(capsys, *argv):

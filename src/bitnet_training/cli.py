@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import glob
 import logging
+import math
 import os
 import shutil
 import sys
@@ -50,14 +51,23 @@ see `bitnet-train train --print-config` for every key and its current value.
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors: `bitnet-train: error: ...`, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"bitnet-train: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="bitnet-train",
         description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"bitnet-training {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,generate}")
+    sub = p.add_subparsers(
+        dest="command", required=True, metavar="{train,eval,generate}", parser_class=_Parser
+    )
 
     t = sub.add_parser(
         "train",
@@ -174,10 +184,16 @@ def sample_text(
 
 
 def _prepare_output_dir(out: str, resume: str | None, overwrite: bool) -> None:
+    if resume is not None and overwrite:
+        raise BitNetError("--resume and --overwrite exclude each other: choose one")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise BitNetError(f"training.output_dir {out!r} is a file, not a directory")
     existing = list_checkpoints(out)
-    if existing and resume is None and not overwrite:
+    used = existing or os.path.exists(os.path.join(out, "metrics.jsonl"))
+    if used and resume is None and not overwrite:
+        what = "checkpoints" if existing else "a previous run's logs (metrics.jsonl)"
         raise BitNetError(
-            f"training.output_dir {out!r} already holds checkpoints: pass --resume to "
+            f"training.output_dir {out!r} already holds {what}: pass --resume to "
             "continue, --overwrite to start again, or choose another training.output_dir"
         )
     if overwrite and resume is None and os.path.isdir(out):
@@ -190,13 +206,34 @@ def _prepare_output_dir(out: str, resume: str | None, overwrite: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- commands
+def _check_resumable(cfg: RunConfig, resume: str) -> None:
+    """Refuse a resume whose checkpoint was trained as another kind of model."""
+    ckpt = ckpt_io.resolve_checkpoint(cfg.training.output_dir if resume == "latest" else resume)
+    old = ckpt_io.read_metadata(ckpt).get("run_config")
+    if not isinstance(old, dict):
+        return  # not written by the CLI: the Trainer's own checks still apply
+    if old.get("quantize") != cfg.quantize:
+        raise BitNetError(
+            f"checkpoint {ckpt!r} was trained with quantize={str(old.get('quantize')).lower()}; "
+            f"this run has quantize={str(cfg.quantize).lower()}"
+        )
+    if old.get("qat") != cfg.to_dict()["qat"] and cfg.quantize:
+        log.warning("resuming with QAT settings that differ from the checkpoint's")
+
+
 def cmd_train(args) -> int:
+    if args.resume is not None and "=" in args.resume and not os.path.exists(args.resume):
+        # `--resume key=value`: the override was taken for the optional checkpoint path.
+        args.overrides = [args.resume, *args.overrides]
+        args.resume = "latest"
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         sys.stdout.write(cfg.to_yaml())
         return 0
     out = cfg.training.output_dir
     _prepare_output_dir(out, args.resume, args.overwrite)
+    if args.resume is not None:
+        _check_resumable(cfg, args.resume)
     tokenizer = ByteTokenizer()
     _check_vocab(cfg, tokenizer)
     t0 = time.perf_counter()
@@ -250,7 +287,7 @@ def _print_summary(cfg, result, data, model, tokenizer) -> None:
         )
     )
     lines.append(f"device       {result.device}, precision {result.precision}")
-    tps = result.tokens / max(result.wall_time_s, 1e-9)
+    tps = result.tokens_per_s
     lines.append(
         f"steps        {result.steps} ({result.tokens:,} tokens, {tps:,.0f} tokens/s)"
         + (" - interrupted" if result.interrupted else "")
@@ -286,7 +323,12 @@ def cmd_eval(args) -> int:
     _check_vocab(cfg, tokenizer)
     data = build_datasets(cfg.data, tokenizer)
     if data.val is None:
-        raise BitNetError("no validation text: set data.val_files (or data.val_fraction > 0)")
+        raise BitNetError(
+            "no validation text: the training text left none for validation; set "
+            "data.val_files=FILE (comma-separated for several)"
+        )
+    if args.max_batches is not None and args.max_batches < 1:
+        raise BitNetError(f"--max-batches={args.max_batches} is invalid: expected an integer >= 1")
     trainer = Trainer(model, cfg.training, None, data.val)  # loggers stay idle outside train()
     m = trainer.evaluate(max_batches=args.max_batches)
     sys.stdout.write(
@@ -308,8 +350,10 @@ def cmd_generate(args) -> int:
     seed = s.seed if args.seed is None else args.seed
     if n < 0:
         raise BitNetError(f"--max-new-tokens={n} is invalid: expected an integer >= 0")
-    if temperature < 0:
+    if not (temperature >= 0 and math.isfinite(temperature)):
         raise BitNetError(f"--temperature={temperature} is invalid: expected a number >= 0")
+    if seed < 0:
+        raise BitNetError(f"--seed={seed} is invalid: expected an integer >= 0")
     if top_k is not None and top_k < 1:
         raise BitNetError(f"--top-k={top_k} is invalid: expected a positive integer")
     text = sample_text(model, ByteTokenizer(), prompt, n, temperature, top_k, seed)
@@ -319,11 +363,14 @@ def cmd_generate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    # Overrides may come before or after options: collect every stray `key=value`.
-    args, extra = parser.parse_known_args(argv)
-    stray = [a for a in extra if a.startswith("-") or "=" not in a]
-    if stray or (extra and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    try:
+        # Overrides may come before or after options: collect every stray `key=value`.
+        args, extra = parser.parse_known_args(argv)
+        stray = [a for a in extra if a.startswith("-") or "=" not in a]
+        if stray or (extra and not hasattr(args, "overrides")):
+            parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    except SystemExit as e:  # --help, --version, or a usage error (already printed)
+        return e.code if isinstance(e.code, int) else 2
     if extra:
         args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

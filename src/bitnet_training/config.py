@@ -189,7 +189,7 @@ def build(cls, data: dict | None, path: str = ""):
         if value is None and optional:
             kwargs[key] = None
         elif is_dataclass(inner):
-            if isinstance(value, str | bool):  # shorthand: optimizer: sgd
+            if isinstance(value, str):  # shorthand: optimizer: sgd
                 kwargs[key] = value
             else:
                 kwargs[key] = build(inner, value, sub)
@@ -302,6 +302,12 @@ def config_from_dict(data: dict) -> RunConfig:
         raise ConfigError("model", model, "a mapping of ModelConfig fields")
     data["model"] = {**PRESETS[preset], **model}
     cfg = build(RunConfig, data)
+    if cfg.data.seq_len > cfg.model.max_position_embeddings:
+        raise ConfigError(
+            "data.seq_len",
+            cfg.data.seq_len,
+            f"at most model.max_position_embeddings ({cfg.model.max_position_embeddings})",
+        )
     for i, stage in enumerate(cfg.stages):
         # Each stage's overrides must make a valid QATConfig; store them coerced.
         merged = build(QATConfig, {**asdict(cfg.qat), **stage.qat}, f"stages[{i}].qat")

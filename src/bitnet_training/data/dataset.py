@@ -6,6 +6,8 @@ and files of a few hundred MB); memory-mapped shards and streaming come with the
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from collections.abc import Sequence
 
@@ -49,6 +51,14 @@ class TokenWindowDataset(Dataset):
         # int32 halves the stream's memory; windows are widened to int64 on access.
         tokens = torch.tensor(ids, dtype=torch.int32)
         return cls(tokens, seq_len, n_bytes / max(1, len(ids)))
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A short SHA-256 of the token stream and window length: the Trainer stores it in
+        checkpoints and refuses to resume on different data."""
+        h = hashlib.sha256(str(self.seq_len).encode())
+        h.update(self.tokens.to(torch.int64).numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def __len__(self) -> int:
         return max(0, (len(self.tokens) - 1) // (self.seq_len - 1))

@@ -57,6 +57,12 @@ class ModelConfig:
                     f"a divisor of hidden_size ({self.hidden_size}) unless head_dim is set",
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if (
+            not isinstance(self.head_dim, int)
+            or isinstance(self.head_dim, bool)
+            or self.head_dim < 2
+        ):
+            raise ConfigError("model.head_dim", self.head_dim, "a positive even integer or None")
         if self.head_dim % 2:
             raise ConfigError("model.head_dim", self.head_dim, "an even number (rotary pairs)")
         if not self.rms_norm_eps > 0:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from ..quant.config import QATConfig
 from ..quant.fake_quant import clip_mask, fake_quantize, quantize
 from ..quant.functional import SCALE_EPS, Quantized, dequantize
@@ -191,6 +192,14 @@ class BitLinear(nn.Linear):
 
     def _setup(self, config: QATConfig | None) -> None:
         self.config = config or QATConfig()
+        gs = self.config.group_size
+        if gs is not None and self.in_features % gs:
+            raise ConfigError(
+                "qat.group_size",
+                gs,
+                f"a divisor of every quantized layer's in_features "
+                f"(this one has {self.in_features})",
+            )
         self.norm = None
         if self.config.input_norm:
             from .norm import RMSNorm

@@ -25,7 +25,7 @@ import sys
 import warnings
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigError
+from ..errors import BitNetError, ConfigError
 from ..monitoring import JsonlWriter, TensorBoardWriter
 from ..optim import build_scheduler
 from .config import SchedulerConfig
@@ -113,7 +113,10 @@ class EarlyStopping(Callback):
 
     def on_evaluate(self, trainer, metrics):
         if self.metric not in metrics:
-            return
+            raise BitNetError(
+                f"early stopping metric {self.metric!r} is not an evaluation metric here: "
+                f"expected one of {', '.join(k for k in metrics if k != 'step')}"
+            )
         value = float(metrics[self.metric])
         if _improved(value, self.best, self.mode, self.min_delta):
             self.best, self.wait = value, 0

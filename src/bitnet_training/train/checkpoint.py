@@ -33,6 +33,7 @@ FORMAT_VERSION = 1
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 MODEL_FILE, OPTIMIZER_FILE, RNG_FILE = "model.safetensors", "optimizer.pt", "rng.safetensors"
 STATE_FILE, METADATA_FILE = "trainer_state.json", "metadata.json"
+REQUIRED_STATE = ("step", "tokens_seen", "data", "callbacks", "rng")
 
 
 def checkpoint_name(step: int) -> str:
@@ -99,6 +100,7 @@ def save_checkpoint(
     os.makedirs(output_dir, exist_ok=True)
     final = os.path.join(output_dir, checkpoint_name(step))
     tmp = tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=output_dir)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
     try:
         save_model(model, os.path.join(tmp, MODEL_FILE))
         if optimizer is not None:
@@ -172,6 +174,9 @@ def read_state(ckpt: str) -> dict:
             f"checkpoint {ckpt!r} has format version {version!r}; this bitnet-training "
             f"reads version {FORMAT_VERSION}"
         )
+    missing = [k for k in REQUIRED_STATE if k not in state]
+    if missing:
+        raise BitNetError(f"checkpoint {ckpt!r} has an invalid {STATE_FILE}: no {missing[0]!r}")
     return state
 
 
@@ -179,11 +184,14 @@ def read_metadata(ckpt: str) -> dict:
     """`metadata.json` of checkpoint `ckpt` ({} when absent)."""
     try:
         with open(os.path.join(ckpt, METADATA_FILE)) as f:
-            return json.load(f)
+            meta = json.load(f)
     except FileNotFoundError:
         return {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BitNetError(f"checkpoint {ckpt!r} has an unreadable {METADATA_FILE}: {e}") from None
+    if not isinstance(meta, dict):
+        raise BitNetError(f"checkpoint {ckpt!r} has an invalid {METADATA_FILE} (not a mapping)")
+    return meta
 
 
 def load_model_weights(model: torch.nn.Module, ckpt: str) -> None:
@@ -221,7 +229,12 @@ def load_optimizer_state(ckpt: str) -> dict | None:
 
 def load_rng(ckpt: str) -> dict[str, torch.Tensor]:
     path = os.path.join(ckpt, RNG_FILE)
-    return load_file(path) if os.path.isfile(path) else {}
+    if not os.path.isfile(path):
+        return {}
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise BitNetError(f"checkpoint {ckpt!r}: unreadable {RNG_FILE}: {e}") from None
 
 
 def prune_checkpoints(output_dir: str, keep: int | None, protect: set[str]) -> list[str]:

@@ -192,14 +192,18 @@ class TrainingConfig:
 
     def __post_init__(self):
         p = "training"
-        if isinstance(self.optimizer, str):
-            self.optimizer = OptimizerConfig(name=self.optimizer)
-        elif isinstance(self.optimizer, dict):
-            self.optimizer = OptimizerConfig(**self.optimizer)
-        if isinstance(self.scheduler, str):
-            self.scheduler = SchedulerConfig(name=self.scheduler)
-        elif isinstance(self.scheduler, dict):
-            self.scheduler = SchedulerConfig(**self.scheduler)
+        for name, cls in (("optimizer", OptimizerConfig), ("scheduler", SchedulerConfig)):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                setattr(self, name, cls(name=v))
+            elif isinstance(v, dict):
+                setattr(self, name, cls(**v))
+            _need(
+                f"{p}.{name}",
+                v,
+                isinstance(getattr(self, name), cls),
+                f"a name or a mapping of {cls.__name__} fields",
+            )
         if self.mixed_precision is True:
             self.mixed_precision = "auto"
         elif self.mixed_precision is False:

@@ -77,7 +77,8 @@ class TrainerState:
 @dataclass
 class TrainResult:
     """What `Trainer.train()` returns. `metrics`: the last training loss and the last
-    evaluation's metrics; `history`: every log record and evaluation, in order."""
+    evaluation's metrics; `tokens` counts the whole run, `tokens_per_s` this call (a resumed
+    run's time starts at the resume); `history`: every log record and evaluation, in order."""
 
     metrics: dict
     best_metric: float | None
@@ -85,6 +86,7 @@ class TrainResult:
     last_checkpoint: str | None
     steps: int
     tokens: int
+    tokens_per_s: float
     wall_time_s: float
     interrupted: bool
     precision: str
@@ -161,8 +163,10 @@ class Trainer:
         c = self.config
         if self.train_data is None:
             raise BitNetError("Trainer.train() needs train_data")
-        if c.output_dir:
-            os.makedirs(c.output_dir, exist_ok=True)
+        if os.path.exists(c.output_dir) and not os.path.isdir(c.output_dir):
+            raise BitNetError(f"training.output_dir {c.output_dir!r} is a file, not a directory")
+        if c.save_best_only and self.eval_data is None:
+            raise BitNetError("training.save_best_only needs evaluation data (eval_data)")
         self.model.to(self.device).train()
         self.optimizer = build_optimizer(self.model, c)
         if self.precision == "fp16":
@@ -199,7 +203,11 @@ class Trainer:
             "best_metric": s.best_metric,
             "best_step": s.best_step,
             "best_checkpoint": s.best_checkpoint and os.path.basename(s.best_checkpoint),
-            "data": {**self.sampler.state_dict(), "num_items": self.sampler.num_items},
+            "data": {
+                **self.sampler.state_dict(),
+                "num_items": self.sampler.num_items,
+                "fingerprint": getattr(self.train_data, "fingerprint", None),
+            },
             "callbacks": {
                 cb.key: cb.state_dict() for cb in self.callbacks if cb.state_dict() is not None
             },
@@ -231,11 +239,27 @@ class Trainer:
         and RNG from `path` ("latest" = this run's newest); returns the checkpoint used."""
         ckpt = ckpt_io.resolve_checkpoint(self.config.output_dir if path == "latest" else path)
         st = ckpt_io.read_state(ckpt)
-        data = st.get("data", {})
-        if data.get("num_items") != self.sampler.num_items:
+        try:
+            return self._restore(ckpt, st)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            if isinstance(e, BitNetError):
+                raise
             raise BitNetError(
-                f"checkpoint {ckpt!r} was trained on {data.get('num_items')} sequences, this "
+                f"checkpoint {ckpt!r} has an invalid {ckpt_io.STATE_FILE}: {type(e).__name__}: {e}"
+            ) from None
+
+    def _restore(self, ckpt: str, st: dict) -> str:
+        data = st["data"]
+        if data["num_items"] != self.sampler.num_items:
+            raise BitNetError(
+                f"checkpoint {ckpt!r} was trained on {data['num_items']} sequences, this "
                 f"run has {self.sampler.num_items}: resuming needs the same data and seq_len"
+            )
+        ours = getattr(self.train_data, "fingerprint", None)
+        if data.get("fingerprint") and ours and data["fingerprint"] != ours:
+            raise BitNetError(
+                f"checkpoint {ckpt!r} was trained on other data (fingerprint "
+                f"{data['fingerprint']}, this run's is {ours}): resuming needs the same data"
             )
         ckpt_io.load_model_weights(self.model, ckpt)
         opt = ckpt_io.load_optimizer_state(ckpt)
@@ -256,15 +280,18 @@ class Trainer:
         if planned is not None and planned != self.total_steps:
             log.warning(
                 "the checkpoint's run was planned for %d steps, this one for %d: the "
-                "learning-rate schedule keeps its original shape",
+                "learning-rate schedule keeps its original shape, so steps past %d run at its "
+                "final learning rate (0 for schedules that decay to eta_min=0)",
                 planned,
                 self.total_steps,
+                planned,
             )
         s = self.state
         s.step, s.tokens_seen = int(st["step"]), int(st["tokens_seen"])
         s.best_metric, s.best_step = st.get("best_metric"), st.get("best_step")
-        best = st.get("best_checkpoint")
-        s.best_checkpoint = os.path.join(self.config.output_dir, best) if best else None
+        best = st.get("best_checkpoint")  # a sibling of the checkpoint we resume from
+        best = os.path.join(os.path.dirname(os.path.abspath(ckpt)), best) if best else None
+        s.best_checkpoint = best if best and os.path.isdir(best) else None
         s.last_checkpoint = ckpt
         restore_rng(ckpt_io.load_rng(ckpt), st.get("rng", {}))
         log.info("resumed from %s at step %d", ckpt, s.step)
@@ -343,6 +370,11 @@ class Trainer:
         bpt = getattr(self.eval_data, "bytes_per_token", None)
         if bpt:
             metrics["val_bits_per_byte"] = loss / math.log(2) / bpt
+        if self.config.best_metric not in metrics:
+            raise BitNetError(
+                f"training.best_metric={self.config.best_metric!r} is not an evaluation metric "
+                f"here: expected one of {', '.join(k for k in metrics if k != 'step')}"
+            )
         self._track_best(metrics)
         self._call("on_evaluate", metrics)
         self.history.append({"kind": "eval", **metrics})
@@ -366,7 +398,14 @@ class Trainer:
         self._setup()
         if resume_from is not None:
             self.load_checkpoint(resume_from)
+        try:
+            os.makedirs(c.output_dir, exist_ok=True)
+        except OSError as e:
+            raise BitNetError(
+                f"training.output_dir {c.output_dir!r} cannot be created: {e.strerror}"
+            ) from None
         t_start = time.perf_counter()
+        tokens_at_start = s.tokens_seen
         self.history = []
         last_eval_step = None
         with self._stop:
@@ -424,6 +463,7 @@ class Trainer:
                 "train_loss": last_train.get("loss"),
                 **{k: v for k, v in last_eval.items() if k.startswith("val_")},
             }
+            wall = time.perf_counter() - t_start
             result = TrainResult(
                 metrics=metrics,
                 best_metric=s.best_metric,
@@ -431,7 +471,8 @@ class Trainer:
                 last_checkpoint=s.last_checkpoint,
                 steps=s.step,
                 tokens=s.tokens_seen,
-                wall_time_s=time.perf_counter() - t_start,
+                tokens_per_s=(s.tokens_seen - tokens_at_start) / max(wall, 1e-9),
+                wall_time_s=wall,
                 interrupted=interrupted,
                 signal=self._stop.received,
                 precision=self.precision,
