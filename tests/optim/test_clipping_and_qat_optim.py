@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from bitnet_training import BitLinear, BitNetLM, ModelConfig, TrainingConfig
+from bitnet_training import BitLinear, TrainingConfig
 from bitnet_training.optim import (
     adaptive_clip_grad_,
     build_optimizer,
@@ -46,18 +46,8 @@ def test_clip_by_value_then_norm():
     torch.testing.assert_close(p.grad, torch.tensor([1.0, -0.5, 1.0]) / 1.5)
 
 
-def test_qat_parameter_groups():
-    torch.manual_seed(0)
-    model = BitNetLM(
-        ModelConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-        )
-    )
+def test_qat_parameter_groups(micro_model):
+    model = micro_model()
     decay, no_decay = qat_parameter_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}

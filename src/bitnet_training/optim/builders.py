@@ -16,43 +16,37 @@ if TYPE_CHECKING:
     from ..train.config import TrainingConfig
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters in two groups: matrices (linear and embedding weights, ndim >= 2)
-    with `weight_decay`, everything else (norm gains, biases) without, as nanoGPT and most LLM
-    recipes do. Shared parameters appear once. Empty groups are left out."""
+def _two_groups(model: nn.Module, weight_decay: float, decays) -> list[dict]:
+    """Trainable parameters split by `decays(p)` into a group with `weight_decay` and one
+    without. Shared parameters appear once; empty groups are left out."""
     seen: set[int] = set()
     decay, no_decay = [], []
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        (decay if decays(p) else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return [g for g in groups if g["params"]]
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Matrices (linear and embedding weights, ndim >= 2) with `weight_decay`, everything
+    else (norm gains, biases) without, as nanoGPT and most LLM recipes do."""
+    return _two_groups(model, weight_decay, lambda p: p.ndim >= 2)
 
 
 def qat_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Groups for quantization-aware training: weight decay only on the weights of linear
     layers (`nn.Linear`, `BitLinear`); none on norms, biases, embeddings or quantizer
-    scales (anything else). Shared parameters appear once; empty groups are left out."""
-    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    scales (anything else). A weight tied to an embedding counts as an embedding."""
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    seen: set[int] = set()
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        # A weight tied to an embedding is an embedding: no decay.
-        (decay if id(p) in linear_weights and id(p) not in embeddings else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
+    decayed = linear - embeddings
+    return _two_groups(model, weight_decay, lambda p: id(p) in decayed)
 
 
 def _latent_clip_hook(model: nn.Module, factor: float):
