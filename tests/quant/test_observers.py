@@ -165,3 +165,30 @@ def test_observer_config_validation():
     ):
         with pytest.raises(ConfigError):
             QATConfig(**kw)
+
+
+def test_four_bit_static_activations_per_channel_percentile():
+    torch.manual_seed(0)
+    layer = BitLinear(
+        6,
+        3,
+        bias=False,
+        config=QATConfig(
+            activation_bits=4,
+            activation_observer="percentile",
+            observer_percentile=99.0,
+            activation_per_channel=True,
+            activation_symmetric=True,
+            calibration_samples=8,
+        ),
+    )
+    calib = torch.randn(8, 10, 6)
+    layer(calib)
+    obs = layer.act_observer
+    rows = calib.reshape(-1, 6).numpy().astype(np.float64)
+    np.testing.assert_allclose(obs.max_val.numpy(), np.percentile(rows, 99.0, axis=0), rtol=1e-5)
+    x = torch.randn(4, 6) * 2
+    scale, _ = obs.qparams(4, symmetric=True)
+    xq = (x / scale).round().clamp(-8, 7) * scale  # 4-bit grid [-8, 7], per input feature
+    w = layer.quantized_weight()
+    torch.testing.assert_close(layer(x), xq @ (w.codes * w.scale).t(), rtol=1e-5, atol=1e-5)
