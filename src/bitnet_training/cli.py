@@ -25,7 +25,7 @@ import torch
 
 from . import __version__
 from .config import RunConfig, apply_override, config_from_dict, load_config
-from .data import ByteTokenizer, build_datasets
+from .data import PreprocessConfig, build_datasets, preprocess, tokenizer_for
 from .errors import BitNetError
 from .models import BitNetLM
 from .train import (
@@ -66,7 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"bitnet-training {__version__}")
     sub = p.add_subparsers(
-        dest="command", required=True, metavar="{train,eval,generate}", parser_class=_Parser
+        dest="command",
+        required=True,
+        metavar="{train,eval,generate,preprocess}",
+        parser_class=_Parser,
     )
 
     t = sub.add_parser(
@@ -108,6 +111,28 @@ def _parser() -> argparse.ArgumentParser:
         metavar="key=value",
         help="e.g. data.source=files data.val_files=my.txt",
     )
+
+    pp = sub.add_parser("preprocess", help="tokenize text / JSON lines (.gz too) into shards")
+    pp.add_argument("inputs", nargs="+", help="files, directories or glob patterns")
+    pp.add_argument("--output", "-o", required=True, help="the shard directory to write")
+    pp.add_argument(
+        "--tokenizer",
+        default="byte",
+        help="byte (default), bpe (trained on the inputs) or a tokenizer.json",
+    )
+    pp.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size")
+    pp.add_argument(
+        "--special-tokens",
+        default="<|endoftext|>",
+        help="comma-separated BPE special tokens (the first is EOS)",
+    )
+    pp.add_argument("--jsonl-field", default="text", help="the text field of JSON lines")
+    pp.add_argument("--invalid-utf8", default="error", choices=("error", "replace", "skip"))
+    pp.add_argument("--val-fraction", type=float, default=0.01)
+    pp.add_argument("--shard-tokens", type=int, default=1 << 26, help="tokens per shard")
+    pp.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    pp.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    pp.add_argument("--no-progress", action="store_true")
 
     g = sub.add_parser("generate", help="continue a prompt with a checkpoint's model")
     g.add_argument("checkpoint", help="a checkpoint directory or a run directory (its latest)")
@@ -234,10 +259,10 @@ def cmd_train(args) -> int:
     _prepare_output_dir(out, args.resume, args.overwrite)
     if args.resume is not None:
         _check_resumable(cfg, args.resume)
-    tokenizer = ByteTokenizer()
+    tokenizer = tokenizer_for(cfg.data)
     _check_vocab(cfg, tokenizer)
     t0 = time.perf_counter()
-    data = build_datasets(cfg.data, tokenizer)
+    data = build_datasets(cfg.data, tokenizer, cfg.training.seed)
     log.info(
         "data: %s, %d training and %d validation tokens (fingerprint %s, %.1f s)",
         data.info["source"],
@@ -265,7 +290,11 @@ def cmd_train(args) -> int:
             callbacks.append(TernaryDiagnostics())
     elif cfg.stages or cfg.qat_tuner is not None:
         raise BitNetError("stages and qat_tuner need quantize=true")
-    metadata = {"run_config": cfg.to_dict(), "data": data.info, "tokenizer": "byte"}
+    metadata = {
+        "run_config": cfg.to_dict(),
+        "data": data.info,
+        "tokenizer": type(tokenizer).__name__,
+    }
     trainer = Trainer(model, cfg.training, data.train, data.val, callbacks, metadata)
     result = trainer.train(resume_from=args.resume)
     _print_summary(cfg, result, data, model, tokenizer)
@@ -300,7 +329,12 @@ def _print_summary(cfg, result, data, model, tokenizer) -> None:
             f"   bits/byte {m.get('val_bits_per_byte', float('nan')):.3f}"
         )
     elif data.val is None:
-        lines.append("validation   none (no validation text: set data.val_files)")
+        hint = (
+            "preprocess with --val-fraction > 0"
+            if cfg.data.source == "shards"
+            else "set data.val_files"
+        )
+        lines.append(f"validation   none (no validation text: {hint})")
     lines.append(f"wall time    {result.wall_time_s:.1f} s")
     lines.append(f"checkpoint   {result.last_checkpoint}")
     if result.best_checkpoint and result.best_checkpoint != result.last_checkpoint:
@@ -319,9 +353,9 @@ def _print_summary(cfg, result, data, model, tokenizer) -> None:
 
 def cmd_eval(args) -> int:
     cfg, model, ckpt = load_run(args.checkpoint, args.overrides)
-    tokenizer = ByteTokenizer()
+    tokenizer = tokenizer_for(cfg.data)
     _check_vocab(cfg, tokenizer)
-    data = build_datasets(cfg.data, tokenizer)
+    data = build_datasets(cfg.data, tokenizer, cfg.training.seed)
     if data.val is None:
         raise BitNetError(
             "no validation text: the training text left none for validation; set "
@@ -356,8 +390,49 @@ def cmd_generate(args) -> int:
         raise BitNetError(f"--seed={seed} is invalid: expected an integer >= 0")
     if top_k is not None and top_k < 1:
         raise BitNetError(f"--top-k={top_k} is invalid: expected a positive integer")
-    text = sample_text(model, ByteTokenizer(), prompt, n, temperature, top_k, seed)
+    text = sample_text(model, tokenizer_for(cfg.data), prompt, n, temperature, top_k, seed)
     sys.stdout.write(text + "\n")
+    return 0
+
+
+def cmd_preprocess(args) -> int:
+    cfg = PreprocessConfig(
+        inputs=args.inputs,
+        output=args.output,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        special_tokens=[t for t in args.special_tokens.split(",") if t],
+        jsonl_field=args.jsonl_field,
+        invalid_utf8=args.invalid_utf8,
+        val_fraction=args.val_fraction,
+        shard_tokens=args.shard_tokens,
+        workers=args.workers,
+        overwrite=args.overwrite,
+    )
+    bar = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(unit="B", unit_scale=True, desc="preprocess", file=sys.stderr)
+    try:
+        index = preprocess(cfg, progress=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    st, sp = index["stats"], index["splits"]
+    tok = index["tokenizer"]
+    sys.stdout.write(
+        f"output       {os.path.abspath(args.output)}\n"
+        f"tokenizer    {tok['kind']} (vocab {tok['vocab_size']}, {index['dtype']} shards)\n"
+        f"documents    {st['documents']:,} (train {sp['train']['documents']:,}, "
+        f"val {sp['val']['documents']:,}; {st['empty_documents']} empty skipped)\n"
+        f"tokens       {st['tokens']:,} (train {sp['train']['tokens']:,}, "
+        f"val {sp['val']['tokens']:,})\n"
+        f"invalid utf8 {st['invalid_utf8_replaced']} replaced, "
+        f"{st['invalid_utf8_skipped']} skipped\n"
+        f"throughput   {st['mb_per_s']:.1f} MB/s, {st['tokens_per_s']:,.0f} tokens/s "
+        f"({st['seconds']:.1f} s)\n"
+    )
     return 0
 
 
@@ -374,7 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}
+    commands = {
+        "train": cmd_train,
+        "eval": cmd_eval,
+        "generate": cmd_generate,
+        "preprocess": cmd_preprocess,
+    }
     try:
         return commands[args.command](args)
     except BitNetError as e:

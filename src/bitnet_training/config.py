@@ -17,22 +17,27 @@ from typing import Any, Union
 
 import yaml
 
+from .data.augment import AugmentConfig
 from .errors import BitNetError, ConfigError
 from .models.config import PRESETS, ModelConfig
 from .quant.config import QATConfig
 from .train.config import TrainingConfig
 from .train.qat import TrainingStage
 
-DATA_SOURCES = ("embedded", "files")
+DATA_SOURCES = ("embedded", "files", "shards")
 
 
 @dataclass
 class DataConfig:
     """Where training text comes from and how it is cut.
 
-    source: `embedded` (the corpus shipped with Python, split by document) or `files`
+    source: `embedded` (the corpus shipped with Python, split by document), `files`
         (`train_files`, and `val_files` for validation; without `val_files` the training
-        files are split by file with `val_fraction`).
+        files are split by file with `val_fraction`) or `shards` (`shards_dir`, written by
+        `bitnet-train preprocess`: memory-mapped, with its own tokenizer and split).
+    sampling: for shards, `sequential` (packed windows, shuffled per epoch) or `random`
+        (nanoGPT-style windows at random offsets).
+    augment: token-level augmentation of the training windows (`AugmentConfig`; off).
     seq_len: tokens per training window.
     val_fraction: share of documents held out for validation.
     """
@@ -40,8 +45,11 @@ class DataConfig:
     source: str = "embedded"
     train_files: list[str] = field(default_factory=list)
     val_files: list[str] = field(default_factory=list)
+    shards_dir: str = ""
+    sampling: str = "sequential"
     seq_len: int = 256
     val_fraction: float = 0.05
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
         if self.source not in DATA_SOURCES:
@@ -50,6 +58,12 @@ class DataConfig:
             raise ConfigError("data.seq_len", self.seq_len, "an integer >= 2")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError("data.val_fraction", self.val_fraction, "a number in [0, 1)")
+        if self.sampling not in ("sequential", "random"):
+            raise ConfigError("data.sampling", self.sampling, "sequential or random")
+        if self.source == "shards" and not self.shards_dir:
+            raise ConfigError(
+                "data.shards_dir", self.shards_dir, "a directory written by bitnet-train preprocess"
+            )
         if self.source == "files" and not self.train_files:
             raise ConfigError(
                 "data.train_files", self.train_files, "at least one file when data.source is files"

@@ -2,20 +2,29 @@
 
 from .corpus import Document, corpus_fingerprint, embedded_corpus, split_documents
 from .dataset import TokenWindowDataset, read_text_files
+from .preprocess import PreprocessConfig, preprocess
 from .sampler import ResumableBatchSampler
-from .sources import Datasets, build_datasets
-from .tokenizer import SPECIAL_TOKENS, ByteTokenizer
+from .shards import ShardDataset, load_index, load_tokenizer
+from .sources import Datasets, build_datasets, tokenizer_for
+from .tokenizer import SPECIAL_TOKENS, ByteTokenizer, HFTokenizer
 
 __all__ = [
     "SPECIAL_TOKENS",
     "ByteTokenizer",
     "Datasets",
     "Document",
+    "HFTokenizer",
+    "PreprocessConfig",
     "ResumableBatchSampler",
+    "ShardDataset",
     "TokenWindowDataset",
     "build_datasets",
     "corpus_fingerprint",
     "embedded_corpus",
+    "load_index",
+    "load_tokenizer",
+    "preprocess",
     "read_text_files",
     "split_documents",
+    "tokenizer_for",
 ]

@@ -7,8 +7,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import BitNetError
+from .augment import AugmentedDataset
 from .corpus import corpus_fingerprint, embedded_corpus, split_documents
 from .dataset import TokenWindowDataset, read_text_files
+from .shards import ShardDataset, load_index, load_tokenizer
+from .tokenizer import ByteTokenizer
 
 if TYPE_CHECKING:
     from ..config import DataConfig
@@ -24,9 +27,50 @@ class Datasets:
     info: dict
 
 
-def build_datasets(config: DataConfig, tokenizer) -> Datasets:
-    """Read, split and tokenize the text `config` names. Too little training text for one
-    window is a `BitNetError`."""
+def tokenizer_for(config: DataConfig):
+    """The tokenizer of a data source: byte-level, or the one a shard directory was made with."""
+    if config.source == "shards":
+        return load_tokenizer(config.shards_dir)
+    return ByteTokenizer()
+
+
+def _shard_datasets(config: DataConfig, seed: int) -> Datasets:
+    index = load_index(config.shards_dir)
+    train = ShardDataset(config.shards_dir, "train", config.seq_len, config.sampling, seed)
+    if len(train) == 0:
+        raise BitNetError(
+            f"the training shards hold {train.num_tokens} tokens, fewer than one window of "
+            f"data.seq_len={config.seq_len}"
+        )
+    val = ShardDataset(config.shards_dir, "val", config.seq_len, "sequential", seed)
+    sp = index["splits"]
+    info = {
+        "source": "shards",
+        "fingerprint": index["fingerprint"],
+        "train_documents": sp["train"]["documents"],
+        "val_documents": sp["val"]["documents"],
+        "train_tokens": train.num_tokens,
+        "val_tokens": val.num_tokens,
+    }
+    return Datasets(train, val if len(val) else None, info)
+
+
+def build_datasets(config: DataConfig, tokenizer, seed: int = 0) -> Datasets:
+    """Read, split and tokenize the text `config` names (shards are memory-mapped, already
+    tokenized and split), with `config.augment` on the training set. Too little training
+    text for one window is a `BitNetError`."""
+    data = _build(config, tokenizer, seed)
+    if config.augment.enabled:
+        fill = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+        data.train = AugmentedDataset(data.train, config.augment, fill, fill, seed)
+    return data
+
+
+def _build(config: DataConfig, tokenizer, seed: int) -> Datasets:
+    if config.source == "shards":
+        return _shard_datasets(config, seed)
     if config.source == "embedded":
         docs = embedded_corpus()
         train_docs, val_docs = split_documents(docs, config.val_fraction)

@@ -46,5 +46,50 @@ class ByteTokenizer:
         out.append(buf.decode("utf-8", errors="replace"))
         return "".join(out)
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [list(t.encode("utf-8")) for t in texts]
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers` tokenizer (a `tokenizer.json`, e.g. from
+    `bitnet-train preprocess --tokenizer bpe`) behind the same interface as `ByteTokenizer`:
+    `encode`, `decode`, `vocab_size`, `eos_token_id` (the first of `eos_names` it knows), and
+    `encode_batch` for preprocessing. `transformers.PreTrainedTokenizerFast(tokenizer_file=...)`
+    loads the same file."""
+
+    eos_names = ("<|endoftext|>", "</s>", "<|eos|>", "<eos>")
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer
+
+        try:
+            self.tok = Tokenizer.from_file(path)
+        except Exception as e:  # the Rust side raises a bare Exception on bad JSON
+            raise BitNetError(f"tokenizer {path!r} cannot be loaded: {e}") from None
+        self.path = path
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        ids = [self.tok.token_to_id(n) for n in self.eos_names]
+        found = [i for i in ids if i is not None]
+        if not found:
+            raise BitNetError(
+                f"tokenizer {path!r} has no end-of-text token (one of {', '.join(self.eos_names)})"
+            )
+        self.eos_token_id = found[0]
+        self.bos_token_id = None
+        self.pad_token_id = None
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return ids + ([self.eos_token_id] if add_eos else [])
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
     def __len__(self) -> int:
         return self.vocab_size

@@ -304,6 +304,13 @@ class Trainer:
             for k, v in batch.items()
         }
 
+    def _next_batch(self, batches) -> dict:
+        idx = next(batches)
+        set_epoch = getattr(self.train_data, "set_epoch", None)
+        if set_epoch is not None:  # datasets whose items depend on the epoch (random windows)
+            set_epoch(self.sampler.epoch)
+        return self._to_device(default_collate([self.train_data[i] for i in idx]))
+
     def _train_step(self, micro: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimizer step over `micro` batches. The loss is weighted by target tokens
         across all micro-batches, so k micro-batches of b sequences give the gradient of one
@@ -415,10 +422,7 @@ class Trainer:
             t_log = time.perf_counter()
             while s.step < self.total_steps and not s.should_stop and not self._stop.received:
                 self._call("on_step_begin")
-                micro = [
-                    self._to_device(default_collate([self.train_data[i] for i in next(batches)]))
-                    for _ in range(c.gradient_accumulation_steps)
-                ]
+                micro = [self._next_batch(batches) for _ in range(c.gradient_accumulation_steps)]
                 loss, norm, ntok = self._train_step(micro)
                 s.step += 1
                 s.tokens_seen += int(ntok)
