@@ -26,8 +26,21 @@ MICRO = [
 def write_corpus(d) -> list[str]:
     """Small train / validation text files under `d` (plus `other.txt`: the same size as the
     training text, different content) and the overrides that select them."""
-    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while",
-             "ternary", "weights", "learn"]  # fmt: skip
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "a",
+        "lazy",
+        "dog",
+        "while",
+        "ternary",
+        "weights",
+        "learn",
+    ]
     lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(300)]
     (d / "train.txt").write_text("\n".join(lines[:260]))
     (d / "val.txt").write_text("\n".join(lines[260:]))
@@ -228,3 +241,74 @@ def test_qat_in_depth_from_yaml(tmp_path, capsys, corpus):
     assert {"w_neg", "w_zero", "w_pos", "flip_rate", "quant_error", "act_clip_rate"} <= set(last)
     assert any(k.startswith("flip_rate/model.layers.0.") for k in last)
     assert all("qat_tuner_hold" in r for r in records if r["kind"] == "eval")
+
+
+def test_preprocess_then_train_on_shards_and_stream(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "docs.jsonl", "w") as f:
+        for i in range(200):
+            f.write(json.dumps({"body": f"record {i}: " + "ternary weights learn " * 3}) + "\n")
+    shards = tmp_path / "shards"
+    code, out, err = run(
+        capsys,
+        "preprocess",
+        src,
+        "-o",
+        shards,
+        "--jsonl-field",
+        "body",
+        "--tokenizer",
+        "bpe",
+        "--vocab-size",
+        "300",
+        "--val-fraction",
+        "0.1",
+        "--no-progress",
+    )
+    assert code == 0, err
+    assert "documents    200" in out and "tokens/s" in out
+    code, out, err = run(capsys, "preprocess", src, "-o", shards, "--no-progress")
+    assert code == 2 and "already holds" in err
+    common = ["--no-progress", *MICRO, "training.max_steps=6", "sample.max_new_tokens=8"]
+    code, out, err = run(
+        capsys,
+        "train",
+        *common,
+        "data.source=shards",
+        f"data.shards_dir={shards}",
+        "data.sampling=random",
+        f"training.output_dir={tmp_path / 'r1'}",
+    )
+    assert code == 0, err
+    assert "val loss" in out and "bits/byte" in out
+    code, out, err = run(capsys, "generate", tmp_path / "r1", "--max-new-tokens", "4")
+    assert code == 0, err
+    code, _, err = run(
+        capsys,
+        "train",
+        *common,
+        "data.source=stream",
+        f"data.train_files={src}",
+        "data.jsonl_field=body",
+        "training.dataloader_workers=2",
+        f"training.output_dir={tmp_path / 'r2'}",
+    )
+    assert code == 0, err
+    code, _, err = run(
+        capsys, "train", *common, "data.source=shards", f"data.shards_dir={tmp_path / 'nope'}"
+    )
+    assert code == 2 and "does not exist" in err
+    code, _, err = run(
+        capsys,
+        "train",
+        *common,
+        "data.source=shards",
+        f"data.shards_dir={shards}",
+        "model.vocab_size=256",
+    )
+    assert code == 2 and "model.vocab_size" in err  # the BPE vocabulary does not fit
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"other": 1}\n')
+    code, _, err = run(capsys, "preprocess", bad, "-o", tmp_path / "o", "--no-progress")
+    assert code == 2 and "bad.jsonl:2: no 'text' field" in err

@@ -263,14 +263,17 @@ def cmd_train(args) -> int:
     _check_vocab(cfg, tokenizer)
     t0 = time.perf_counter()
     data = build_datasets(cfg.data, tokenizer, cfg.training.seed)
-    log.info(
-        "data: %s, %d training and %d validation tokens (fingerprint %s, %.1f s)",
-        data.info["source"],
-        data.info["train_tokens"],
-        data.info["val_tokens"],
-        data.info["fingerprint"],
-        time.perf_counter() - t0,
-    )
+    if cfg.data.source == "stream":
+        log.info("data: streaming %d files (read lazily)", data.info["train_files"])
+    else:
+        log.info(
+            "data: %s, %d training and %d validation tokens (fingerprint %s, %.1f s)",
+            data.info["source"],
+            data.info["train_tokens"],
+            data.info["val_tokens"],
+            data.info["fingerprint"],
+            time.perf_counter() - t0,
+        )
     model = build_model(cfg)
     n = sum(p.numel() for p in model.parameters())
     log.info(

@@ -24,7 +24,7 @@ from .quant.config import QATConfig
 from .train.config import TrainingConfig
 from .train.qat import TrainingStage
 
-DATA_SOURCES = ("embedded", "files", "shards")
+DATA_SOURCES = ("embedded", "files", "shards", "stream")
 
 
 @dataclass
@@ -34,7 +34,10 @@ class DataConfig:
     source: `embedded` (the corpus shipped with Python, split by document), `files`
         (`train_files`, and `val_files` for validation; without `val_files` the training
         files are split by file with `val_fraction`) or `shards` (`shards_dir`, written by
-        `bitnet-train preprocess`: memory-mapped, with its own tokenizer and split).
+        `bitnet-train preprocess`: memory-mapped, with its own tokenizer and split) or
+        `stream` (`train_files`: text / JSON lines (`jsonl_field`) / .gz, files, directories
+        or globs, read lazily with the byte tokenizer, windows shuffled through
+        `shuffle_buffer`; `val_files` read into memory; needs `training.max_steps`).
     sampling: for shards, `sequential` (packed windows, shuffled per epoch) or `random`
         (nanoGPT-style windows at random offsets).
     augment: token-level augmentation of the training windows (`AugmentConfig`; off).
@@ -47,6 +50,8 @@ class DataConfig:
     val_files: list[str] = field(default_factory=list)
     shards_dir: str = ""
     sampling: str = "sequential"
+    shuffle_buffer: int = 1024
+    jsonl_field: str = "text"
     seq_len: int = 256
     val_fraction: float = 0.05
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -64,7 +69,7 @@ class DataConfig:
             raise ConfigError(
                 "data.shards_dir", self.shards_dir, "a directory written by bitnet-train preprocess"
             )
-        if self.source == "files" and not self.train_files:
+        if self.source in ("files", "stream") and not self.train_files:
             raise ConfigError(
                 "data.train_files", self.train_files, "at least one file when data.source is files"
             )

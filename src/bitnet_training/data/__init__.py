@@ -6,6 +6,7 @@ from .preprocess import PreprocessConfig, preprocess
 from .sampler import ResumableBatchSampler
 from .shards import ShardDataset, load_index, load_tokenizer
 from .sources import Datasets, build_datasets, tokenizer_for
+from .streaming import StreamingTextDataset
 from .tokenizer import SPECIAL_TOKENS, ByteTokenizer, HFTokenizer
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "PreprocessConfig",
     "ResumableBatchSampler",
     "ShardDataset",
+    "StreamingTextDataset",
     "TokenWindowDataset",
     "build_datasets",
     "corpus_fingerprint",

@@ -70,6 +70,12 @@ class AugmentedDataset(Dataset):
         if hasattr(self.base, "set_epoch"):
             self.base.set_epoch(epoch)
 
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_epoch(int(state["epoch"]))
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item = self.base[i]
         c, rng = self.config, np.random.default_rng([self.seed, self.epoch, i, 0xA5])

@@ -56,3 +56,45 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+
+class IterableBatches:
+    """Batches of an `IterableDataset` through a `DataLoader` (`workers` processes), with the
+    same resumable position as `ResumableBatchSampler`: `{"epoch", "batch"}`. An epoch ends
+    when the dataset does (then `set_epoch` moves the dataset on); a loaded position is
+    reached by replaying its epoch and skipping the batches already trained on, so the
+    resumed run sees exactly the batches the uninterrupted one would have."""
+
+    def __init__(self, dataset, batch_size: int, workers: int = 0):
+        self.dataset, self.batch_size, self.workers = dataset, batch_size, workers
+        self.epoch, self.batch = 0, 0
+        self.num_items = None
+
+    def __iter__(self):
+        from torch.utils.data import DataLoader
+
+        while True:
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(self.epoch)
+            loader = DataLoader(
+                self.dataset, batch_size=self.batch_size, drop_last=True, num_workers=self.workers
+            )
+            produced = 0
+            for i, batch in enumerate(loader):
+                if i < self.batch:
+                    continue  # replaying up to the saved position
+                produced += 1
+                self.batch = i + 1
+                yield batch
+            if produced == 0 and self.batch == 0:
+                raise BitNetError(
+                    f"the streaming dataset yields fewer than one batch "
+                    f"(batch_size={self.batch_size}): add data or lower training.batch_size"
+                )
+            self.epoch, self.batch = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])

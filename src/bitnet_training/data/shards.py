@@ -111,6 +111,13 @@ class ShardDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def state_dict(self) -> dict:
+        """The epoch (it decides random windows); the position is the sampler's."""
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+
     def tokens(self, start: int, end: int) -> np.ndarray:
         """Tokens [start, end) of the split's stream, across shard boundaries."""
         maps, out = self._mmaps(), []

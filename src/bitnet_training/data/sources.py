@@ -8,9 +8,11 @@ from typing import TYPE_CHECKING
 
 from ..errors import BitNetError
 from .augment import AugmentedDataset
-from .corpus import corpus_fingerprint, embedded_corpus, split_documents
+from .corpus import Document, corpus_fingerprint, embedded_corpus, split_documents
 from .dataset import TokenWindowDataset, read_text_files
+from .preprocess import expand_inputs, iter_documents
 from .shards import ShardDataset, load_index, load_tokenizer
+from .streaming import StreamingTextDataset
 from .tokenizer import ByteTokenizer
 
 if TYPE_CHECKING:
@@ -68,9 +70,39 @@ def build_datasets(config: DataConfig, tokenizer, seed: int = 0) -> Datasets:
     return data
 
 
+def _stream_datasets(config: DataConfig, tokenizer, seed: int) -> Datasets:
+    train = StreamingTextDataset(
+        config.train_files,
+        tokenizer,
+        config.seq_len,
+        seed,
+        config.shuffle_buffer,
+        config.jsonl_field,
+    )
+    val = None
+    if config.val_files:
+        counts = {"invalid_utf8_replaced": 0, "invalid_utf8_skipped": 0, "empty_documents": 0}
+        docs = [
+            Document(f"{p}:{i}", t)
+            for p in expand_inputs(config.val_files)
+            for i, t in enumerate(iter_documents(p, config.jsonl_field, "error", counts))
+        ]
+        val = TokenWindowDataset.from_documents(docs, tokenizer, config.seq_len) if docs else None
+    info = {
+        "source": "stream",
+        "fingerprint": None,
+        "train_files": len(train.files),
+        "train_tokens": 0,
+        "val_tokens": len(val.tokens) if val is not None else 0,
+    }
+    return Datasets(train, val if val is not None and len(val) else None, info)
+
+
 def _build(config: DataConfig, tokenizer, seed: int) -> Datasets:
     if config.source == "shards":
         return _shard_datasets(config, seed)
+    if config.source == "stream":
+        return _stream_datasets(config, tokenizer, seed)
     if config.source == "embedded":
         docs = embedded_corpus()
         train_docs, val_docs = split_documents(docs, config.val_fraction)

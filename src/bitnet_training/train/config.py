@@ -156,6 +156,7 @@ class TrainingConfig:
         stopping; early_stopping_patience: stop after N evaluations without improvement of at
         least `early_stopping_min_delta` (None: never stop early).
     log_every: log (progress bar, JSON lines, TensorBoard) every N steps.
+    dataloader_workers: DataLoader processes for streaming (iterable) datasets.
     seed: drives initialization order, data order and sampling; output_dir: checkpoints and
         logs; device: `auto` (CUDA when available), `cpu` or `cuda`.
     """
@@ -186,6 +187,7 @@ class TrainingConfig:
     early_stopping_patience: int | None = None
     early_stopping_min_delta: float = 0.0
     log_every: int = 10
+    dataloader_workers: int = 0
     seed: int = 0
     output_dir: str = "runs/default"
     device: str = "auto"
@@ -284,6 +286,8 @@ class TrainingConfig:
         _need(f"{p}.best_mode", self.best_mode, self.best_mode in ("min", "max"), "min or max")
         d = self.early_stopping_min_delta
         _need(f"{p}.early_stopping_min_delta", d, _is_num(d) and d >= 0, "a number >= 0")
+        w = self.dataloader_workers
+        _need(f"{p}.dataloader_workers", w, _is_int(w) and w >= 0, "an integer >= 0")
         _need(f"{p}.seed", self.seed, _is_int(self.seed) and self.seed >= 0, "an integer >= 0")
         _need(
             f"{p}.output_dir",

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, IterableDataset, default_collate
 
-from ..data.sampler import ResumableBatchSampler
+from ..data.sampler import IterableBatches, ResumableBatchSampler
 from ..errors import BitNetError
 from ..optim import build_optimizer, clip_gradients
 from . import checkpoint as ckpt_io
@@ -177,8 +177,16 @@ class Trainer:
                 backoff_factor=c.backoff_factor,
                 growth_interval=c.growth_interval,
             )
-        self.sampler = ResumableBatchSampler(len(self.train_data), c.batch_size, c.seed)
-        per_epoch = len(self.sampler) // c.gradient_accumulation_steps
+        if isinstance(self.train_data, IterableDataset):
+            if c.max_steps is None:
+                raise BitNetError(
+                    "training.max_steps is needed with a streaming dataset (its length is unknown)"
+                )
+            self.sampler = IterableBatches(self.train_data, c.batch_size, c.dataloader_workers)
+            per_epoch = c.max_steps
+        else:
+            self.sampler = ResumableBatchSampler(len(self.train_data), c.batch_size, c.seed)
+            per_epoch = len(self.sampler) // c.gradient_accumulation_steps
         if c.max_steps is None and per_epoch == 0:
             raise BitNetError(
                 f"one epoch has {len(self.sampler)} batches, fewer than "
@@ -207,6 +215,9 @@ class Trainer:
                 **self.sampler.state_dict(),
                 "num_items": self.sampler.num_items,
                 "fingerprint": getattr(self.train_data, "fingerprint", None),
+                "dataset": (
+                    self.train_data.state_dict() if hasattr(self.train_data, "state_dict") else None
+                ),
             },
             "callbacks": {
                 cb.key: cb.state_dict() for cb in self.callbacks if cb.state_dict() is not None
@@ -276,6 +287,8 @@ class Trainer:
         if self.scaler is not None and st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
         self.sampler.load_state_dict(data)
+        if data.get("dataset") is not None and hasattr(self.train_data, "load_state_dict"):
+            self.train_data.load_state_dict(data["dataset"])
         planned = st.get("total_steps")
         if planned is not None and planned != self.total_steps:
             log.warning(
@@ -305,6 +318,8 @@ class Trainer:
         }
 
     def _next_batch(self, batches) -> dict:
+        if isinstance(self.sampler, IterableBatches):
+            return self._to_device(next(batches))
         idx = next(batches)
         set_epoch = getattr(self.train_data, "set_epoch", None)
         if set_epoch is not None:  # datasets whose items depend on the epoch (random windows)
