@@ -130,7 +130,12 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--invalid-utf8", default="error", choices=("error", "replace", "skip"))
     pp.add_argument("--val-fraction", type=float, default=0.01)
     pp.add_argument("--shard-tokens", type=int, default=1 << 26, help="tokens per shard")
-    pp.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    pp.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="tokenizing processes (BPE already uses every core inside tokenizers)",
+    )
     pp.add_argument("--overwrite", action="store_true", help="replace an existing output")
     pp.add_argument("--no-progress", action="store_true")
 

@@ -53,7 +53,9 @@ class PreprocessConfig:
     invalid_utf8: `error` (stop, naming the file), `replace` (U+FFFD) or `skip` (drop the
         document); counts are reported either way.
     val_fraction: share of documents held out for validation (by a hash of file and position).
-    shard_tokens: tokens per shard file; workers: processes that tokenize.
+    shard_tokens: tokens per shard file; workers: processes that tokenize (1 is fastest on
+        2 cores: reading is the bottleneck for bytes, and BPE already uses every core inside
+        `tokenizers`; see benchmarks/data_throughput.py).
     """
 
     inputs: list[str] = field(default_factory=list)
@@ -65,7 +67,7 @@ class PreprocessConfig:
     invalid_utf8: str = "error"
     val_fraction: float = 0.01
     shard_tokens: int = 1 << 26
-    workers: int = 2
+    workers: int = 1
     overwrite: bool = False
 
     def __post_init__(self):
@@ -189,8 +191,15 @@ def _init_worker(kind: str, path: str | None) -> None:
     _WORKER_TOKENIZER = ByteTokenizer() if kind == "byte" else HFTokenizer(path)
 
 
-def _encode(texts: list[str]) -> list[list[int]]:
-    return _WORKER_TOKENIZER.encode_batch(texts)
+def _encode_arrays(tok, texts: list[str], dtype) -> list[np.ndarray]:
+    """Token arrays (cheap to send between processes, unlike lists of ints)."""
+    if isinstance(tok, ByteTokenizer):
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(dtype) for t in texts]
+    return [np.asarray(ids, dtype=dtype) for ids in tok.encode_batch(texts)]
+
+
+def _encode(texts: list[str], dtype) -> list[np.ndarray]:
+    return _encode_arrays(_WORKER_TOKENIZER, texts, dtype)
 
 
 def train_bpe(texts: Iterator[str], vocab_size: int, special_tokens: list[str], path: str):
@@ -225,8 +234,8 @@ class _ShardWriter:
         self.shards: list[dict] = []
         self.tokens = self.documents = self.bytes = 0
 
-    def add(self, ids: list[int], eos: int, n_bytes: int) -> None:
-        arr = np.asarray([*ids, eos], dtype=self.dtype)
+    def add(self, ids: np.ndarray, eos: int, n_bytes: int) -> None:
+        arr = np.append(ids.astype(self.dtype, copy=False), np.asarray(eos, dtype=self.dtype))
         self.starts.append(self.n)
         self.buf.append(arr)
         self.n += len(arr)
@@ -377,7 +386,8 @@ def _preprocess_into(
         with ctx.Pool(cfg.workers, _init_worker, (kind, tok_path)) as pool:
             pending = []
             for batch in batches():
-                pending.append((batch, pool.apply_async(_encode, ([t for _, _, t in batch],))))
+                texts = [t for _, _, t in batch]
+                pending.append((batch, pool.apply_async(_encode, (texts, dtype))))
                 while len(pending) > 2 * cfg.workers:  # bounded memory, order kept
                     b, r = pending.pop(0)
                     write(b, r.get())
@@ -385,7 +395,7 @@ def _preprocess_into(
                 write(b, r.get())
     else:
         for batch in batches():
-            write(batch, tok.encode_batch([t for _, _, t in batch]))
+            write(batch, _encode_arrays(tok, [t for _, _, t in batch], dtype))
     for w in writers.values():
         w.flush()
     splits = {s: w.summary() for s, w in writers.items()}
