@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError
+from .sampler import EpochAware
 
 
 @dataclass
@@ -47,7 +48,7 @@ class AugmentConfig:
         return any((self.mask_prob, self.swap_prob, self.delete_prob, self.span_prob))
 
 
-class AugmentedDataset(Dataset):
+class AugmentedDataset(EpochAware, Dataset):
     """`base` (items with `input_ids` and `labels`) with `config`'s augmentations. Item i of
     epoch e is augmented by a generator seeded with (seed, e, i): deterministic, so a resumed
     run sees the same batches; `set_epoch` (the Trainer calls it) changes the draw."""
@@ -69,12 +70,6 @@ class AugmentedDataset(Dataset):
         self.epoch = epoch
         if hasattr(self.base, "set_epoch"):
             self.base.set_epoch(epoch)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.set_epoch(int(state["epoch"]))
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item = self.base[i]

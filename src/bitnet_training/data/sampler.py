@@ -8,6 +8,22 @@ from torch.utils.data import Sampler
 from ..errors import BitNetError
 
 
+class EpochAware:
+    """A dataset whose items depend on the epoch (random windows, shuffles, augmentation):
+    `set_epoch` (the Trainer calls it) and the epoch as its checkpointed state."""
+
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_epoch(int(state["epoch"]))
+
+
 class ResumableBatchSampler(Sampler[list[int]]):
     """Batches of `batch_size` indices over `num_items`, in a new seeded order each epoch.
 

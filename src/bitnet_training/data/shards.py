@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from ..errors import BitNetError, ConfigError
 from .preprocess import FORMAT_VERSION
+from .sampler import EpochAware
 from .tokenizer import ByteTokenizer, HFTokenizer
 
 SAMPLING = ("sequential", "random")
@@ -49,7 +50,7 @@ def load_tokenizer(directory: str):
     return HFTokenizer(os.path.join(directory, "tokenizer.json"))
 
 
-class ShardDataset(Dataset):
+class ShardDataset(EpochAware, Dataset):
     """Windows of `seq_len` tokens over one split of a shard directory, memory-mapped.
 
     sampling="sequential": the split's documents as one packed stream (EOS between
@@ -107,16 +108,6 @@ class ShardDataset(Dataset):
         if self.num_tokens < self.seq_len:
             return 0
         return (self.num_tokens - 1) // (self.seq_len - 1)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def state_dict(self) -> dict:
-        """The epoch (it decides random windows); the position is the sampler's."""
-        return {"epoch": self.epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch = int(state["epoch"])
 
     def tokens(self, start: int, end: int) -> np.ndarray:
         """Tokens [start, end) of the split's stream, across shard boundaries."""

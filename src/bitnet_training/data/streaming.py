@@ -11,6 +11,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import BitNetError
 from .preprocess import expand_inputs, iter_documents
+from .sampler import EpochAware
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -19,7 +20,7 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-class StreamingTextDataset(IterableDataset):
+class StreamingTextDataset(EpochAware, IterableDataset):
     """Windows of `seq_len` tokens from `inputs` (files, directories, globs), never holding
     more than one document and the shuffle buffer in memory.
 
@@ -61,15 +62,6 @@ class StreamingTextDataset(IterableDataset):
             raise BitNetError(f"rank {self.rank} is outside world_size {self.world_size}")
         self.epoch = 0
         self.pad_id = getattr(tokenizer, "pad_token_id", None) or tokenizer.eos_token_id
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch = int(state["epoch"])
 
     def documents(self, stream: int, num_streams: int) -> Iterator[str]:
         """The documents of stream `stream` out of `num_streams` (every k-th document)."""
