@@ -27,7 +27,8 @@ from . import checkpoint as ckpt_io
 from .callbacks import Callback, Checkpointing, EarlyStopping, LRScheduling, MetricsLogging
 from .config import TrainingConfig
 from .precision import resolve_device, resolve_precision
-from .rng import capture_rng, restore_rng
+from .resume import restore, snapshot
+from .rng import capture_rng
 from .signals import GracefulStop
 
 log = logging.getLogger(__name__)
@@ -204,29 +205,7 @@ class Trainer:
         if s.best_step == s.step and s.best_metric is not None:
             s.best_checkpoint = os.path.join(c.output_dir, ckpt_io.checkpoint_name(s.step))
         rng_tensors, rng_json = capture_rng()
-        state = {
-            "step": s.step,
-            "tokens_seen": s.tokens_seen,
-            "total_steps": self.total_steps,
-            "best_metric": s.best_metric,
-            "best_step": s.best_step,
-            "best_checkpoint": s.best_checkpoint and os.path.basename(s.best_checkpoint),
-            "data": {
-                **self.sampler.state_dict(),
-                "num_items": self.sampler.num_items,
-                "fingerprint": getattr(self.train_data, "fingerprint", None),
-                "dataset": (
-                    self.train_data.state_dict() if hasattr(self.train_data, "state_dict") else None
-                ),
-            },
-            "callbacks": {
-                cb.key: cb.state_dict() for cb in self.callbacks if cb.state_dict() is not None
-            },
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": rng_json,
-            "precision": self.precision,
-            "config": c.to_dict(),
-        }
+        state = snapshot(self, rng_json)
         path = ckpt_io.save_checkpoint(
             c.output_dir,
             s.step,
@@ -251,64 +230,13 @@ class Trainer:
         ckpt = ckpt_io.resolve_checkpoint(self.config.output_dir if path == "latest" else path)
         st = ckpt_io.read_state(ckpt)
         try:
-            return self._restore(ckpt, st)
+            return restore(self, ckpt, st)
         except (KeyError, TypeError, ValueError, IndexError) as e:
             if isinstance(e, BitNetError):
                 raise
             raise BitNetError(
                 f"checkpoint {ckpt!r} has an invalid {ckpt_io.STATE_FILE}: {type(e).__name__}: {e}"
             ) from None
-
-    def _restore(self, ckpt: str, st: dict) -> str:
-        data = st["data"]
-        if data["num_items"] != self.sampler.num_items:
-            raise BitNetError(
-                f"checkpoint {ckpt!r} was trained on {data['num_items']} sequences, this "
-                f"run has {self.sampler.num_items}: resuming needs the same data and seq_len"
-            )
-        ours = getattr(self.train_data, "fingerprint", None)
-        if data.get("fingerprint") and ours and data["fingerprint"] != ours:
-            raise BitNetError(
-                f"checkpoint {ckpt!r} was trained on other data (fingerprint "
-                f"{data['fingerprint']}, this run's is {ours}): resuming needs the same data"
-            )
-        ckpt_io.load_model_weights(self.model, ckpt)
-        opt = ckpt_io.load_optimizer_state(ckpt)
-        if opt is not None:
-            try:
-                self.optimizer.load_state_dict(opt)
-            except (ValueError, KeyError) as e:
-                raise BitNetError(
-                    f"checkpoint {ckpt!r}: optimizer state does not fit: {e}"
-                ) from None
-        for cb in self.callbacks:
-            if cb.key in st.get("callbacks", {}):
-                cb.load_state_dict(st["callbacks"][cb.key])
-        if self.scaler is not None and st.get("scaler"):
-            self.scaler.load_state_dict(st["scaler"])
-        self.sampler.load_state_dict(data)
-        if data.get("dataset") is not None and hasattr(self.train_data, "load_state_dict"):
-            self.train_data.load_state_dict(data["dataset"])
-        planned = st.get("total_steps")
-        if planned is not None and planned != self.total_steps:
-            log.warning(
-                "the checkpoint's run was planned for %d steps, this one for %d: the "
-                "learning-rate schedule keeps its original shape, so steps past %d run at its "
-                "final learning rate (0 for schedules that decay to eta_min=0)",
-                planned,
-                self.total_steps,
-                planned,
-            )
-        s = self.state
-        s.step, s.tokens_seen = int(st["step"]), int(st["tokens_seen"])
-        s.best_metric, s.best_step = st.get("best_metric"), st.get("best_step")
-        best = st.get("best_checkpoint")  # a sibling of the checkpoint we resume from
-        best = os.path.join(os.path.dirname(os.path.abspath(ckpt)), best) if best else None
-        s.best_checkpoint = best if best and os.path.isdir(best) else None
-        s.last_checkpoint = ckpt
-        restore_rng(ckpt_io.load_rng(ckpt), st.get("rng", {}))
-        log.info("resumed from %s at step %d", ckpt, s.step)
-        return ckpt
 
     # ----------------------------------------------------------------------- the loop
     def _to_device(self, batch: dict) -> dict:
