@@ -15,6 +15,7 @@ complete, so an interrupted run never leaves shards that look valid.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -294,11 +295,9 @@ def preprocess(cfg: PreprocessConfig, progress=None) -> dict:
     fingerprint = _fingerprint(cfg, files)
     if os.path.isdir(out) and os.listdir(out) and not cfg.overwrite:
         same = False
-        try:
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # no usable index
             with open(os.path.join(out, "index.json")) as f:
                 same = json.load(f).get("fingerprint") == fingerprint
-        except (OSError, ValueError):
-            pass
         raise BitNetError(
             f"output {cfg.output!r} already holds "
             + ("these shards (same inputs and settings)" if same else "other files or shards")

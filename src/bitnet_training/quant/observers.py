@@ -15,6 +15,8 @@ zero point round(-lo / scale) on [0, 2^b - 1].
 
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import nn
 
@@ -25,7 +27,7 @@ OBSERVERS = ("minmax", "ema", "percentile")
 _QUANTILE_MAX = 1 << 24  # torch.quantile's input limit; larger batches are strided
 
 
-class Observer(nn.Module):
+class Observer(nn.Module, metaclass=abc.ABCMeta):
     """Base: buffers `min_val`, `max_val`, `batches` (batches seen) and `samples` (leading-dim
     rows seen). `channels`: None for one range per tensor, else the size of the last dim."""
 
@@ -48,8 +50,9 @@ class Observer(nn.Module):
         lo, hi = rows.amin(dim=dim), rows.amax(dim=dim)
         return (lo, hi) if self.per_channel else (lo[0], hi[0])
 
+    @abc.abstractmethod
     def combine(self, lo, hi) -> None:
-        raise NotImplementedError
+        """Fold a later batch's range (lo, hi) into `min_val` / `max_val`."""
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
