@@ -295,9 +295,9 @@ def preprocess(cfg: PreprocessConfig, progress=None) -> dict:
     fingerprint = _fingerprint(cfg, files)
     if os.path.isdir(out) and os.listdir(out) and not cfg.overwrite:
         same = False
-        with contextlib.suppress(OSError, ValueError, AttributeError):  # no usable index
-            with open(os.path.join(out, "index.json")) as f:
-                same = json.load(f).get("fingerprint") == fingerprint
+        index_path = os.path.join(out, "index.json")
+        with contextlib.suppress(OSError, ValueError, AttributeError), open(index_path) as f:
+            same = json.load(f).get("fingerprint") == fingerprint  # else: no usable index
         raise BitNetError(
             f"output {cfg.output!r} already holds "
             + ("these shards (same inputs and settings)" if same else "other files or shards")
