@@ -119,7 +119,7 @@ def test_print_config(capsys):
         (["training.batch_size=two"], "training.batch_size='two' is invalid: expected an integer"),
         (["training.learning_rate=-1"], "training.learning_rate=-1.0 is invalid"),
         (["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
-        (["data.source=files", "data.train_files=missing.txt"], "'missing.txt' does not exist"),
+        (["data.source=files", "data.train_files=missing.txt"], "missing.txt' does not exist"),
         (["model.vocab_size=100"], "the tokenizer has 259 tokens but model.vocab_size is 100"),
     ],
 )

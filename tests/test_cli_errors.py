@@ -72,10 +72,16 @@ def test_output_dir_problems(tmp_path, capsys):
         ("model.head_dim=0", "model.head_dim=0 is invalid"),
         ("data.seq_len=2000", "at most model.max_position_embeddings (1024)"),
         ("qat.group_size=7", "qat.group_size=7 is invalid"),
+        ("data.source=files", "data.train_files=[] is invalid"),
+        ("data.source=stream", "data.train_files=[] is invalid"),
+        ("data.shuffle_buffer=-5", "data.shuffle_buffer=-5 is invalid"),
+        ("qat.weight_bit_stages=[[0,8,1]]", "qat.weight_bit_stages=[0, 8, 1] is invalid"),
+        ("qat.activation_per_channel=true", "qat.activation_per_channel=True is invalid"),
+        ("data.augment.mask_prob=0.1 data.augment.mask_token_id=99999", "mask_token_id=99999"),
     ],
 )
 def test_more_bad_values(capsys, tmp_path, override, message):
-    _fails(capsys, ["train", override, f"training.output_dir={tmp_path / 'r'}"], message)
+    _fails(capsys, ["train", *override.split(), f"training.output_dir={tmp_path / 'r'}"], message)
     assert not (tmp_path / "r").exists()
 
 
@@ -151,3 +157,144 @@ def test_generate_and_eval_arguments(trained, capsys):
     _fails(capsys, ["generate", run, "--temperature", "nan"], "--temperature=nan is invalid")
     _fails(capsys, ["generate", run, "--seed", "-1"], "--seed=-1 is invalid")
     _fails(capsys, ["eval", run, "--max-batches", "0"], "--max-batches=0 is invalid")
+
+
+def test_preprocess_never_deletes_other_files(capsys, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("some text " * 20)
+    _fails(
+        capsys,
+        ["preprocess", src, "-o", src, "--overwrite", "--no-progress"],
+        "lies inside the output",
+    )
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "important.txt").write_text("keep me")
+    _fails(
+        capsys,
+        ["preprocess", src / "a.txt", "-o", other, "--overwrite", "--no-progress"],
+        "holds no shards",
+    )
+    assert (other / "important.txt").read_text() == "keep me" and (src / "a.txt").exists()
+    _fails(
+        capsys,
+        [
+            "preprocess",
+            src,
+            "-o",
+            tmp_path / "o",
+            "--tokenizer",
+            "bpe",
+            "--special-tokens",
+            "<sep>,<pad>",
+        ],
+        "end-of-text token",
+    )
+
+
+def test_resume_and_eval_refuse_other_optimizer_tokenizer_stream(trained, capsys, tmp_path):
+    d, data = trained
+    base = ["train", "--no-progress", *MICRO, "sample.max_new_tokens=0"]
+    run = _copy_run(d, "optim")
+    _fails(
+        capsys,
+        [*base, *data, "training.optimizer.name=sgd", f"training.output_dir={run}", "--resume"],
+        "was trained with AdamW, this run uses SGD",
+    )
+    # eval under another tokenizer: BPE shards against a byte-level model.
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("ternary weights learn to predict text " * 200)
+    assert (
+        main(
+            [
+                "preprocess",
+                str(src),
+                "-o",
+                str(tmp_path / "bpe"),
+                "--tokenizer",
+                "bpe",
+                "--vocab-size",
+                "300",
+                "--val-fraction",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    _fails(
+        capsys,
+        ["eval", d / "run", "data.source=shards", f"data.shards_dir={tmp_path / 'bpe'}"],
+        "was trained with tokenizer byte",
+    )
+    # eval on other validation text, whatever the run was trained on.
+    assert main(["eval", str(d / "run"), f"data.val_files={d / 'other.txt'}"]) == 0
+    capsys.readouterr()
+    # A stream resumes only on the same files and worker count.
+    stream = [
+        *base,
+        "data.source=stream",
+        f"data.train_files={d / 'train.txt'}",
+        "training.max_steps=4",
+        "training.save_every=2",
+    ]
+    out = tmp_path / "stream"
+    assert main([*stream, f"training.output_dir={out}"]) == 0
+    capsys.readouterr()
+    _fails(
+        capsys,
+        [
+            *stream,
+            f"training.output_dir={out}",
+            "training.max_steps=6",
+            "training.dataloader_workers=2",
+            "--resume",
+        ],
+        "dataloader_workers=0",
+    )
+    _fails(
+        capsys,
+        [
+            *stream[:-2],
+            f"data.train_files={d / 'other.txt'}",
+            "training.max_steps=6",
+            f"training.output_dir={out}",
+            "--resume",
+        ],
+        "other data",
+    )
+
+
+def test_stream_errors_in_workers_are_one_line(capsys, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n' * 50 + '{"other": 1}\n')
+    _fails(
+        capsys,
+        [
+            "train",
+            "--no-progress",
+            *MICRO,
+            "data.source=stream",
+            f"data.train_files={bad}",
+            "training.max_steps=50",
+            "training.dataloader_workers=2",
+            f"training.output_dir={tmp_path / 'r'}",
+        ],
+        "bad.jsonl:51: no 'text' field",
+    )
+
+
+def test_augment_with_stream_is_refused(capsys, tmp_path):
+    _fails(
+        capsys,
+        [
+            "train",
+            "data.source=stream",
+            f"data.train_files={tmp_path}",
+            "data.augment.mask_prob=0.2",
+        ],
+        "data.augment='on' is invalid",
+    )

@@ -25,10 +25,18 @@ import torch
 
 from . import __version__
 from .config import RunConfig, apply_override, config_from_dict, load_config
-from .data import PreprocessConfig, build_datasets, preprocess, tokenizer_for
+from .data import (
+    PreprocessConfig,
+    build_datasets,
+    build_eval_dataset,
+    preprocess,
+    tokenizer_for,
+    tokenizer_id,
+)
 from .errors import BitNetError
 from .models import BitNetLM
 from .train import (
+    Callback,
     MultiStage,
     ProgressBar,
     QATControl,
@@ -236,6 +244,38 @@ def _prepare_output_dir(out: str, resume: str | None, overwrite: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- commands
+class _Announce(Callback):
+    order = -100
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+
+    def on_train_begin(self, trainer):
+        for line in self.lines:
+            log.info("%s", line)
+
+
+def _absolute_paths(cfg: RunConfig) -> None:
+    """Data paths as absolute paths, so a run's stored config works from anywhere."""
+    d = cfg.data
+    d.train_files = [os.path.abspath(f) for f in d.train_files]
+    d.val_files = [os.path.abspath(f) for f in d.val_files]
+    if d.shards_dir:
+        d.shards_dir = os.path.abspath(d.shards_dir)
+
+
+def _check_tokenizer(path: str, tokenizer) -> None:
+    """Refuse to use a checkpoint under another tokenizer than the one it was trained with."""
+    ckpt = ckpt_io.resolve_checkpoint(path)
+    saved = ckpt_io.read_metadata(ckpt).get("tokenizer_id")
+    ours = tokenizer_id(tokenizer)
+    if saved is not None and saved != ours:
+        raise BitNetError(
+            f"checkpoint {ckpt!r} was trained with tokenizer {saved}, this data uses {ours}: "
+            "evaluate and resume with data of the same tokenizer"
+        )
+
+
 def _check_resumable(cfg: RunConfig, resume: str) -> None:
     """Refuse a resume whose checkpoint was trained as another kind of model."""
     ckpt = ckpt_io.resolve_checkpoint(cfg.training.output_dir if resume == "latest" else resume)
@@ -260,34 +300,37 @@ def cmd_train(args) -> int:
     if args.print_config:
         sys.stdout.write(cfg.to_yaml())
         return 0
+    if not cfg.quantize and (cfg.stages or cfg.qat_tuner is not None):
+        raise BitNetError("stages and qat_tuner need quantize=true")
+    _absolute_paths(cfg)
     out = cfg.training.output_dir
     _prepare_output_dir(out, args.resume, args.overwrite)
     if args.resume is not None:
         _check_resumable(cfg, args.resume)
     tokenizer = tokenizer_for(cfg.data)
     _check_vocab(cfg, tokenizer)
+    if args.resume is not None:
+        _check_tokenizer(
+            cfg.training.output_dir if args.resume == "latest" else args.resume, tokenizer
+        )
     t0 = time.perf_counter()
     data = build_datasets(cfg.data, tokenizer, cfg.training.seed)
     if cfg.data.source == "stream":
-        log.info("data: streaming %d files (read lazily)", data.info["train_files"])
+        about = [f"data: streaming {data.info['train_files']} files (read lazily)"]
     else:
-        log.info(
-            "data: %s, %d training and %d validation tokens (fingerprint %s, %.1f s)",
-            data.info["source"],
-            data.info["train_tokens"],
-            data.info["val_tokens"],
-            data.info["fingerprint"],
-            time.perf_counter() - t0,
-        )
+        about = [
+            f"data: {data.info['source']}, {data.info['train_tokens']} training and "
+            f"{data.info['val_tokens']} validation tokens (fingerprint "
+            f"{data.info['fingerprint']}, {time.perf_counter() - t0:.1f} s)"
+        ]
     model = build_model(cfg)
     n = sum(p.numel() for p in model.parameters())
-    log.info(
-        "model: %s, %.2f M parameters, %s",
-        cfg.model_preset,
-        n / 1e6,
-        "BitNet b1.58 QAT" if cfg.quantize else "full precision",
+    about.append(
+        f"model: {cfg.model_preset}, {n / 1e6:.2f} M parameters, "
+        + ("BitNet b1.58 QAT" if cfg.quantize else "full precision")
     )
-    callbacks = [] if args.no_progress else [ProgressBar()]
+    # Said once training starts (after a resume is checked), so an error stays one line.
+    callbacks = [_Announce(about)] + ([] if args.no_progress else [ProgressBar()])
     if cfg.quantize:
         callbacks.append(QATControl())
         if cfg.stages:
@@ -296,12 +339,10 @@ def cmd_train(args) -> int:
             callbacks.append(QuantizationTuner(cfg.qat_tuner))
         if cfg.diagnostics:
             callbacks.append(TernaryDiagnostics())
-    elif cfg.stages or cfg.qat_tuner is not None:
-        raise BitNetError("stages and qat_tuner need quantize=true")
     metadata = {
         "run_config": cfg.to_dict(),
         "data": data.info,
-        "tokenizer": type(tokenizer).__name__,
+        "tokenizer_id": tokenizer_id(tokenizer),
     }
     trainer = Trainer(model, cfg.training, data.train, data.val, callbacks, metadata)
     result = trainer.train(resume_from=args.resume)
@@ -338,7 +379,7 @@ def _print_summary(cfg, result, data, model, tokenizer) -> None:
         )
     elif data.val is None:
         hint = (
-            "preprocess with --val-fraction > 0"
+            "the shards have no validation documents: preprocess with a larger --val-fraction"
             if cfg.data.source == "shards"
             else "set data.val_files"
         )
@@ -363,15 +404,18 @@ def cmd_eval(args) -> int:
     cfg, model, ckpt = load_run(args.checkpoint, args.overrides)
     tokenizer = tokenizer_for(cfg.data)
     _check_vocab(cfg, tokenizer)
-    data = build_datasets(cfg.data, tokenizer, cfg.training.seed)
-    if data.val is None:
-        raise BitNetError(
-            "no validation text: the training text left none for validation; set "
-            "data.val_files=FILE (comma-separated for several)"
+    _check_tokenizer(ckpt, tokenizer)
+    val = build_eval_dataset(cfg.data, tokenizer)
+    if val is None:
+        hint = (
+            "the shards have no validation split (preprocess --val-fraction)"
+            if cfg.data.source == "shards"
+            else "the data has no validation text"
         )
+        raise BitNetError(f"nothing to evaluate: {hint}; set data.val_files=FILE[,FILE...]")
     if args.max_batches is not None and args.max_batches < 1:
         raise BitNetError(f"--max-batches={args.max_batches} is invalid: expected an integer >= 1")
-    trainer = Trainer(model, cfg.training, None, data.val)  # loggers stay idle outside train()
+    trainer = Trainer(model, cfg.training, None, val)  # loggers stay idle outside train()
     m = trainer.evaluate(max_batches=args.max_batches)
     sys.stdout.write(
         f"checkpoint   {ckpt}\n"
@@ -383,7 +427,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    cfg, model, _ = load_run(args.checkpoint)
+    cfg, model, ckpt = load_run(args.checkpoint)
     s = cfg.sample
     prompt = s.prompt if args.prompt is None else args.prompt
     n = s.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
@@ -398,7 +442,9 @@ def cmd_generate(args) -> int:
         raise BitNetError(f"--seed={seed} is invalid: expected an integer >= 0")
     if top_k is not None and top_k < 1:
         raise BitNetError(f"--top-k={top_k} is invalid: expected a positive integer")
-    text = sample_text(model, tokenizer_for(cfg.data), prompt, n, temperature, top_k, seed)
+    tokenizer = tokenizer_for(cfg.data)
+    _check_tokenizer(ckpt, tokenizer)
+    text = sample_text(model, tokenizer, prompt, n, temperature, top_k, seed)
     sys.stdout.write(text + "\n")
     return 0
 
@@ -421,7 +467,7 @@ def cmd_preprocess(args) -> int:
     if not args.no_progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(unit="B", unit_scale=True, desc="preprocess", file=sys.stderr)
+        bar = tqdm(unit="B", unit_scale=True, desc="preprocess", file=sys.stderr, leave=False)
     try:
         index = preprocess(cfg, progress=bar.update if bar is not None else None)
     finally:

@@ -69,10 +69,27 @@ class DataConfig:
             raise ConfigError(
                 "data.shards_dir", self.shards_dir, "a directory written by bitnet-train preprocess"
             )
-        if self.source in ("files", "stream") and not self.train_files:
+        if not isinstance(self.shuffle_buffer, int) or self.shuffle_buffer < 0:
+            raise ConfigError("data.shuffle_buffer", self.shuffle_buffer, "an integer >= 0")
+        if self.augment.enabled and self.source == "stream":
             raise ConfigError(
-                "data.train_files", self.train_files, "at least one file when data.source is files"
+                "data.augment",
+                "on",
+                "off with data.source=stream (augmentation applies to embedded, files and shards)",
             )
+        if self.source == "files":
+            odd = [
+                f
+                for f in self.train_files + self.val_files
+                if f.endswith((".gz", ".jsonl", ".json", ".ndjson"))
+            ]
+            if odd:
+                raise ConfigError(
+                    "data.train_files",
+                    odd[0],
+                    "plain text files with data.source=files (JSON lines and .gz: "
+                    "data.source=stream, or bitnet-train preprocess)",
+                )
 
 
 @dataclass
@@ -216,6 +233,9 @@ def build(cls, data: dict | None, path: str = ""):
             if not isinstance(value, list):
                 raise ConfigError(sub, value, f"a list of {item.__name__} mappings")
             item_fields = [f.name for f in fields(item)]
+            bad = [v for v in value if isinstance(v, list) and len(v) != len(item_fields)]
+            if bad:
+                raise ConfigError(sub, bad[0], f"[{', '.join(item_fields)}] lists or mappings")
             kwargs[key] = [
                 build(
                     item,

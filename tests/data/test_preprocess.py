@@ -180,6 +180,9 @@ def test_shard_dataset_windows_and_random_sampling(tmp_path, inputs):
     assert all((x == rnd[i]["input_ids"]).all() for i, x in enumerate(a))  # deterministic
     rnd.set_epoch(1)
     assert not all((x == rnd[i]["input_ids"]).all() for i, x in enumerate(a))  # new epoch
+    os.truncate(os.path.join(out, "train-00000.idx"), 8)
+    with pytest.raises(BitNetError, match="shard index .* is missing or truncated"):
+        ShardDataset(out, "train", seq_len=64)
     os.truncate(os.path.join(out, "train-00000.bin"), 10)
     with pytest.raises(BitNetError, match="missing or truncated"):
         ShardDataset(out, "train", seq_len=64)

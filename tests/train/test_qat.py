@@ -122,3 +122,15 @@ def test_activation_clip_rate_in_diagnostics():
     layer.track_clipping = True
     layer(torch.tensor([[0.1, 0.2, 5.0, -5.0]]))
     assert diag.clipping() == {"act_clip_rate/0": 0.5, "act_clip_rate": 0.5}
+
+
+def test_warns_when_training_ends_before_quantization_is_complete(
+    tmp_path, micro_model, token_windows, caplog
+):
+    qat = QATConfig(weight_schedule={"end_step": 100})
+    cfg = TrainingConfig(
+        output_dir=str(tmp_path), batch_size=2, max_steps=2, mixed_precision="fp32"
+    )
+    with caplog.at_level("WARNING"):
+        Trainer(micro_model(qat), cfg, token_windows(), callbacks=[QATControl()]).train()
+    assert "not fully quantized" in caplog.text

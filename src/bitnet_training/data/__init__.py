@@ -5,9 +5,9 @@ from .dataset import TokenWindowDataset, read_text_files
 from .preprocess import PreprocessConfig, preprocess
 from .sampler import ResumableBatchSampler
 from .shards import ShardDataset, load_index, load_tokenizer
-from .sources import Datasets, build_datasets, tokenizer_for
+from .sources import Datasets, build_datasets, build_eval_dataset, tokenizer_for
 from .streaming import StreamingTextDataset
-from .tokenizer import SPECIAL_TOKENS, ByteTokenizer, HFTokenizer
+from .tokenizer import SPECIAL_TOKENS, ByteTokenizer, HFTokenizer, tokenizer_id
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -21,6 +21,7 @@ __all__ = [
     "StreamingTextDataset",
     "TokenWindowDataset",
     "build_datasets",
+    "build_eval_dataset",
     "corpus_fingerprint",
     "embedded_corpus",
     "load_index",
@@ -29,4 +30,5 @@ __all__ = [
     "read_text_files",
     "split_documents",
     "tokenizer_for",
+    "tokenizer_id",
 ]

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..errors import BitNetError, ConfigError
-from .tokenizer import ByteTokenizer, HFTokenizer
+from .tokenizer import EOS_NAMES, ByteTokenizer, HFTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,12 @@ class PreprocessConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"preprocess.{name}", v, "a positive integer")
+        if self.tokenizer == "bpe" and not set(EOS_NAMES) & set(self.special_tokens):
+            raise ConfigError(
+                "preprocess.special_tokens",
+                self.special_tokens,
+                f"a list that includes an end-of-text token ({', '.join(EOS_NAMES)})",
+            )
         if self.tokenizer == "bpe" and self.vocab_size < 256 + len(self.special_tokens):
             raise ConfigError(
                 "preprocess.vocab_size",
@@ -292,7 +298,22 @@ def preprocess(cfg: PreprocessConfig, progress=None) -> dict:
     out = os.path.abspath(cfg.output)
     if os.path.exists(out) and not os.path.isdir(out):
         raise BitNetError(f"output {cfg.output!r} is a file, not a directory")
+    for f in files:
+        if os.path.commonpath([os.path.abspath(f), out]) == out:
+            raise BitNetError(
+                f"input {f!r} lies inside the output {cfg.output!r}: choose another output"
+            )
     fingerprint = _fingerprint(cfg, files)
+    if (
+        os.path.isdir(out)
+        and os.listdir(out)
+        and not os.path.isfile(os.path.join(out, "index.json"))
+    ):
+        # --overwrite replaces shards, never a directory of other files.
+        raise BitNetError(
+            f"output {cfg.output!r} is a non-empty directory that holds no shards: choose "
+            "another output (--overwrite only replaces earlier shards)"
+        )
     if os.path.isdir(out) and os.listdir(out) and not cfg.overwrite:
         same = False
         index_path = os.path.join(out, "index.json")
@@ -352,6 +373,7 @@ def _preprocess_into(
                 f"tokenizer {cfg.tokenizer!r} does not exist (byte, bpe or a tokenizer.json)"
             )
         else:
+            HFTokenizer(cfg.tokenizer)  # a broken file is reported under its own name
             shutil.copyfile(cfg.tokenizer, tok_path)
         tok = HFTokenizer(tok_path)
         tok_hash = _file_hash(tok_path)

@@ -96,7 +96,7 @@ class IterableBatches:
                 self.dataset, batch_size=self.batch_size, drop_last=True, num_workers=self.workers
             )
             produced = 0
-            for i, batch in enumerate(loader):
+            for i, batch in enumerate(_one_line_errors(loader)):
                 if i < self.batch:
                     continue  # replaying up to the saved position
                 produced += 1
@@ -110,7 +110,26 @@ class IterableBatches:
             self.epoch, self.batch = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch}
+        return {"epoch": self.epoch, "batch": self.batch, "workers": self.workers}
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("workers", self.workers)
+        if saved != self.workers:  # the order of batches depends on the worker count
+            raise BitNetError(
+                f"the checkpoint streamed with training.dataloader_workers={saved}, this run "
+                f"has {self.workers}: resuming a stream needs the same number"
+            )
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+
+def _one_line_errors(loader):
+    """Iterate `loader`; a BitNetError raised in a DataLoader worker arrives wrapped in a
+    multi-line report: re-raise it as the one-line error it was."""
+    try:
+        yield from loader
+    except BitNetError as e:
+        text = str(e)
+        marker = "BitNetError: "
+        raise BitNetError(
+            text[text.rfind(marker) + len(marker) :].strip() if marker in text else text
+        ) from None

@@ -81,9 +81,12 @@ class ShardDataset(EpochAware, Dataset):
         self.dtype = np.dtype(index["dtype"])
         self.files = [os.path.join(directory, s["file"]) for s in sp["shards"]]
         sizes = [s["tokens"] for s in sp["shards"]]
-        for f, n in zip(self.files, sizes, strict=True):
+        for f, shard in zip(self.files, sp["shards"], strict=True):
+            n, idx = shard["tokens"], f[: -len(".bin")] + ".idx"
             if not os.path.isfile(f) or os.path.getsize(f) != n * self.dtype.itemsize:
                 raise BitNetError(f"shard {f!r} is missing or truncated (expected {n} tokens)")
+            if not os.path.isfile(idx) or os.path.getsize(idx) != 8 * shard["documents"]:
+                raise BitNetError(f"shard index {idx!r} is missing or truncated")
         self.bounds = np.cumsum([0, *sizes])
         self.num_tokens = int(self.bounds[-1])
         self.bytes_per_token = sp["bytes"] / max(1, self.num_tokens)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import BitNetError
+from ..errors import BitNetError, ConfigError
 from .augment import AugmentedDataset
 from .corpus import Document, corpus_fingerprint, embedded_corpus, split_documents
 from .dataset import TokenWindowDataset, read_text_files
@@ -61,6 +61,19 @@ def build_datasets(config: DataConfig, tokenizer, seed: int = 0) -> Datasets:
     """Read, split and tokenize the text `config` names (shards are memory-mapped, already
     tokenized and split), with `config.augment` on the training set. Too little training
     text for one window is a `BitNetError`."""
+    if config.source in ("files", "stream") and not config.train_files:
+        raise ConfigError(
+            "data.train_files",
+            config.train_files,
+            f"at least one file when data.source is {config.source}",
+        )
+    mask = config.augment.mask_token_id
+    if mask is not None and not 0 <= mask < tokenizer.vocab_size:
+        raise ConfigError(
+            "data.augment.mask_token_id",
+            mask,
+            f"a token id of the tokenizer (0..{tokenizer.vocab_size - 1})",
+        )
     data = _build(config, tokenizer, seed)
     if config.augment.enabled:
         fill = (
@@ -68,6 +81,28 @@ def build_datasets(config: DataConfig, tokenizer, seed: int = 0) -> Datasets:
         )
         data.train = AugmentedDataset(data.train, config.augment, fill, fill, seed)
     return data
+
+
+def documents_of(paths: list[str], jsonl_field: str = "text") -> list[Document]:
+    """Documents of text / JSON lines / .gz files, directories or globs, read into memory."""
+    counts = {"invalid_utf8_replaced": 0, "invalid_utf8_skipped": 0, "empty_documents": 0}
+    return [
+        Document(f"{p}:{i}", t)
+        for p in expand_inputs(paths)
+        for i, t in enumerate(iter_documents(p, jsonl_field, "error", counts))
+    ]
+
+
+def build_eval_dataset(config: DataConfig, tokenizer) -> TokenWindowDataset | None:
+    """The validation set `config` describes: its `val_files` (any source), else the source's
+    own validation split; None when there is none."""
+    if config.val_files:
+        docs = documents_of(config.val_files, config.jsonl_field)
+        val = TokenWindowDataset.from_documents(docs, tokenizer, config.seq_len)
+        return val if len(val) else None
+    if config.source in ("files", "stream"):
+        return None  # their validation text is val_files (or a split of train_files)
+    return build_datasets(config, tokenizer).val
 
 
 def _stream_datasets(config: DataConfig, tokenizer, seed: int) -> Datasets:
@@ -81,16 +116,11 @@ def _stream_datasets(config: DataConfig, tokenizer, seed: int) -> Datasets:
     )
     val = None
     if config.val_files:
-        counts = {"invalid_utf8_replaced": 0, "invalid_utf8_skipped": 0, "empty_documents": 0}
-        docs = [
-            Document(f"{p}:{i}", t)
-            for p in expand_inputs(config.val_files)
-            for i, t in enumerate(iter_documents(p, config.jsonl_field, "error", counts))
-        ]
+        docs = documents_of(config.val_files, config.jsonl_field)
         val = TokenWindowDataset.from_documents(docs, tokenizer, config.seq_len) if docs else None
     info = {
         "source": "stream",
-        "fingerprint": None,
+        "fingerprint": train.fingerprint,
         "train_files": len(train.files),
         "train_tokens": 0,
         "val_tokens": len(val.tokens) if val is not None else 0,

@@ -3,6 +3,9 @@ divides the documents among DataLoader workers and distributed ranks."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
 import random
 from collections.abc import Iterator
 
@@ -62,6 +65,20 @@ class StreamingTextDataset(EpochAware, IterableDataset):
             raise BitNetError(f"rank {self.rank} is outside world_size {self.world_size}")
         self.epoch = 0
         self.pad_id = getattr(tokenizer, "pad_token_id", None) or tokenizer.eos_token_id
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """The inputs (path, size, mtime) and settings: the Trainer refuses to resume a
+        stream on anything else."""
+        h = hashlib.sha256()
+        for f in self.files:
+            st = os.stat(f)
+            h.update(f"{os.path.abspath(f)}:{st.st_size}:{st.st_mtime_ns}\0".encode())
+        h.update(
+            f"{self.seq_len}:{self.seed}:{self.shuffle_buffer}:{self.jsonl_field}:"
+            f"{self.rank}:{self.world_size}".encode()
+        )
+        return h.hexdigest()[:16]
 
     def documents(self, stream: int, num_streams: int) -> Iterator[str]:
         """The documents of stream `stream` out of `num_streams` (every k-th document)."""

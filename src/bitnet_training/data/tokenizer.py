@@ -5,6 +5,8 @@ from __future__ import annotations
 from ..errors import BitNetError
 
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>")
+# Names a `tokenizer.json` may give its end-of-text token, in order of preference.
+EOS_NAMES = ("<|endoftext|>", "</s>", "<|eos|>", "<eos>")
 
 
 class ByteTokenizer:
@@ -60,7 +62,7 @@ class HFTokenizer:
     `encode_batch` for preprocessing. `transformers.PreTrainedTokenizerFast(tokenizer_file=...)`
     loads the same file."""
 
-    eos_names = ("<|endoftext|>", "</s>", "<|eos|>", "<eos>")
+    eos_names = EOS_NAMES
 
     def __init__(self, path: str):
         from tokenizers import Tokenizer
@@ -93,3 +95,17 @@ class HFTokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
+
+
+def tokenizer_id(tokenizer) -> str:
+    """Names a tokenizer's vocabulary: `byte`, or `hf:` and a hash of its `tokenizer.json`.
+    Checkpoints store it, so a model is never evaluated or resumed under another one."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return "byte"
+    path = getattr(tokenizer, "path", None)
+    if path is None:
+        return type(tokenizer).__name__
+    import hashlib
+
+    with open(path, "rb") as f:
+        return "hf:" + hashlib.sha256(f.read()).hexdigest()[:16]

@@ -108,13 +108,35 @@ class ModelConfig:
 
 PRESETS: dict[str, dict] = {
     # 256 byte tokens + special tokens, padded to a multiple of 64.
-    "tiny": dict(vocab_size=320, hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
-                 num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024),
-    "small": dict(vocab_size=320, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
-                  num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048),
+    "tiny": dict(
+        vocab_size=320,
+        hidden_size=384,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    ),
+    "small": dict(
+        vocab_size=320,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+    ),
     # microsoft/bitnet-b1.58-2B-4T's config.json.
-    "2b4t": dict(vocab_size=128256, hidden_size=2560, intermediate_size=6912,
-                 num_hidden_layers=30, num_attention_heads=20, num_key_value_heads=5,
-                 max_position_embeddings=4096, tie_word_embeddings=True,
-                 bos_token_id=128000, eos_token_id=128001),
-}  # fmt: skip
+    "2b4t": dict(
+        vocab_size=128256,
+        hidden_size=2560,
+        intermediate_size=6912,
+        num_hidden_layers=30,
+        num_attention_heads=20,
+        num_key_value_heads=5,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
+}

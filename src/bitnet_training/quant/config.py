@@ -210,6 +210,11 @@ class QATConfig:
         )
         for name in ("activation_per_channel", "online_calibration", "learnable_scales"):
             need(name, isinstance(getattr(self, name), bool), "true or false")
+        need(
+            "activation_per_channel",
+            not self.activation_per_channel or obs is not None,
+            "false unless activation_observer is set (dynamic activations are per token)",
+        )
         m = self.observer_momentum
         need("observer_momentum", isinstance(m, int | float) and 0 < m <= 1, "a number in (0, 1]")
         pc = self.observer_percentile

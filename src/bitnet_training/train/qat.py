@@ -87,6 +87,16 @@ class QATControl(Callback):
     def on_log(self, trainer, logs):
         logs.update(self.current())
 
+    def on_train_end(self, trainer, result):
+        if self.tightening(trainer) and not result.interrupted:
+            log.warning(
+                "quantization had not finished its schedule when training ended (weight lambda "
+                "%.2f, schedule step %d of a longer schedule): the saved model is not fully "
+                "quantized",
+                self.current().get("qat_weight_lambda", 1.0),
+                self.schedule_step(trainer),
+            )
+
     def state_dict(self):
         step = self.trainer.state.step if self.trainer else 0
         return {"step": step, "held_steps": self.held_steps, **self.current()}

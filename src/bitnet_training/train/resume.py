@@ -40,6 +40,7 @@ def snapshot(trainer: Trainer, rng_json: dict) -> dict:
         "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
         "rng": rng_json,
         "precision": trainer.precision,
+        "optimizer": type(trainer.optimizer).__name__,
         "config": c.to_dict(),
     }
 
@@ -59,6 +60,12 @@ def restore(trainer: Trainer, ckpt: str, st: dict) -> str:
         raise BitNetError(
             f"checkpoint {ckpt!r} was trained on other data (fingerprint "
             f"{data['fingerprint']}, this run's is {ours}): resuming needs the same data"
+        )
+    saved_opt, ours_opt = st.get("optimizer"), type(trainer.optimizer).__name__
+    if saved_opt is not None and saved_opt != ours_opt:
+        raise BitNetError(
+            f"checkpoint {ckpt!r} was trained with {saved_opt}, this run uses {ours_opt}: "
+            "resuming needs the same optimizer"
         )
     ckpt_io.load_model_weights(trainer.model, ckpt)
     opt = ckpt_io.load_optimizer_state(ckpt)

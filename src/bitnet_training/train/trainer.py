@@ -365,6 +365,7 @@ class Trainer:
             t_log = time.perf_counter()
             while s.step < self.total_steps and not s.should_stop and not self._stop.received:
                 self._call("on_step_begin")
+                lr_used = self.optimizer.param_groups[0]["lr"]  # after callbacks set it
                 micro = [self._next_batch(batches) for _ in range(c.gradient_accumulation_steps)]
                 loss, norm, ntok = self._train_step(micro)
                 s.step += 1
@@ -378,7 +379,7 @@ class Trainer:
                         "step": s.step,
                         "epoch": self.sampler.epoch,
                         "loss": float(torch.stack(window_loss).mean()),
-                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "lr": lr_used,
                         "grad_norm": float(norm),
                         "tokens_per_s": float(sum(window_tok)) / max(now - t_log, 1e-9),
                         "tokens_seen": s.tokens_seen,
