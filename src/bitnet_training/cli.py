@@ -227,7 +227,8 @@ def _prepare_output_dir(out: str, resume: str | None, overwrite: bool) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise BitNetError(f"training.output_dir {out!r} is a file, not a directory")
     existing = list_checkpoints(out)
-    used = existing or os.path.exists(os.path.join(out, "metrics.jsonl"))
+    logs = os.path.join(out, "metrics.jsonl")
+    used = existing or (os.path.isfile(logs) and os.path.getsize(logs) > 0)  # a run that logged
     if used and resume is None and not overwrite:
         what = "checkpoints" if existing else "a previous run's logs (metrics.jsonl)"
         raise BitNetError(
