@@ -298,3 +298,22 @@ def test_augment_with_stream_is_refused(capsys, tmp_path):
         ],
         "data.augment='on' is invalid",
     )
+
+
+def test_options_without_effect_are_refused(capsys, tmp_path):
+    (tmp_path / "a.txt").write_text("text " * 50)
+    _fails(
+        capsys,
+        ["preprocess", tmp_path / "a.txt", "-o", tmp_path / "o", "--vocab-size", "500"],
+        "apply to --tokenizer bpe only",
+    )
+    _fails(
+        capsys,
+        [
+            "train",
+            "quantize=false",
+            "training.optimizer.name=qat_adamw",
+            "training.optimizer.latent_clip=2",
+        ],
+        "latent_clip=2.0 is invalid",
+    )

@@ -128,11 +128,11 @@ def _parser() -> argparse.ArgumentParser:
         default="byte",
         help="byte (default), bpe (trained on the inputs) or a tokenizer.json",
     )
-    pp.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size")
+    pp.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (8192)")
     pp.add_argument(
         "--special-tokens",
-        default="<|endoftext|>",
-        help="comma-separated BPE special tokens (the first is EOS)",
+        default=None,
+        help="comma-separated BPE special tokens, including an end-of-text token (<|endoftext|>)",
     )
     pp.add_argument("--jsonl-field", default="text", help="the text field of JSON lines")
     pp.add_argument("--invalid-utf8", default="error", choices=("error", "replace", "skip"))
@@ -451,6 +451,10 @@ def cmd_generate(args) -> int:
 
 
 def cmd_preprocess(args) -> int:
+    if args.tokenizer != "bpe" and (args.vocab_size is not None or args.special_tokens is not None):
+        raise BitNetError("--vocab-size and --special-tokens apply to --tokenizer bpe only")
+    args.vocab_size = 8192 if args.vocab_size is None else args.vocab_size
+    args.special_tokens = args.special_tokens or "<|endoftext|>"
     cfg = PreprocessConfig(
         inputs=args.inputs,
         output=args.output,

@@ -137,6 +137,13 @@ class RunConfig:
         t = self.qat_tuner
         if t is not None and not (isinstance(t, int | float) and t >= 0):
             raise ConfigError("qat_tuner", t, "a relative threshold >= 0 or None (off)")
+        lc = self.training.optimizer.latent_clip
+        if lc is not None and not self.quantize:
+            raise ConfigError(
+                "training.optimizer.latent_clip",
+                lc,
+                "None when quantize is false (there are no quantized weights)",
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
