@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from bitnet_training.cli import main
 
@@ -312,3 +313,59 @@ def test_preprocess_then_train_on_shards_and_stream(tmp_path, capsys):
     bad.write_text('{"text": "ok"}\n{"other": 1}\n')
     code, _, err = run(capsys, "preprocess", bad, "-o", tmp_path / "o", "--no-progress")
     assert code == 2 and "bad.jsonl:2: no 'text' field" in err
+
+
+def test_init_from_converts_a_full_precision_run(tmp_path, capsys, corpus):
+    from safetensors.torch import load_file
+
+    fp = tmp_path / "fp"
+    code, _, err = run(
+        capsys,
+        "train",
+        "--no-progress",
+        *MICRO,
+        *corpus,
+        "quantize=false",
+        "training.max_steps=3",
+        f"training.output_dir={fp}",
+    )
+    assert code == 0, err
+    # One step of SGD at a learning rate far below float32 resolution leaves the weights
+    # as loaded: the converted run starts exactly from the full-precision weights.
+    frozen = [
+        "training.optimizer.name=sgd",
+        "training.optimizer.momentum=0",
+        "training.optimizer.weight_decay=0",
+        "training.learning_rate=1e-30",
+        "training.gradient_clip_norm=null",
+        "training.max_steps=1",
+    ]
+    out = tmp_path / "q"
+    code, _, err = run(
+        capsys,
+        "train",
+        "--no-progress",
+        *MICRO,
+        *corpus,
+        *frozen,
+        f"init_from={fp}",
+        "qat.weight_schedule.end_step=100",
+        "qat.activation_observer=ema",
+        f"training.output_dir={out}",
+    )
+    assert code == 0, err
+    a = load_file(str(fp / "checkpoint-00000003" / "model.safetensors"))
+    b = load_file(str(out / "checkpoint-00000001" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    code, _, err = run(
+        capsys,
+        "train",
+        "--no-progress",
+        *MICRO,
+        *corpus,
+        "training.max_steps=1",
+        "model.num_hidden_layers=3",
+        f"init_from={fp}",
+        f"training.output_dir={tmp_path / 'bad'}",
+    )
+    assert code == 2 and "does not fit this model" in err

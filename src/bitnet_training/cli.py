@@ -263,6 +263,8 @@ def _absolute_paths(cfg: RunConfig) -> None:
     d.val_files = [os.path.abspath(f) for f in d.val_files]
     if d.shards_dir:
         d.shards_dir = os.path.abspath(d.shards_dir)
+    if cfg.init_from:
+        cfg.init_from = os.path.abspath(cfg.init_from)
 
 
 def _check_tokenizer(path: str, tokenizer) -> None:
@@ -325,6 +327,15 @@ def cmd_train(args) -> int:
             f"{data.info['fingerprint']}, {time.perf_counter() - t0:.1f} s)"
         ]
     model = build_model(cfg)
+    if cfg.init_from and args.resume is None:
+        init = ckpt_io.resolve_checkpoint(cfg.init_from)
+        _check_tokenizer(init, tokenizer)
+        # Quantizer state (observer ranges, LSQ scales) starts afresh: a full-precision
+        # checkpoint has none.
+        ckpt_io.load_model_weights(
+            model, init, may_miss=lambda k: "act_observer." in k or "act_scale" in k
+        )
+        about.append(f"init: weights from {init}")
     n = sum(p.numel() for p in model.parameters())
     about.append(
         f"model: {cfg.model_preset}, {n / 1e6:.2f} M parameters, "

@@ -120,7 +120,8 @@ class RunConfig:
     log step of a quantized run. `stages` (a list of `TrainingStage`: steps, name, lr_factor,
     qat overrides) runs the training in stages; `qat_tuner` (a relative threshold, e.g. 0.05)
     holds progressive quantization while the validation loss is that much worse than its
-    best."""
+    best. `init_from` (a checkpoint or run directory) starts the model from those weights,
+    with a fresh optimizer and schedule: how a trained full-precision run is converted."""
 
     model_preset: str = "tiny"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -132,6 +133,7 @@ class RunConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     stages: list[TrainingStage] = field(default_factory=list)
     qat_tuner: float | None = None
+    init_from: str = ""
 
     def __post_init__(self):
         t = self.qat_tuner

@@ -194,9 +194,10 @@ def read_metadata(ckpt: str) -> dict:
     return meta
 
 
-def load_model_weights(model: torch.nn.Module, ckpt: str) -> None:
+def load_model_weights(model: torch.nn.Module, ckpt: str, may_miss=None) -> None:
     """Load `model.safetensors` of `ckpt` into `model`; a checkpoint of another architecture
-    (missing, unexpected or differently shaped tensors) is a one-line `BitNetError`."""
+    (missing, unexpected or differently shaped tensors) is a one-line `BitNetError`.
+    `may_miss(name)` names tensors the checkpoint may lack (they keep their values)."""
     path = os.path.join(ckpt, MODEL_FILE)
     if not os.path.isfile(path):
         raise BitNetError(f"checkpoint {ckpt!r} has no {MODEL_FILE}")
@@ -207,6 +208,8 @@ def load_model_weights(model: torch.nn.Module, ckpt: str) -> None:
     except RuntimeError as e:  # shape mismatch from load_state_dict
         first = str(e).strip().splitlines()[-1].strip()
         raise BitNetError(f"checkpoint {ckpt!r} does not fit this model: {first}") from None
+    if may_miss is not None:
+        missing = [k for k in missing if not may_miss(k)]
     if missing or unexpected:
         parts = []
         if missing:
