@@ -57,14 +57,11 @@ class ModelConfig:
                     f"a divisor of hidden_size ({self.hidden_size}) unless head_dim is set",
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if (
-            not isinstance(self.head_dim, int)
-            or isinstance(self.head_dim, bool)
-            or self.head_dim < 2
-        ):
-            raise ConfigError("model.head_dim", self.head_dim, "a positive even integer or None")
-        if self.head_dim % 2:
-            raise ConfigError("model.head_dim", self.head_dim, "an even number (rotary pairs)")
+        hd = self.head_dim
+        if not isinstance(hd, int) or isinstance(hd, bool) or hd < 2 or hd % 2:
+            raise ConfigError(
+                "model.head_dim", hd, "a positive even integer (rotary pairs) or None"
+            )
         if not self.rms_norm_eps > 0:
             raise ConfigError("model.rms_norm_eps", self.rms_norm_eps, "a positive number")
         if not self.rope_theta > 0:
@@ -108,35 +105,13 @@ class ModelConfig:
 
 PRESETS: dict[str, dict] = {
     # 256 byte tokens + special tokens, padded to a multiple of 64.
-    "tiny": dict(
-        vocab_size=320,
-        hidden_size=384,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    ),
-    "small": dict(
-        vocab_size=320,
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=8,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-    ),
+    "tiny": dict(vocab_size=320, hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
+                 num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024),
+    "small": dict(vocab_size=320, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                  num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048),
     # microsoft/bitnet-b1.58-2B-4T's config.json.
-    "2b4t": dict(
-        vocab_size=128256,
-        hidden_size=2560,
-        intermediate_size=6912,
-        num_hidden_layers=30,
-        num_attention_heads=20,
-        num_key_value_heads=5,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        bos_token_id=128000,
-        eos_token_id=128001,
-    ),
-}
+    "2b4t": dict(vocab_size=128256, hidden_size=2560, intermediate_size=6912,
+                 num_hidden_layers=30, num_attention_heads=20, num_key_value_heads=5,
+                 max_position_embeddings=4096, tie_word_embeddings=True,
+                 bos_token_id=128000, eos_token_id=128001),
+}  # fmt: skip

@@ -404,17 +404,9 @@ class BitLinear(nn.Linear):
                 and _int_mm_supported(n, self.in_features, self.out_features, x.device)
             )
             return _FusedBitLinear.apply(
-                x,
-                self.weight,
-                self.bias,
-                w_q,
-                codes_t,
-                scale_row,
-                mask,
-                int(a_spec.bits),
-                use_int,
-                dt,
-            )
+                x, self.weight, self.bias, w_q, codes_t, scale_row, mask,
+                int(a_spec.bits), use_int, dt,
+            )  # fmt: skip
         if static_a:
             x_q = self._static_activations(x, int(a_spec.bits))
             x = x + self.activation_blend * (x_q - x) if blend_a else x_q

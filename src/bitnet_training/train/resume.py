@@ -35,7 +35,9 @@ def snapshot(trainer: Trainer, rng_json: dict) -> dict:
             "dataset": data.state_dict() if hasattr(data, "state_dict") else None,
         },
         "callbacks": {
-            cb.key: cb.state_dict() for cb in trainer.callbacks if cb.state_dict() is not None
+            k: v
+            for k, v in ((cb.key, cb.state_dict()) for cb in trainer.callbacks)
+            if v is not None
         },
         "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
         "rng": rng_json,
