@@ -37,7 +37,7 @@ SEQ, BATCH = 256, 16
 
 def training_tokens_per_s(steps: int = 4) -> float:
     torch.manual_seed(0)
-    model = BitNetLM("tiny")
+    model = BitNetLM.bitnet("tiny")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(0, 256, (BATCH, SEQ))
     times = []

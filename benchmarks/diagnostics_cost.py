@@ -16,7 +16,7 @@ import time
 import torch
 
 from bitnet_training import BitNetLM
-from bitnet_training.train import TernaryDiagnostics
+from bitnet_training.nn import TernaryDiagnostics
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=10)
     args = ap.parse_args()
     torch.manual_seed(0)
-    model = BitNetLM("tiny")
+    model = BitNetLM.bitnet("tiny")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(0, 256, (16, 256))
     diag = TernaryDiagnostics()

@@ -62,8 +62,8 @@ def _swap_linears(model: nn.Module, make) -> None:
 def build(variant: str, cfg: ModelConfig) -> nn.Module:
     torch.manual_seed(0)
     if variant == "ours":
-        return BitNetLM(cfg)
-    model = BitNetLM(cfg, qat=False)
+        return BitNetLM.bitnet(cfg)
+    model = BitNetLM(cfg)
     if variant == "reference":
         _swap_linears(model, lambda m: ReferenceBitLinear(m.in_features, m.out_features, False))
     elif variant == "hf":

@@ -28,9 +28,10 @@ import time
 import torch
 
 from bitnet_training import BitNetLM, QATConfig, Trainer, TrainingConfig
-from bitnet_training.config import DataConfig
 from bitnet_training.data import ByteTokenizer, build_datasets
-from bitnet_training.train import QATControl, SchedulerConfig
+from bitnet_training.data.config import DataConfig
+from bitnet_training.nn import QATControl
+from bitnet_training.optim import SchedulerConfig
 
 
 def recipes(steps: int) -> dict[str, QATConfig | None]:
@@ -73,7 +74,7 @@ def main() -> None:
         )
 
     torch.manual_seed(0)
-    fp = BitNetLM("tiny", qat=False)
+    fp = BitNetLM("tiny")
     t0 = time.perf_counter()
     pre = Trainer(
         fp,
@@ -91,7 +92,7 @@ def main() -> None:
 
     rows = []
     for name, qat in recipes(args.steps).items():
-        model = BitNetLM("tiny", qat=qat or False)
+        model = BitNetLM.bitnet("tiny", qat) if qat else BitNetLM("tiny")
         model.load_state_dict(weights)
         sched = SchedulerConfig("cosine", warmup_steps=10, eta_min=1e-4)
         cfg = config(name.split()[0].strip("()"), args.steps, 1e-3, sched)

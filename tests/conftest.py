@@ -21,11 +21,14 @@ MICRO_MODEL = dict(
 
 @pytest.fixture
 def micro_model():
-    from bitnet_training import BitNetLM, ModelConfig
+    from bitnet_training import BitNetLM, ModelConfig, QATConfig, quantize_model
 
     def make(qat=True, seed=0):
         torch.manual_seed(seed)
-        return BitNetLM(ModelConfig(**MICRO_MODEL), qat=qat)
+        model = BitNetLM(ModelConfig(**MICRO_MODEL))
+        if qat:
+            quantize_model(model, QATConfig() if qat is True else qat)
+        return model
 
     return make
 

@@ -121,7 +121,10 @@ def test_print_config(capsys):
         (["training.learning_rate=-1"], "training.learning_rate=-1.0 is invalid"),
         (["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
         (["data.source=files", "data.train_files=missing.txt"], "missing.txt' does not exist"),
-        (["model.vocab_size=100"], "the tokenizer has 259 tokens but model.vocab_size is 100"),
+        (
+            ["model.vocab_size=100"],
+            "the tokenizer has 259 tokens but the model's vocabulary has 100",
+        ),
     ],
 )
 def test_user_errors_exit_2_with_one_line(capsys, tmp_path, args, message):
@@ -213,11 +216,13 @@ def test_qat_in_depth_from_yaml(tmp_path, capsys, corpus):
         "  quant_noise: 0.5\n"
         "  activation_observer: ema\n"
         "  calibration_samples: 8\n"
+        "  latent_clip: 3.0\n"
+        "  weight_decay_on: linear\n"
         "stages:\n"
         "  - {name: warm, steps: 4}\n"
         "  - {name: main, steps: 4, lr_factor: 0.5}\n"
         "qat_tuner: 0.05\n"
-        "training: {optimizer: {name: qat_adamw, latent_clip: 3.0}, agc_clip_factor: 0.1,\n"
+        "training: {optimizer: {name: adamw}, agc_clip_factor: 0.1,\n"
         "           scheduler: wsd, eval_every: 4}\n"
     )
     out_dir = tmp_path / "run"

@@ -13,39 +13,18 @@ after saving its checkpoint.
 from __future__ import annotations
 
 import argparse
-import glob
 import logging
 import math
 import os
-import shutil
 import sys
-import time
 
 import torch
 
-from . import __version__
-from .config import RunConfig, apply_override, config_from_dict, load_config
-from .data import (
-    PreprocessConfig,
-    build_datasets,
-    build_eval_dataset,
-    preprocess,
-    tokenizer_for,
-    tokenizer_id,
-)
+from . import __version__, recipe
+from .config import load_config
+from .data import PreprocessConfig, build_eval_dataset, preprocess
 from .errors import BitNetError
-from .models import BitNetLM
-from .train import (
-    Callback,
-    MultiStage,
-    ProgressBar,
-    QATControl,
-    QuantizationTuner,
-    TernaryDiagnostics,
-    Trainer,
-    list_checkpoints,
-)
-from .train import checkpoint as ckpt_io
+from .train import Trainer
 
 log = logging.getLogger("bitnet_training")
 
@@ -158,37 +137,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------ helpers
-def build_model(cfg: RunConfig) -> BitNetLM:
-    """The model a run config describes (BitNet b1.58 with `cfg.qat`, or full precision
-    when `quantize` is false), initialized under `training.seed`."""
-    torch.manual_seed(cfg.training.seed)
-    return BitNetLM(cfg.model, qat=cfg.qat if cfg.quantize else False)
-
-
-def _check_vocab(cfg: RunConfig, tokenizer) -> None:
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise BitNetError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
-            f"{cfg.model.vocab_size}: set model.vocab_size >= {tokenizer.vocab_size}"
-        )
-
-
-def load_run(path: str, overrides: list[str] = ()) -> tuple[RunConfig, BitNetLM, str]:
-    """The run config (with `overrides`), model and checkpoint directory of `path`."""
-    ckpt = ckpt_io.resolve_checkpoint(path)
-    ckpt_io.read_state(ckpt)  # checks the format version
-    meta = ckpt_io.read_metadata(ckpt)
-    data = meta.get("run_config")
-    if not isinstance(data, dict):
-        raise BitNetError(f"checkpoint {ckpt!r} has no run config (not written by bitnet-train)")
-    for item in overrides:
-        apply_override(data, item)
-    cfg = config_from_dict(data)
-    model = build_model(cfg)
-    ckpt_io.load_model_weights(model, ckpt)
-    return cfg, model, ckpt
-
-
 def sample_text(
     model,
     tokenizer,
@@ -221,79 +169,7 @@ def sample_text(
     return tokenizer.decode(out[0])
 
 
-def _prepare_output_dir(out: str, resume: str | None, overwrite: bool) -> None:
-    if resume is not None and overwrite:
-        raise BitNetError("--resume and --overwrite exclude each other: choose one")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise BitNetError(f"training.output_dir {out!r} is a file, not a directory")
-    existing = list_checkpoints(out)
-    logs = os.path.join(out, "metrics.jsonl")
-    used = existing or (os.path.isfile(logs) and os.path.getsize(logs) > 0)  # a run that logged
-    if used and resume is None and not overwrite:
-        what = "checkpoints" if existing else "a previous run's logs (metrics.jsonl)"
-        raise BitNetError(
-            f"training.output_dir {out!r} already holds {what}: pass --resume to "
-            "continue, --overwrite to start again, or choose another training.output_dir"
-        )
-    if overwrite and resume is None and os.path.isdir(out):
-        for path in existing + glob.glob(os.path.join(out, ".tmp-checkpoint-*")):
-            shutil.rmtree(path)
-        for name in ("latest", "best", "metrics.jsonl"):
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
-        shutil.rmtree(os.path.join(out, "tensorboard"), ignore_errors=True)
-
-
 # ----------------------------------------------------------------------------- commands
-class _Announce(Callback):
-    order = -100
-
-    def __init__(self, lines: list[str]):
-        self.lines = lines
-
-    def on_train_begin(self, trainer):
-        for line in self.lines:
-            log.info("%s", line)
-
-
-def _absolute_paths(cfg: RunConfig) -> None:
-    """Data paths as absolute paths, so a run's stored config works from anywhere."""
-    d = cfg.data
-    d.train_files = [os.path.abspath(f) for f in d.train_files]
-    d.val_files = [os.path.abspath(f) for f in d.val_files]
-    if d.shards_dir:
-        d.shards_dir = os.path.abspath(d.shards_dir)
-    if cfg.init_from:
-        cfg.init_from = os.path.abspath(cfg.init_from)
-
-
-def _check_tokenizer(path: str, tokenizer) -> None:
-    """Refuse to use a checkpoint under another tokenizer than the one it was trained with."""
-    ckpt = ckpt_io.resolve_checkpoint(path)
-    saved = ckpt_io.read_metadata(ckpt).get("tokenizer_id")
-    ours = tokenizer_id(tokenizer)
-    if saved is not None and saved != ours:
-        raise BitNetError(
-            f"checkpoint {ckpt!r} was trained with tokenizer {saved}, this data uses {ours}: "
-            "evaluate and resume with data of the same tokenizer"
-        )
-
-
-def _check_resumable(cfg: RunConfig, resume: str) -> None:
-    """Refuse a resume whose checkpoint was trained as another kind of model."""
-    ckpt = ckpt_io.resolve_checkpoint(cfg.training.output_dir if resume == "latest" else resume)
-    old = ckpt_io.read_metadata(ckpt).get("run_config")
-    if not isinstance(old, dict):
-        return  # not written by the CLI: the Trainer's own checks still apply
-    if old.get("quantize") != cfg.quantize:
-        raise BitNetError(
-            f"checkpoint {ckpt!r} was trained with quantize={str(old.get('quantize')).lower()}; "
-            f"this run has quantize={str(cfg.quantize).lower()}"
-        )
-    if old.get("qat") != cfg.to_dict()["qat"] and cfg.quantize:
-        log.warning("resuming with QAT settings that differ from the checkpoint's")
-
-
 def cmd_train(args) -> int:
     if args.resume is not None and "=" in args.resume and not os.path.exists(args.resume):
         # `--resume key=value`: the override was taken for the optional checkpoint path.
@@ -305,77 +181,18 @@ def cmd_train(args) -> int:
         return 0
     if not cfg.quantize and (cfg.stages or cfg.qat_tuner is not None):
         raise BitNetError("stages and qat_tuner need quantize=true")
-    _absolute_paths(cfg)
-    out = cfg.training.output_dir
-    _prepare_output_dir(out, args.resume, args.overwrite)
-    if args.resume is not None:
-        _check_resumable(cfg, args.resume)
-    tokenizer = tokenizer_for(cfg.data)
-    _check_vocab(cfg, tokenizer)
-    if args.resume is not None:
-        _check_tokenizer(
-            cfg.training.output_dir if args.resume == "latest" else args.resume, tokenizer
-        )
-    t0 = time.perf_counter()
-    data = build_datasets(cfg.data, tokenizer, cfg.training.seed)
-    if cfg.data.source == "stream":
-        about = [f"data: streaming {data.info['train_files']} files (read lazily)"]
-    else:
-        about = [
-            f"data: {data.info['source']}, {data.info['train_tokens']} training and "
-            f"{data.info['val_tokens']} validation tokens (fingerprint "
-            f"{data.info['fingerprint']}, {time.perf_counter() - t0:.1f} s)"
-        ]
-    model = build_model(cfg)
-    if cfg.init_from and args.resume is None:
-        init = ckpt_io.resolve_checkpoint(cfg.init_from)
-        _check_tokenizer(init, tokenizer)
-        # Quantizer state (observer ranges, LSQ scales) starts afresh: a full-precision
-        # checkpoint has none.
-        ckpt_io.load_model_weights(
-            model, init, may_miss=lambda k: "act_observer." in k or "act_scale" in k
-        )
-        about.append(f"init: weights from {init}")
-    n = sum(p.numel() for p in model.parameters())
-    about.append(
-        f"model: {cfg.model_preset}, {n / 1e6:.2f} M parameters, "
-        + ("BitNet b1.58 QAT" if cfg.quantize else "full precision")
-    )
-    # Said once training starts (after a resume is checked), so an error stays one line.
-    callbacks = [_Announce(about)] + ([] if args.no_progress else [ProgressBar()])
-    if cfg.quantize:
-        callbacks.append(QATControl())
-        if cfg.stages:
-            callbacks.append(MultiStage(cfg.stages, cfg.qat))
-        if cfg.qat_tuner is not None:
-            callbacks.append(QuantizationTuner(cfg.qat_tuner))
-        if cfg.diagnostics:
-            callbacks.append(TernaryDiagnostics())
-    metadata = {
-        "run_config": cfg.to_dict(),
-        "data": data.info,
-        "tokenizer_id": tokenizer_id(tokenizer),
-    }
-    trainer = Trainer(model, cfg.training, data.train, data.val, callbacks, metadata)
-    result = trainer.train(resume_from=args.resume)
-    _print_summary(cfg, result, data, model, tokenizer)
+    run, result = recipe.train(cfg, args.resume, args.overwrite, progress=not args.no_progress)
+    _print_summary(run, result)
     if result.interrupted:
         return 128 + (result.signal or 2)
     return 0
 
 
-def _print_summary(cfg, result, data, model, tokenizer) -> None:
+def _print_summary(run: recipe.Run, result) -> None:
+    cfg, data, model, tokenizer = run.config, run.data, run.model, run.tokenizer
     m = result.metrics
     lines = ["", "== summary =="]
-    lines.append(
-        f"model        {cfg.model_preset}, "
-        + (
-            f"BitNet {cfg.qat.weight_bits}-bit weights / "
-            f"{cfg.qat.activation_bits or 'fp'}-bit activations"
-            if cfg.quantize
-            else "full precision"
-        )
-    )
+    lines.append(f"model        {cfg.model_preset}, {recipe.weight_bits_in_force(model)}")
     lines.append(f"device       {result.device}, precision {result.precision}")
     tps = result.tokens_per_s
     lines.append(
@@ -413,10 +230,7 @@ def _print_summary(cfg, result, data, model, tokenizer) -> None:
 
 
 def cmd_eval(args) -> int:
-    cfg, model, ckpt = load_run(args.checkpoint, args.overrides)
-    tokenizer = tokenizer_for(cfg.data)
-    _check_vocab(cfg, tokenizer)
-    _check_tokenizer(ckpt, tokenizer)
+    cfg, model, tokenizer, ckpt = recipe.load_run(args.checkpoint, args.overrides)
     val = build_eval_dataset(cfg.data, tokenizer)
     if val is None:
         hint = (
@@ -439,7 +253,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    cfg, model, ckpt = load_run(args.checkpoint)
+    cfg, model, tokenizer, _ = recipe.load_run(args.checkpoint)
     s = cfg.sample
     prompt = s.prompt if args.prompt is None else args.prompt
     n = s.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
@@ -454,8 +268,6 @@ def cmd_generate(args) -> int:
         raise BitNetError(f"--seed={seed} is invalid: expected an integer >= 0")
     if top_k is not None and top_k < 1:
         raise BitNetError(f"--top-k={top_k} is invalid: expected a positive integer")
-    tokenizer = tokenizer_for(cfg.data)
-    _check_tokenizer(ckpt, tokenizer)
     text = sample_text(model, tokenizer, prompt, n, temperature, top_k, seed)
     sys.stdout.write(text + "\n")
     return 0

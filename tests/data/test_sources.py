@@ -1,8 +1,8 @@
 import pytest
 
 from bitnet_training import BitNetError
-from bitnet_training.config import DataConfig
 from bitnet_training.data import ByteTokenizer, build_datasets
+from bitnet_training.data.config import DataConfig
 
 
 def _files(tmp_path, n):

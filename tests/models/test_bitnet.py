@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bitnet_training import BitNetLM, ModelConfig, QATConfig
+from bitnet_training import BitLinear, BitNetLM, ModelConfig, QATConfig, quantize_model
 from bitnet_training.errors import BitNetError, ConfigError
 
 transformers = pytest.importorskip("transformers")
@@ -53,14 +53,14 @@ def hf_twin(cfg: ModelConfig, ours: BitNetLM, quantized: bool):
 
 def test_parameter_names_equal_transformers():
     cfg = small_config()
-    ours = BitNetLM(cfg)
+    ours = BitNetLM.bitnet(cfg)
     hf = hf_twin(cfg, ours, quantized=False)
     assert list(ours.state_dict()) == list(hf.state_dict())
 
 
 def test_logits_equal_transformers_without_quantization():
     cfg = small_config()
-    ours = BitNetLM(cfg, qat=False).eval()
+    ours = BitNetLM(cfg).eval()
     hf = hf_twin(cfg, ours, quantized=False)
     ids = torch.randint(0, 96, (2, 24))
     # Same math; SDPA vs eager attention sum in a different order: 1e-5.
@@ -70,7 +70,7 @@ def test_logits_equal_transformers_without_quantization():
 @pytest.mark.parametrize("qat", [QATConfig(fused=False), QATConfig()])
 def test_logits_equal_transformers_autobitlinear_online(qat):
     cfg = small_config()
-    ours = BitNetLM(cfg, qat=qat).eval()
+    ours = BitNetLM.bitnet(cfg, qat).eval()
     hf = hf_twin(cfg, ours, quantized=True)
     ids = torch.randint(0, 96, (2, 24))
     # AutoBitLinear's quantizers are wrapped in torch.compile; run them eagerly (same math).
@@ -84,7 +84,7 @@ def test_logits_equal_transformers_autobitlinear_online(qat):
 
 
 def test_forward_backward_and_loss():
-    model = BitNetLM(small_config())
+    model = BitNetLM.bitnet(small_config())
     ids = torch.randint(0, 96, (3, 16))
     out = model(ids, labels=ids)
     assert out.logits.shape == (3, 16, 96)
@@ -98,7 +98,7 @@ def test_forward_backward_and_loss():
 
 
 def test_qat_training_learns_a_sequence():
-    model = BitNetLM(small_config())
+    model = BitNetLM.bitnet(small_config())
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     ids = torch.arange(32).remainder(96).view(1, 32).repeat(4, 1)
     losses = []
@@ -112,7 +112,7 @@ def test_qat_training_learns_a_sequence():
 
 
 def test_generate_cached_equals_uncached_and_greedy():
-    model = BitNetLM(small_config()).double()
+    model = BitNetLM.bitnet(small_config()).double()
     prompt = torch.randint(0, 96, (2, 5))
     a = model.generate(prompt, max_new_tokens=12, use_cache=True)
     b = model.generate(prompt, max_new_tokens=12, use_cache=False)
@@ -124,7 +124,7 @@ def test_generate_cached_equals_uncached_and_greedy():
 
 
 def test_generate_sampling_topk_temperature_eos():
-    model = BitNetLM(small_config())
+    model = BitNetLM.bitnet(small_config())
     prompt = torch.randint(0, 96, (2, 4))
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     s1 = model.generate(prompt, 10, do_sample=True, temperature=0.8, top_k=5, generator=g1)
@@ -170,8 +170,23 @@ def test_tied_embeddings_and_presets():
 
 
 def test_generate_under_inference_mode_equals_no_grad():
-    model = BitNetLM(small_config())
+    model = BitNetLM.bitnet(small_config())
     prompt = torch.randint(0, 96, (1, 4))
     expected = model.generate(prompt, 6)
     with torch.inference_mode():
         assert torch.equal(model.generate(prompt, 6), expected)
+
+
+def test_models_build_plain_linears_and_quantization_is_the_transform():
+    plain = BitNetLM(small_config())
+    assert not any(isinstance(m, BitLinear) for m in plain.modules())
+    torch.manual_seed(0)
+    a = BitNetLM.bitnet(small_config(), QATConfig(weight_bits=1))
+    torch.manual_seed(0)
+    b = BitNetLM(small_config())
+    quantize_model(b, QATConfig(weight_bits=1))
+    names = [n for n, m in a.named_modules() if isinstance(m, BitLinear)]
+    assert len(names) == 7 * 2 and "lm_head" not in names
+    assert all(m.config.weight_bits == 1 for m in a.modules() if isinstance(m, BitLinear))
+    ids = torch.randint(0, 96, (1, 8))
+    assert torch.equal(a(ids).logits, b(ids).logits)

@@ -173,7 +173,7 @@ def test_quantized_weight_returns_codes_and_scale():
 
 
 def test_input_norm_normalises_before_quantizing():
-    lin, layer, x = _pair(QATConfig(input_norm=True), bias=False)
+    lin, layer, x = _pair(QATConfig(norm_placement="input"), bias=False)
     assert isinstance(layer.norm, RMSNorm)
     norm = RMSNorm(x.shape[-1])
     torch.testing.assert_close(layer(x), ref_bitlinear(norm(x), lin.weight), rtol=1e-5, atol=1e-5)

@@ -4,15 +4,20 @@ import math
 import pytest
 import torch
 
-from bitnet_training.optim import build_optimizer, build_scheduler, parameter_groups
-from bitnet_training.train import SchedulerConfig, TrainingConfig
+from bitnet_training.optim import (
+    SchedulerConfig,
+    build_optimizer,
+    build_scheduler,
+    parameter_groups,
+)
+from bitnet_training.train import TrainingConfig
 
 
 def _opt(lr=1.0, wd=0.1):
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     cfg = TrainingConfig(learning_rate=lr)
     cfg.optimizer.weight_decay = wd
-    return build_optimizer(model, cfg)
+    return build_optimizer(model, cfg.optimizer, cfg.learning_rate)
 
 
 def _run(sched_cfg, total, lr=1.0):

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from bitnet_training import BitNetError
+from bitnet_training.optim import SchedulerConfig
 from bitnet_training.train import (
     Callback,
     EarlyStopping,
-    SchedulerConfig,
     Trainer,
     TrainerState,
     TrainingCallbacks,

@@ -1,7 +1,8 @@
 import pytest
 
 from bitnet_training import ConfigError
-from bitnet_training.train import OptimizerConfig, SchedulerConfig, TrainingConfig
+from bitnet_training.optim import OptimizerConfig, SchedulerConfig
+from bitnet_training.train import TrainingConfig
 
 
 @pytest.mark.parametrize(

@@ -32,13 +32,28 @@ class ResumableBatchSampler(Sampler[list[int]]):
     epochs ran in this process). The incomplete last batch of an epoch is dropped, so every
     step sees `batch_size` sequences. `state_dict()` is `{"epoch", "batch"}`: the next batch
     to yield; a sampler loaded from it yields exactly what the original would have.
+
+    Data parallelism: with `world_size` ranks, batch b of the epoch is the global batch
+    `order[b*B*W : (b+1)*B*W]` (B = batch_size, W = world_size) and rank `rank` takes its
+    `rank`-th slice of B, so W ranks together see exactly what one process sees with B*W.
     """
 
-    def __init__(self, num_items: int, batch_size: int, seed: int = 0, shuffle: bool = True):
-        if num_items < batch_size:
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if not 0 <= rank < world_size:
+            raise BitNetError(f"rank {rank} is outside world_size {world_size}")
+        if num_items < batch_size * world_size:
             raise BitNetError(
                 f"the training data has {num_items} sequences, fewer than one batch "
-                f"(batch_size={batch_size}): add data or lower training.batch_size"
+                f"(batch_size={batch_size} x {world_size} ranks): add data or lower "
+                "training.batch_size"
             )
         self.num_items, self.batch_size, self.seed, self.shuffle = (
             num_items,
@@ -46,10 +61,11 @@ class ResumableBatchSampler(Sampler[list[int]]):
             seed,
             shuffle,
         )
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.batch = 0, 0
 
     def __len__(self) -> int:
-        return self.num_items // self.batch_size
+        return self.num_items // (self.batch_size * self.world_size)
 
     def _order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
@@ -62,9 +78,9 @@ class ResumableBatchSampler(Sampler[list[int]]):
         while True:
             order = self._order(self.epoch)
             while self.batch < len(self):
-                b = self.batch
+                start = (self.batch * self.world_size + self.rank) * self.batch_size
                 self.batch += 1
-                yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+                yield order[start : start + self.batch_size].tolist()
             self.epoch, self.batch = self.epoch + 1, 0
 
     def state_dict(self) -> dict:

@@ -16,7 +16,7 @@ from .streaming import StreamingTextDataset
 from .tokenizer import ByteTokenizer
 
 if TYPE_CHECKING:
-    from ..config import DataConfig
+    from .config import DataConfig
 
 
 @dataclass
@@ -61,6 +61,13 @@ def build_datasets(config: DataConfig, tokenizer, seed: int = 0) -> Datasets:
     """Read, split and tokenize the text `config` names (shards are memory-mapped, already
     tokenized and split), with `config.augment` on the training set. Too little training
     text for one window is a `BitNetError`."""
+    if config.source in ("embedded", "shards") and config.train_files:
+        raise ConfigError(
+            "data.train_files",
+            config.train_files,
+            f"no files with data.source={config.source} (train on files with "
+            "data.source=files or stream)",
+        )
     if config.source in ("files", "stream") and not config.train_files:
         raise ConfigError(
             "data.train_files",

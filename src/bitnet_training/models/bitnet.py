@@ -9,8 +9,9 @@ then per layer
         with m = post_attention_layernorm(h)
 
 then a final RMSNorm and a full-precision `lm_head`. Grouped-query attention, rotary
-positions, no biases. Every projection is a `BitLinear` (the `quantize_model` transform is
-applied at construction); embeddings and head stay full precision. Parameter names equal
+positions, no biases. The model builds plain `nn.Linear` projections: quantization is a
+transform (`quantize_model` turns them into `BitLinear`; `BitNetLM.bitnet(...)` builds and
+quantizes in one call); embeddings and head stay full precision. Parameter names equal
 `transformers`' (`model.layers.0.self_attn.q_proj.weight`, ..., `lm_head.weight`), so a
 state_dict loads one to one into `BitNetForCausalLM`.
 """
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BitNetError, ConfigError
-from ..nn.convert import ConversionReport, quantize_model
+from ..nn.convert import quantize_model
 from ..nn.norm import RMSNorm
 from ..quant.config import QATConfig
 from .config import ModelConfig
@@ -150,18 +151,18 @@ class BitNetModel(nn.Module):
 
 
 class BitNetLM(nn.Module):
-    """BitNet b1.58 decoder LM with quantization-aware `BitLinear` projections.
+    """The BitNet b1.58 2B4T decoder LM, built full precision (plain `nn.Linear`).
 
     Args:
         config: a `ModelConfig` or a preset name (`"tiny"`, `"small"`, `"2b4t"`).
-        qat: the `QATConfig` of every projection; True (default) for BitNet b1.58, False or
-            None for a full-precision model with plain `nn.Linear`s.
+
+    `BitNetLM.bitnet(config, qat)` builds it and applies `quantize_model` (BitNet b1.58).
 
     `forward(input_ids (batch, seq), labels=None)` returns a `CausalLMOutput`; with `labels`
     (usually `input_ids`; -100 is ignored) its `loss` is the mean next-token cross-entropy.
     """
 
-    def __init__(self, config: ModelConfig | str = "tiny", qat: QATConfig | bool | None = True):
+    def __init__(self, config: ModelConfig | str = "tiny"):
         super().__init__()
         cfg = ModelConfig.preset(config) if isinstance(config, str) else config
         self.config = cfg
@@ -170,12 +171,14 @@ class BitNetLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.apply(self._init_weights)
-        if qat is True:
-            qat = QATConfig()
-        self.qat_config = qat or None
-        self.quantization_report: ConversionReport | None = None
-        if self.qat_config is not None:
-            self.quantization_report = quantize_model(self, self.qat_config)
+
+    @classmethod
+    def bitnet(cls, config: ModelConfig | str = "tiny", qat: QATConfig | None = None) -> BitNetLM:
+        """A `BitNetLM` with every projection quantized by `quantize_model(model, qat)`
+        (default `QATConfig()`: BitNet b1.58, ternary weights and 8-bit activations)."""
+        model = cls(config)
+        quantize_model(model, qat or QATConfig())
+        return model
 
     def _init_weights(self, m: nn.Module) -> None:
         # As transformers' PreTrainedModel: N(0, initializer_range) for linears and embeddings.

@@ -233,6 +233,13 @@ class BitLinear(nn.Linear):
                 self.act_scale = nn.Parameter(torch.ones(shape, device=self.weight.device))
                 self.register_buffer("act_scale_ready", torch.zeros((), dtype=torch.bool))
 
+    def trainer_callbacks(self) -> list:
+        """The callbacks this layer's training needs (the step clock, latent clipping,
+        linear-only weight decay): the `Trainer` collects them from `model.modules()`."""
+        from .qat_callbacks import declared_callbacks  # beside this class, imported late
+
+        return declared_callbacks(self)
+
     def set_progress(self, step: int, steps_per_epoch: float = 1.0) -> None:
         """Set lambda (weights, activations) and the bit stage for optimizer step `step`
         from the config's schedules and stages (pure functions of the step)."""

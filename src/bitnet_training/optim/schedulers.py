@@ -14,7 +14,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 if TYPE_CHECKING:
-    from ..train.config import SchedulerConfig
+    from .config import SchedulerConfig
 
 
 @dataclass
@@ -78,6 +78,20 @@ class ScheduledLR(LambdaLR):
         state = {k: v for k, v in super().state_dict().items() if k != "fn"}
         state["lr_lambdas"] = [asdict(self.fn)]  # plain numbers: JSON-safe
         return state
+
+    def continue_at(self, step: int) -> None:
+        """Jump to optimizer step `step` on this schedule (its own shape and peak LR): how a
+        resumed run applies the schedule its current config describes. The schedule is a
+        pure function of the step, so this equals having stepped `step` times."""
+        self.last_epoch = step
+        self._get_lr_called_within_step = True  # get_lr is called on purpose, not by a user
+        try:
+            lrs = self.get_lr()
+        finally:
+            self._get_lr_called_within_step = False
+        for g, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            g["lr"] = lr
+        self._last_lr = list(lrs)
 
     def load_state_dict(self, state: dict) -> None:
         state = dict(state)

@@ -11,6 +11,7 @@ from .schedule import BitStage, QuantizationSchedule
 
 ACTIVATION_BITS = (4, 8, None)
 ACTIVATION_GRANULARITIES = ("token", "tensor")
+NORM_PLACEMENTS = ("model", "input", "subln")
 
 
 @dataclass
@@ -26,8 +27,16 @@ class QATConfig:
     activation_granularity: "token" (per token, BitNet) or "tensor".
     straight_through_estimator: "identity" or "clipped" (zero gradient where clamped).
     enable_weight_quantization / enable_activation_quantization: switch either side off.
-    input_norm: RMSNorm inside BitLinear before quantizing (the BitNet FAQ form; the
-        b1.58-2B4T architecture uses sub-norms outside the layer instead).
+    norm_placement: where the norms that feed quantized layers sit: `model` (the model's own;
+        `BitNetLM` has 2B4T's sub-norms), `input` (an RMSNorm inside each BitLinear before
+        quantizing: the BitNet FAQ form) or `subln` (sub-norms inserted before `o_proj` and
+        `down_proj` under 2B4T's names, BitDistill's SubLN step; for models without them).
+    latent_clip: after every optimizer step, clamp each BitLinear's latent weights to
+        +-latent_clip times its quantization scale (a latent weight far beyond the rounding
+        threshold could never flip back; None: off).
+    weight_decay_on: `matrices` (every weight of 2+ dimensions, embeddings included, as
+        nanoGPT) or `linear` (only linear layers' weights: no decay on embeddings, norms,
+        biases or quantizer scales).
     fused: run BitLinear as one autograd function that saves int8 activation codes and
         per-token scales for the backward (less memory, same gradients); False runs the
         plain `x + stopgrad(q(x) - x)` form of the reference code.
@@ -71,7 +80,9 @@ class QATConfig:
     straight_through_estimator: str = "identity"
     enable_weight_quantization: bool = True
     enable_activation_quantization: bool = True
-    input_norm: bool = False
+    norm_placement: str = "model"
+    latent_clip: float | None = None
+    weight_decay_on: str = "matrices"
     fused: bool = True
     integer_matmul: bool = True
     cache_quantized_weight: bool = True
@@ -114,7 +125,6 @@ class QATConfig:
             "per_channel",
             "enable_weight_quantization",
             "enable_activation_quantization",
-            "input_norm",
             "fused",
             "integer_matmul",
             "cache_quantized_weight",
@@ -133,6 +143,16 @@ class QATConfig:
             "group_size",
             not (self.per_channel and self.group_size is not None),
             "None when per_channel is true (choose one granularity)",
+        )
+        need("norm_placement", self.norm_placement in NORM_PLACEMENTS, "model, input or subln")
+        need(
+            "weight_decay_on", self.weight_decay_on in ("matrices", "linear"), "matrices or linear"
+        )
+        lc = self.latent_clip
+        need(
+            "latent_clip",
+            lc is None or (isinstance(lc, int | float) and not isinstance(lc, bool) and lc > 0),
+            "a positive number or None",
         )
         need(
             "activation_granularity",
@@ -256,6 +276,11 @@ class QATConfig:
             or self.noise_factor
             or self.activation_observer
         )
+
+    @property
+    def input_norm(self) -> bool:
+        """Whether each BitLinear normalizes its own input (`norm_placement: input`)."""
+        return self.norm_placement == "input"
 
     @classmethod
     def off(cls) -> QATConfig:

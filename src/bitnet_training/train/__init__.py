@@ -1,40 +1,45 @@
-"""Training: the `Trainer`, its config, callbacks and checkpoints."""
+"""Training: the `Trainer`, its config, built-in callbacks, evaluation metrics, checkpoints."""
 
+from ..callback import Callback
 from .callbacks import (
-    Callback,
+    BestMetric,
     Checkpointing,
     EarlyStopping,
+    History,
+    LogRecords,
     LRScheduling,
     MetricsLogging,
+    PeriodicEvaluation,
     ProgressBar,
     TrainingCallbacks,
 )
-from .checkpoint import FORMAT_VERSION, list_checkpoints, resolve_checkpoint
-from .config import OptimizerConfig, SchedulerConfig, TrainingConfig
-from .qat import MultiStage, QATControl, QuantizationTuner, TernaryDiagnostics, TrainingStage
-from .trainer import Trainer, TrainerState, TrainResult, causal_lm_targets
+from .checkpoint import FORMAT_VERSION, CheckpointIO, list_checkpoints, resolve_checkpoint
+from .config import TrainingConfig
+from .evaluation import LossMetrics, Metric
+from .trainer import Trainer, TrainerState, TrainResult, causal_lm_targets, model_loss
 
 __all__ = [
     "FORMAT_VERSION",
+    "BestMetric",
     "Callback",
+    "CheckpointIO",
     "Checkpointing",
     "EarlyStopping",
+    "History",
     "LRScheduling",
+    "LogRecords",
+    "LossMetrics",
+    "Metric",
     "MetricsLogging",
-    "MultiStage",
-    "OptimizerConfig",
+    "PeriodicEvaluation",
     "ProgressBar",
-    "QATControl",
-    "QuantizationTuner",
-    "SchedulerConfig",
-    "TernaryDiagnostics",
     "TrainResult",
     "Trainer",
     "TrainerState",
     "TrainingCallbacks",
     "TrainingConfig",
-    "TrainingStage",
     "causal_lm_targets",
     "list_checkpoints",
+    "model_loss",
     "resolve_checkpoint",
 ]

@@ -1,19 +1,11 @@
-"""Callbacks: everything optional about a run, so the loop itself stays short.
+"""The loop's built-in callbacks: everything optional about a run, so the loop stays short.
 
-Hooks, in the order the `Trainer` calls them:
-    setup(trainer)                  before a resume is loaded (build state here)
-    on_train_begin(trainer)
-    on_step_begin(trainer)          per optimizer step
-    on_step_end(trainer)
-    on_log(trainer, logs)           every `log_every` steps
-    on_evaluate(trainer, metrics)   after each evaluation
-    on_save(trainer, path)          after each checkpoint
-    on_train_end(trainer, result)
-Callbacks run in list order, stable-sorted by their `order` (default 0; the loggers,
-`MetricsLogging` and `ProgressBar`, have 100 so that they see what other callbacks add to
-`logs` and `metrics`). They steer the run through `trainer.state` (`should_stop`,
-`should_save`) and may keep state across a resume with `state_dict` / `load_state_dict`
-(JSON-serializable), saved in every checkpoint under the callback's `key`.
+The interface (`Callback`, its hooks and their order) is `bitnet_training.callback`. The
+`Trainer` installs `LogRecords`, `PeriodicEvaluation`, `BestMetric`, `History`,
+`LRScheduling`, `Checkpointing` and `MetricsLogging` by default (and `EarlyStopping` when the
+config asks); a callback of the same key replaces a default. The loggers (`MetricsLogging`,
+`ProgressBar`, order 100) run after the callbacks that add to `logs` and `metrics`, and write
+on rank 0 only.
 """
 
 from __future__ import annotations
@@ -22,43 +14,17 @@ import logging
 import math
 import os
 import sys
+import time
 import warnings
-from typing import TYPE_CHECKING
 
+import torch
+
+from ..callback import Callback
 from ..errors import BitNetError, ConfigError
 from ..monitoring import JsonlWriter, TensorBoardWriter
-from ..optim import build_scheduler
-from .config import SchedulerConfig
-
-if TYPE_CHECKING:
-    from .trainer import Trainer, TrainResult
+from ..optim import ScheduledLR, SchedulerConfig, build_scheduler
 
 log = logging.getLogger(__name__)
-
-
-class Callback:
-    """Base class: every hook does nothing. Override the ones you need."""
-
-    order = 0
-
-    @property
-    def key(self) -> str:
-        """Name of this callback's entry in a checkpoint's callback states."""
-        return type(self).__name__
-
-    def setup(self, trainer: Trainer) -> None: ...
-    def on_train_begin(self, trainer: Trainer) -> None: ...
-    def on_step_begin(self, trainer: Trainer) -> None: ...
-    def on_step_end(self, trainer: Trainer) -> None: ...
-    def on_log(self, trainer: Trainer, logs: dict) -> None: ...
-    def on_evaluate(self, trainer: Trainer, metrics: dict) -> None: ...
-    def on_save(self, trainer: Trainer, path: str) -> None: ...
-    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None: ...
-
-    def state_dict(self) -> dict | None:
-        return None
-
-    def load_state_dict(self, state: dict) -> None: ...
 
 
 def _improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
@@ -68,19 +34,22 @@ def _improved(value: float, best: float | None, mode: str, min_delta: float) -> 
 
 
 class LRScheduling(Callback):
-    """Builds the learning-rate (and, for `two_stage`, weight-decay) schedule of `config`
-    over the run's total steps and steps it after every optimizer step. Its state (the
-    schedule's position and shape) is saved, so a resumed run stays on the same curve."""
+    """Steps the learning-rate schedule after every optimizer step. Without a `scheduler`,
+    builds the config's (`SchedulerConfig`; default the trainer's `config.scheduler`) over the
+    run's total steps at setup. On resume a `ScheduledLR` continues the schedule the *current*
+    config describes at the checkpoint's step (as Hugging Face's Trainer does): a changed
+    learning rate, schedule or run length takes effect, and the Trainer says what changed.
+    Any other scheduler restores its own state."""
 
-    def __init__(self, config: SchedulerConfig | None = None):
-        self.config = config
-        self.scheduler = None
+    def __init__(self, config: SchedulerConfig | None = None, scheduler=None):
+        self.config, self.scheduler = config, scheduler
 
     def setup(self, trainer):
-        cfg = self.config or trainer.config.scheduler
-        self.scheduler = build_scheduler(
-            trainer.optimizer, cfg, trainer.total_steps, trainer.config.learning_rate
-        )
+        if self.scheduler is None:
+            cfg = self.config or trainer.config.scheduler
+            self.scheduler = build_scheduler(
+                trainer.optimizer, cfg, trainer.total_steps, trainer.config.learning_rate
+            )
 
     def on_step_end(self, trainer):
         with warnings.catch_warnings():
@@ -93,7 +62,10 @@ class LRScheduling(Callback):
         return self.scheduler.state_dict()
 
     def load_state_dict(self, state):
-        self.scheduler.load_state_dict(state)
+        if isinstance(self.scheduler, ScheduledLR):
+            self.scheduler.continue_at(int(state["last_epoch"]))
+        else:
+            self.scheduler.load_state_dict(state)
 
 
 class EarlyStopping(Callback):
@@ -157,6 +129,96 @@ class Checkpointing(Callback):
             trainer.state.should_save = True
 
 
+class LogRecords(Callback):
+    """Every `log_every` steps (and at the last), turns the steps since the previous record
+    into one log record (`step`, `epoch`, mean `loss`, `lr`, `grad_norm`, `tokens_per_s`,
+    `tokens_seen`, `elapsed_s`, `loss_scale` under fp16) and hands it to `trainer.log`."""
+
+    order = 50  # after the schedule and the QAT callbacks have stepped
+
+    def on_train_begin(self, trainer):
+        self.losses: list[torch.Tensor] = []
+        self.tokens: list[torch.Tensor] = []
+        self.t_start = self.t_last = time.perf_counter()
+
+    def on_step_end(self, trainer):
+        out, s = trainer.last_step, trainer.state
+        self.losses.append(out["loss"])
+        self.tokens.append(out["tokens"])
+        if s.step % trainer.config.log_every and s.step != trainer.total_steps:
+            return
+        now = time.perf_counter()
+        logs = {
+            "step": s.step,
+            "epoch": trainer.sampler.epoch,
+            "loss": float(torch.stack(self.losses).mean()),  # the only host sync per record
+            "lr": out["lr"],
+            "grad_norm": float(out["grad_norm"]),
+            "tokens_per_s": float(sum(self.tokens)) / max(now - self.t_last, 1e-9),
+            "tokens_seen": s.tokens_seen,
+            "elapsed_s": now - self.t_start,
+        }
+        if trainer.scaler is not None:
+            logs["loss_scale"] = float(trainer.scaler.get_scale())
+        self.losses, self.tokens, self.t_last = [], [], now
+        trainer.log(logs)
+
+
+class PeriodicEvaluation(Callback):
+    """Evaluates every `eval_every` steps and once more when the loop ends (unless the last
+    step was just evaluated or the run was interrupted), when there is evaluation data."""
+
+    order = 60  # after the step's log record
+
+    def __init__(self):
+        self.last_step: int | None = None
+
+    def on_step_end(self, trainer):
+        every = trainer.config.eval_every
+        if trainer.eval_data is not None and every and trainer.state.step % every == 0:
+            trainer.evaluate()
+            self.last_step = trainer.state.step
+
+    def on_train_loop_end(self, trainer):
+        if trainer.eval_data is None or trainer.interrupted:
+            return
+        if self.last_step != trainer.state.step:
+            trainer.evaluate()
+            self.last_step = trainer.state.step
+
+
+class BestMetric(Callback):
+    """Tracks the best value of `config.best_metric` (`best_mode` min or max) in
+    `trainer.state` (`best_metric`, `best_step`); the checkpoint of that step becomes `best`.
+    A metric name that no evaluation produces is a one-line error."""
+
+    order = -50  # before Checkpointing and EarlyStopping read it
+
+    def on_evaluate(self, trainer, metrics):
+        c, s = trainer.config, trainer.state
+        if c.best_metric not in metrics:
+            raise BitNetError(
+                f"training.best_metric={c.best_metric!r} is not an evaluation metric "
+                f"here: expected one of {', '.join(k for k in metrics if k != 'step')}"
+            )
+        v = float(metrics[c.best_metric])
+        if _improved(v, s.best_metric, c.best_mode, 0.0):
+            s.best_metric, s.best_step = v, s.step
+
+
+class History(Callback):
+    """Keeps every log record and evaluation, in order, in `trainer.history` (what
+    `TrainResult.history` returns)."""
+
+    order = 1000  # last: it records what every other callback added
+
+    def on_log(self, trainer, logs):
+        trainer.history.append({"kind": "train", **logs})
+
+    def on_evaluate(self, trainer, metrics):
+        trainer.history.append({"kind": "eval", **metrics})
+
+
 class MetricsLogging(Callback):
     """Writes each log record and each evaluation to `<output_dir>/metrics.jsonl`, and to
     TensorBoard event files under `<output_dir>/tensorboard` when `tensorboard` is
@@ -171,6 +233,8 @@ class MetricsLogging(Callback):
         self.tb: TensorBoardWriter | None = None
 
     def on_train_begin(self, trainer):
+        if not trainer.is_main:
+            return  # only rank 0 writes
         out = trainer.config.output_dir
         self.jsonl = JsonlWriter(os.path.join(out, "metrics.jsonl"))
         if self.tensorboard and TensorBoardWriter.available():
@@ -207,6 +271,8 @@ class ProgressBar(Callback):
         self.file, self.bar = file, None
 
     def on_train_begin(self, trainer):
+        if not trainer.is_main:
+            return
         from tqdm.auto import tqdm
 
         file = self.file or sys.stderr
@@ -223,9 +289,12 @@ class ProgressBar(Callback):
         )
 
     def on_step_end(self, trainer):
-        self.bar.update(1)
+        if self.bar is not None:
+            self.bar.update(1)
 
     def on_log(self, trainer, logs):
+        if self.bar is None:
+            return
         extra = {}
         if "w_zero" in logs:  # ternary diagnostics, when a TernaryDiagnostics callback runs
             extra["w0"] = f"{logs['w_zero']:.2f}"
@@ -250,7 +319,9 @@ class ProgressBar(Callback):
         )
 
     def on_train_end(self, trainer, result):
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class TrainingCallbacks:

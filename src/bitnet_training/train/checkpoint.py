@@ -258,3 +258,43 @@ def prune_checkpoints(output_dir: str, keep: int | None, protect: set[str]) -> l
         deleted.append(path)
         excess -= 1
     return deleted
+
+
+class CheckpointIO:
+    """How the `Trainer` reads and writes checkpoints: one directory per step, as laid out
+    above. A sharded format (each rank writing its own shards, e.g. FSDP's distributed
+    checkpoints) implements the same methods and sets `sharded = True`, so every rank calls
+    `save`; otherwise only rank 0 does."""
+
+    sharded = False
+
+    def save(self, output_dir, step, model, optimizer, state, rng, metadata, before_commit=None):
+        """Write checkpoint `step` atomically; returns its path."""
+        return save_checkpoint(
+            output_dir, step, model, optimizer, state, rng, metadata, before_commit
+        )
+
+    def resolve(self, path: str) -> str:
+        return resolve_checkpoint(path)
+
+    def read_state(self, ckpt: str) -> dict:
+        return read_state(ckpt)
+
+    def read_metadata(self, ckpt: str) -> dict:
+        return read_metadata(ckpt)
+
+    def load_model(self, model: torch.nn.Module, ckpt: str, may_miss=None) -> None:
+        load_model_weights(model, ckpt, may_miss)
+
+    def load_optimizer(self, ckpt: str) -> dict | None:
+        return load_optimizer_state(ckpt)
+
+    def load_rng(self, ckpt: str) -> dict[str, torch.Tensor]:
+        return load_rng(ckpt)
+
+    def point(self, output_dir: str, name: str, ckpt: str) -> None:
+        """Move pointer `name` (`latest`, `best`) to checkpoint `ckpt`."""
+        write_pointer(output_dir, name, os.path.basename(ckpt))
+
+    def prune(self, output_dir: str, keep: int | None, protect: set[str]) -> list[str]:
+        return prune_checkpoints(output_dir, keep, protect)

@@ -1,16 +1,19 @@
 """The one training loop: steps, accumulation, precision, evaluation, checkpoints, resume.
 
-It knows nothing about quantization or model architecture: it trains any `nn.Module` whose
-forward takes a batch's tensors as keyword arguments and returns a loss (a tensor, a dict or
-tuple with it first, or an object with `.loss`, as Hugging Face models return). Everything
-optional (schedules, early stopping, logging, progress) is a callback.
+It knows nothing about quantization, adapters or model architecture. It receives built
+pieces: a model, an optimizer and a schedule (built from the config when not given), data,
+a `loss_fn(model, batch)` (default: the model's own loss: its forward, called with the
+batch's tensors as keyword arguments, returns a loss tensor, a dict or tuple with it first,
+or an object with `.loss`, as Hugging Face models do), evaluation metrics, and callbacks:
+those passed, those the model's modules declare (`trainer_callbacks()`, e.g. quantization's
+step clock) and the defaults. Everything optional (log records, evaluation cadence, best
+tracking, history, schedule, early stopping, logging, progress) is a callback.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -20,15 +23,25 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset, default_collate
 
+from ..callback import Callback, collect_callbacks, merge_callbacks
 from ..data.sampler import IterableBatches, ResumableBatchSampler
 from ..errors import BitNetError
 from ..optim import build_optimizer, clip_gradients
-from . import checkpoint as ckpt_io
-from .callbacks import Callback, Checkpointing, EarlyStopping, LRScheduling, MetricsLogging
+from .callbacks import (
+    BestMetric,
+    Checkpointing,
+    EarlyStopping,
+    History,
+    LogRecords,
+    LRScheduling,
+    MetricsLogging,
+    PeriodicEvaluation,
+)
+from .checkpoint import STATE_FILE, CheckpointIO, checkpoint_name
 from .config import TrainingConfig
+from .evaluation import LossMetrics, Metric
 from .precision import resolve_device, resolve_precision
-from .resume import restore, snapshot
-from .rng import capture_rng
+from .rng import capture_rng, restore_rng
 from .signals import GracefulStop
 
 log = logging.getLogger(__name__)
@@ -45,7 +58,10 @@ def causal_lm_targets(batch: dict) -> torch.Tensor:
     return (labels[..., 1:] != -100).sum()
 
 
-def _loss_of(out) -> torch.Tensor:
+def model_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The default `loss_fn`: `model(**batch)`'s loss (a 0-dim tensor, the first item of a
+    tuple or dict, or `.loss`); a model that returns none is a one-line error."""
+    out = model(**batch)
     loss = out
     if isinstance(out, dict):
         loss = out.get("loss")
@@ -59,6 +75,31 @@ def _loss_of(out) -> torch.Tensor:
             "with .loss) when called with the batch, e.g. with labels"
         )
     return loss
+
+
+def default_callbacks(config: TrainingConfig) -> list[Callback]:
+    """The callbacks every run has unless replaced (same key): schedule, checkpointing,
+    log records, evaluation cadence, best tracking, history, JSON lines / TensorBoard, and
+    early stopping when `early_stopping_patience` is set."""
+    out: list[Callback] = [
+        LRScheduling(),
+        Checkpointing(config.save_every, config.save_best_only),
+        LogRecords(),
+        PeriodicEvaluation(),
+        BestMetric(),
+        History(),
+        MetricsLogging(),
+    ]
+    if config.early_stopping_patience:
+        out.append(
+            EarlyStopping(
+                config.early_stopping_patience,
+                config.best_metric,
+                config.early_stopping_min_delta,
+                config.best_mode,
+            )
+        )
+    return out
 
 
 @dataclass
@@ -97,14 +138,22 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains `model` on `train_data` (a map-style dataset of dicts of tensors) as `config`
-    says, evaluating on `eval_data`.
+    """Trains `model` on `train_data` (a map-style dataset of dicts of tensors, or an
+    `IterableDataset`) as `config` says, evaluating on `eval_data`.
 
-    Default callbacks come from `config` (LR schedule, checkpointing, metrics logging, early
-    stopping when `early_stopping_patience` is set); a callback of the same type in
-    `callbacks` replaces its default. `metadata` (JSON-serializable) is stored in every
-    checkpoint. `count_targets(batch)` gives the number of prediction targets of a batch, by
-    which gradient accumulation weighs micro-batches (default: `causal_lm_targets`).
+    Keyword pieces (each built from `config` when not given):
+        optimizer: a `torch.optim.Optimizer` over the parameters to train.
+        scheduler: an LR scheduler stepped once per optimizer step.
+        loss_fn: `loss_fn(model, batch) -> 0-dim tensor` (default `model_loss`).
+        metrics: evaluation `Metric`s (default `LossMetrics`: loss, perplexity, bits/byte).
+        checkpoint_io: a `CheckpointIO` (how checkpoints are read and written).
+        rank, world_size: this process's data-parallel place (default: from
+            `torch.distributed` when initialized, else 0 of 1); only rank 0 writes logs.
+    Callbacks: the defaults (`default_callbacks`), then those the model's modules declare,
+    then `callbacks`; a later one replaces an earlier one of the same key. `metadata`
+    (JSON-serializable) is stored in every checkpoint. `count_targets(batch)` gives the
+    number of prediction targets of a batch, by which gradient accumulation weighs
+    micro-batches (default: `causal_lm_targets`).
     """
 
     def __init__(
@@ -116,40 +165,46 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         metadata: dict | None = None,
         count_targets: Callable[[dict], torch.Tensor] = causal_lm_targets,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler=None,
+        loss_fn: Callable[[nn.Module, dict], torch.Tensor] = model_loss,
+        metrics: Sequence[Metric] | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
     ):
         self.model, self.config = model, config or TrainingConfig()
         self.train_data, self.eval_data = train_data, eval_data
         self.metadata, self.count_targets = metadata or {}, count_targets
+        self.optimizer, self.loss_fn = optimizer, loss_fn
+        self.metrics = list(metrics) if metrics is not None else [LossMetrics()]
+        self.checkpoint_io = checkpoint_io or CheckpointIO()
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = rank if rank is not None else (torch.distributed.get_rank() if dist else 0)
+        self.world_size = world_size or (torch.distributed.get_world_size() if dist else 1)
         self.device = resolve_device(self.config.device)
         self.precision = resolve_precision(self.config.mixed_precision, self.device)
-        user = list(callbacks)
-        c = self.config
-        defaults: list[Callback] = [
-            LRScheduling(),
-            Checkpointing(c.save_every, c.save_best_only),
-            MetricsLogging(),
-        ]
-        if c.early_stopping_patience:
-            defaults.append(
-                EarlyStopping(
-                    c.early_stopping_patience,
-                    c.best_metric,
-                    c.early_stopping_min_delta,
-                    c.best_mode,
-                )
-            )
-        chosen = [d for d in defaults if not any(type(u) is type(d) for u in user)] + user
-        self.callbacks = sorted(chosen, key=lambda cb: cb.order)
+        given = list(callbacks) + ([LRScheduling(scheduler=scheduler)] if scheduler else [])
+        self.callbacks = merge_callbacks(
+            default_callbacks(self.config), collect_callbacks(model), given
+        )
         self.state = TrainerState()
-        self.optimizer: torch.optim.Optimizer | None = None
         self.scaler: torch.amp.GradScaler | None = None
-        self.sampler: ResumableBatchSampler | None = None
+        self.sampler: ResumableBatchSampler | IterableBatches | None = None
         self.total_steps = 0
         self.steps_per_epoch = 1
         self.history: list[dict] = []
+        self.last_step: dict = {}
+        self.interrupted = False
         self._stop = GracefulStop()
 
-    # ----------------------------------------------------------------- setup and state
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes logs, metadata and (unsharded) checkpoints."""
+        return self.rank == 0
+
+    # ----------------------------------------------------------------------- setup
     def _call(self, hook: str, *args) -> None:
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)
@@ -169,7 +224,8 @@ class Trainer:
         if c.save_best_only and self.eval_data is None:
             raise BitNetError("training.save_best_only needs evaluation data (eval_data)")
         self.model.to(self.device).train()
-        self.optimizer = build_optimizer(self.model, c)
+        if self.optimizer is None:
+            self.optimizer = build_optimizer(self.model, c.optimizer, c.learning_rate)
         if self.precision == "fp16":
             self.scaler = torch.amp.GradScaler(
                 self.device.type,
@@ -186,7 +242,13 @@ class Trainer:
             self.sampler = IterableBatches(self.train_data, c.batch_size, c.dataloader_workers)
             per_epoch = c.max_steps
         else:
-            self.sampler = ResumableBatchSampler(len(self.train_data), c.batch_size, c.seed)
+            self.sampler = ResumableBatchSampler(
+                len(self.train_data),
+                c.batch_size,
+                c.seed,
+                rank=self.rank,
+                world_size=self.world_size,
+            )
             per_epoch = len(self.sampler) // c.gradient_accumulation_steps
         if c.max_steps is None and per_epoch == 0:
             raise BitNetError(
@@ -198,45 +260,141 @@ class Trainer:
         self.steps_per_epoch = max(1, per_epoch)
         self._call("setup")
 
+    # ----------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """Everything a checkpoint holds of this trainer besides the model's and optimizer's
+        own tensors: step, tokens, best metric, data position, callback states (schedule,
+        QAT clock, early stopping, ...), grad scaler, NumPy / Python RNG, precision, config.
+        JSON-serializable. The torch generator states are `capture_rng()`'s tensors."""
+        s, data = self.state, self.train_data
+        _, rng_json = capture_rng()
+        return {
+            "step": s.step,
+            "tokens_seen": s.tokens_seen,
+            "total_steps": self.total_steps,
+            "best_metric": s.best_metric,
+            "best_step": s.best_step,
+            "best_checkpoint": s.best_checkpoint and os.path.basename(s.best_checkpoint),
+            "data": {
+                **self.sampler.state_dict(),
+                "num_items": self.sampler.num_items,
+                "fingerprint": getattr(data, "fingerprint", None),
+                "dataset": data.state_dict() if hasattr(data, "state_dict") else None,
+            },
+            "callbacks": {
+                k: v
+                for k, v in ((cb.key, cb.state_dict()) for cb in self.callbacks)
+                if v is not None
+            },
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rng_json,
+            "precision": self.precision,
+            "optimizer": type(self.optimizer).__name__,
+            "config": self.config.to_dict(),
+        }
+
+    def load_state_dict(self, st: dict) -> None:
+        """Put back what `state_dict` returned (after `train()`'s setup: the optimizer, data
+        plan and callbacks exist). Data of another size or fingerprint, or another
+        optimizer, is refused; a changed learning rate, schedule or run length is applied
+        from the saved step on, and said."""
+        data = st["data"]
+        if data["num_items"] != self.sampler.num_items:
+            raise BitNetError(
+                f"the checkpoint was trained on {data['num_items']} sequences, this run has "
+                f"{self.sampler.num_items}: resuming needs the same data and seq_len"
+            )
+        ours = getattr(self.train_data, "fingerprint", None)
+        if data.get("fingerprint") and ours and data["fingerprint"] != ours:
+            raise BitNetError(
+                f"the checkpoint was trained on other data (fingerprint {data['fingerprint']}, "
+                f"this run's is {ours}): resuming needs the same data"
+            )
+        saved_opt, ours_opt = st.get("optimizer"), type(self.optimizer).__name__
+        if saved_opt is not None and saved_opt != ours_opt:
+            raise BitNetError(
+                f"the checkpoint was trained with {saved_opt}, this run uses {ours_opt}: "
+                "resuming needs the same optimizer"
+            )
+        for cb in self.callbacks:
+            if cb.key in st.get("callbacks", {}):
+                cb.load_state_dict(st["callbacks"][cb.key])
+        if self.scaler is not None and st.get("scaler"):
+            self.scaler.load_state_dict(st["scaler"])
+        self.sampler.load_state_dict(data)
+        if data.get("dataset") is not None and hasattr(self.train_data, "load_state_dict"):
+            self.train_data.load_state_dict(data["dataset"])
+        self._say_schedule_changes(st)
+        s = self.state
+        s.step, s.tokens_seen = int(st["step"]), int(st["tokens_seen"])
+        s.best_metric, s.best_step = st.get("best_metric"), st.get("best_step")
+        restore_rng({}, st.get("rng", {}))
+
+    def _say_schedule_changes(self, st: dict) -> None:
+        old, new = st.get("config") or {}, self.config.to_dict()
+        changed = [
+            f"{k} {old[k]!r} -> {new[k]!r}"
+            for k in ("learning_rate", "max_steps", "num_epochs", "scheduler")
+            if k in old and old[k] != new[k]
+        ]
+        if st.get("total_steps") not in (None, self.total_steps):
+            changed.append(f"total steps {st['total_steps']} -> {self.total_steps}")
+        if changed:
+            log.warning(
+                "resuming with a changed schedule (%s): the new schedule applies from step %d",
+                "; ".join(changed),
+                int(st["step"]),
+            )
+
     def save_checkpoint(self, _before_commit=None) -> str:
         """Write a checkpoint of the current step (atomically), move `latest` (and `best`
         when this step's evaluation is the best so far), prune old ones, call `on_save`."""
-        c, s = self.config, self.state
+        c, s, io = self.config, self.state, self.checkpoint_io
         if s.best_step == s.step and s.best_metric is not None:
-            s.best_checkpoint = os.path.join(c.output_dir, ckpt_io.checkpoint_name(s.step))
-        rng_tensors, rng_json = capture_rng()
-        state = snapshot(self, rng_json)
-        path = ckpt_io.save_checkpoint(
-            c.output_dir,
-            s.step,
-            self.model,
-            self.optimizer,
-            state,
-            rng_tensors,
-            self.metadata,
-            _before_commit,
-        )
-        ckpt_io.write_pointer(c.output_dir, "latest", os.path.basename(path))
-        if s.best_step == s.step and s.best_metric is not None:
-            ckpt_io.write_pointer(c.output_dir, "best", os.path.basename(path))
+            s.best_checkpoint = os.path.join(c.output_dir, checkpoint_name(s.step))
+        path = os.path.join(c.output_dir, checkpoint_name(s.step))
+        if self.is_main or io.sharded:
+            rng_tensors, _ = capture_rng()
+            meta = self.metadata
+            args = (c.output_dir, s.step, self.model, self.optimizer, self.state_dict())
+            path = io.save(*args, rng_tensors, meta, _before_commit)
+        if self.is_main:
+            io.point(c.output_dir, "latest", path)
+            if s.best_step == s.step and s.best_metric is not None:
+                io.point(c.output_dir, "best", path)
+            io.prune(c.output_dir, c.save_total_limit, {path, s.best_checkpoint})
         s.last_checkpoint = path
-        ckpt_io.prune_checkpoints(c.output_dir, c.save_total_limit, {path, s.best_checkpoint})
         self._call("on_save", path)
         return path
 
     def load_checkpoint(self, path: str) -> str:
-        """Restore model, optimizer, scheduler and callback states, grad scaler, data position
-        and RNG from `path` ("latest" = this run's newest); returns the checkpoint used."""
-        ckpt = ckpt_io.resolve_checkpoint(self.config.output_dir if path == "latest" else path)
-        st = ckpt_io.read_state(ckpt)
+        """Restore model, optimizer and trainer state (`load_state_dict`) and the torch RNG
+        from checkpoint `path` ("latest" = this run's newest); returns the checkpoint used."""
+        io = self.checkpoint_io
+        ckpt = io.resolve(self.config.output_dir if path == "latest" else path)
+        st = io.read_state(ckpt)
         try:
-            return restore(self, ckpt, st)
+            io.load_model(self.model, ckpt)
+            opt = io.load_optimizer(ckpt)
+            if opt is not None:
+                try:
+                    self.optimizer.load_state_dict(opt)
+                except (ValueError, KeyError) as e:
+                    raise BitNetError(f"optimizer state does not fit: {e}") from None
+            self.load_state_dict(st)
+        except BitNetError as e:
+            raise BitNetError(f"checkpoint {ckpt!r}: {e}") from None
         except (KeyError, TypeError, ValueError, IndexError) as e:
-            if isinstance(e, BitNetError):
-                raise
             raise BitNetError(
-                f"checkpoint {ckpt!r} has an invalid {ckpt_io.STATE_FILE}: {type(e).__name__}: {e}"
+                f"checkpoint {ckpt!r} has an invalid {STATE_FILE}: {type(e).__name__}: {e}"
             ) from None
+        best = st.get("best_checkpoint")  # a sibling of the checkpoint we resume from
+        best = os.path.join(os.path.dirname(os.path.abspath(ckpt)), best) if best else None
+        self.state.best_checkpoint = best if best and os.path.isdir(best) else None
+        self.state.last_checkpoint = ckpt
+        restore_rng(io.load_rng(ckpt), {})
+        log.info("resumed from %s at step %d", ckpt, self.state.step)
+        return ckpt
 
     # ----------------------------------------------------------------------- the loop
     def _to_device(self, batch: dict) -> dict:
@@ -254,22 +412,31 @@ class Trainer:
             set_epoch(self.sampler.epoch)
         return self._to_device(default_collate([self.train_data[i] for i in idx]))
 
-    def _train_step(self, micro: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _train_step(self, micro: list[dict]) -> dict:
         """One optimizer step over `micro` batches. The loss is weighted by target tokens
         across all micro-batches, so k micro-batches of b sequences give the gradient of one
-        batch of k*b. Returns (loss, grad norm before clipping, input tokens), as tensors
-        (no host sync)."""
+        batch of k*b; callbacks' auxiliary losses are added once per step. Returns the step's
+        loss, gradient norm before clipping and input tokens, as tensors (no host sync)."""
         counts = [self.count_targets(b) for b in micro]
         total = torch.stack(counts).sum().clamp_min(1)
         loss_sum = torch.zeros((), device=self.device)
         for b, n in zip(micro, counts, strict=True):
             with self._autocast():
-                loss = _loss_of(self.model(**b))
+                loss = self.loss_fn(self.model, b)
             part = loss.float() * (n / total)
-            (self.scaler.scale(part) if self.scaler is not None else part).backward()
+            self._backward(part)
             loss_sum += part.detach()
+        aux = [a for a in (cb.aux_loss(self) for cb in self.callbacks) if a is not None]
+        if aux:
+            extra = torch.stack([a.float() for a in aux]).sum()
+            self._backward(extra)
+            loss_sum += extra.detach()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        self._call("on_after_backward")
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         c = self.config
         norm = clip_gradients(
@@ -280,66 +447,45 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        self._call("on_optimizer_step")
         self.optimizer.zero_grad(set_to_none=True)
         ntok = sum(b["input_ids"].numel() if "input_ids" in b else 0 for b in micro)
-        return loss_sum, norm, torch.tensor(ntok)
+        return {"loss": loss_sum, "grad_norm": norm, "tokens": torch.tensor(ntok)}
+
+    def log(self, logs: dict) -> None:
+        """Hand a log record to every callback's `on_log` (they may add to it)."""
+        self._call("on_log", logs)
 
     @torch.no_grad()
     def evaluate(self, max_batches: int | None = None) -> dict:
-        """Token-weighted mean loss over `eval_data` (at most `max_batches`, default the
-        config's `eval_steps`), with perplexity and, when the dataset knows its
-        `bytes_per_token`, bits per byte. Calls `on_evaluate`."""
+        """The evaluation metrics (default: target-weighted loss, perplexity and, when the
+        dataset knows its `bytes_per_token`, bits per byte) over `eval_data`, at most
+        `max_batches` (default the config's `eval_steps`). Calls `on_evaluate`."""
         if self.eval_data is None:
             raise BitNetError("Trainer.evaluate() needs eval_data")
         max_batches = max_batches or self.config.eval_steps
         self.model.to(self.device)
         was_training = self.model.training
         self.model.eval()
-        nats = torch.zeros((), dtype=torch.float64, device=self.device)
-        targets = torch.zeros((), dtype=torch.int64, device=self.device)
-        bs = self.config.batch_size
-        for i, start in enumerate(range(0, len(self.eval_data), bs)):
+        for m in self.metrics:
+            m.reset()
+        bs, n_items = self.config.batch_size, len(self.eval_data)
+        for i, start in enumerate(range(0, n_items, bs)):
             if max_batches is not None and i >= max_batches:
                 break
-            end = min(start + bs, len(self.eval_data))
-            batch = self._to_device(default_collate([self.eval_data[j] for j in range(start, end)]))
+            idx = range(start, min(start + bs, n_items))
+            batch = self._to_device(default_collate([self.eval_data[j] for j in idx]))
             with self._autocast():
-                loss = _loss_of(self.model(**batch))
+                loss = self.loss_fn(self.model, batch)
             n = self.count_targets(batch)
-            nats += loss.double() * n
-            targets += n
+            for m in self.metrics:
+                m.update(batch, loss, n)
         self.model.train(was_training)
-        if int(targets) == 0:
-            raise BitNetError("the evaluation data has no prediction targets")
-        loss = float(nats / targets)
-        metrics = {
-            "step": self.state.step,
-            "val_loss": loss,
-            "val_perplexity": math.exp(loss) if loss < 700 else math.inf,
-        }
-        bpt = getattr(self.eval_data, "bytes_per_token", None)
-        if bpt:
-            metrics["val_bits_per_byte"] = loss / math.log(2) / bpt
-        if self.config.best_metric not in metrics:
-            raise BitNetError(
-                f"training.best_metric={self.config.best_metric!r} is not an evaluation metric "
-                f"here: expected one of {', '.join(k for k in metrics if k != 'step')}"
-            )
-        self._track_best(metrics)
+        metrics = {"step": self.state.step}
+        for m in self.metrics:
+            metrics.update(m.compute(self.eval_data))
         self._call("on_evaluate", metrics)
-        self.history.append({"kind": "eval", **metrics})
         return metrics
-
-    def _track_best(self, metrics: dict) -> None:
-        c, s = self.config, self.state
-        if c.best_metric in metrics:
-            v = float(metrics[c.best_metric])
-            better = (s.best_metric is None and math.isfinite(v)) or (
-                s.best_metric is not None
-                and (v < s.best_metric if c.best_mode == "min" else v > s.best_metric)
-            )
-            if better:
-                s.best_metric, s.best_step = v, s.step
 
     def train(self, resume_from: str | None = None) -> TrainResult:
         """Run to `max_steps` / `num_epochs` (or until a callback or a signal stops it),
@@ -354,78 +500,54 @@ class Trainer:
             raise BitNetError(
                 f"training.output_dir {c.output_dir!r} cannot be created: {e.strerror}"
             ) from None
-        t_start = time.perf_counter()
-        tokens_at_start = s.tokens_seen
-        self.history = []
-        last_eval_step = None
+        tokens_at_start, self.history = s.tokens_seen, []
         with self._stop:
             self._call("on_train_begin")
-            batches = iter(self.sampler)
-            window_loss, window_tok = [], []
-            t_log = time.perf_counter()
+            t_start, batches = time.perf_counter(), iter(self.sampler)
             while s.step < self.total_steps and not s.should_stop and not self._stop.received:
                 self._call("on_step_begin")
-                lr_used = self.optimizer.param_groups[0]["lr"]  # after callbacks set it
+                lr = self.optimizer.param_groups[0]["lr"]  # as the callbacks set it
                 micro = [self._next_batch(batches) for _ in range(c.gradient_accumulation_steps)]
-                loss, norm, ntok = self._train_step(micro)
+                self.last_step = {**self._train_step(micro), "lr": lr}
                 s.step += 1
-                s.tokens_seen += int(ntok)
-                window_loss.append(loss)
-                window_tok.append(ntok)
+                s.tokens_seen += int(self.last_step["tokens"])
                 self._call("on_step_end")
-                if s.step % c.log_every == 0 or s.step == self.total_steps:
-                    now = time.perf_counter()
-                    logs = {
-                        "step": s.step,
-                        "epoch": self.sampler.epoch,
-                        "loss": float(torch.stack(window_loss).mean()),
-                        "lr": lr_used,
-                        "grad_norm": float(norm),
-                        "tokens_per_s": float(sum(window_tok)) / max(now - t_log, 1e-9),
-                        "tokens_seen": s.tokens_seen,
-                        "elapsed_s": now - t_start,
-                    }
-                    if self.scaler is not None:
-                        logs["loss_scale"] = float(self.scaler.get_scale())
-                    window_loss, window_tok, t_log = [], [], now
-                    self._call("on_log", logs)  # callbacks may add to logs (diagnostics)
-                    self.history.append({"kind": "train", **logs})
-                if self.eval_data is not None and c.eval_every and s.step % c.eval_every == 0:
-                    self.evaluate()
-                    last_eval_step = s.step
                 if s.should_save:
                     s.should_save = False
                     self.save_checkpoint()
-            interrupted = self._stop.received is not None
-            if self.eval_data is not None and last_eval_step != s.step and not interrupted:
-                self.evaluate()
-            needs_final = not c.save_best_only or s.best_step == s.step or interrupted
-            already = s.last_checkpoint and os.path.basename(s.last_checkpoint) == (
-                ckpt_io.checkpoint_name(s.step)
+            self.interrupted = self._stop.received is not None
+            self._call("on_train_loop_end")
+            final = not c.save_best_only or s.best_step == s.step or self.interrupted
+            saved = s.last_checkpoint and os.path.basename(s.last_checkpoint) == (
+                checkpoint_name(s.step)
             )
-            if needs_final and not already:
+            if final and not saved:
                 self.save_checkpoint()
-            last_train = next((h for h in reversed(self.history) if h["kind"] == "train"), {})
-            last_eval = next((h for h in reversed(self.history) if h["kind"] == "eval"), {})
-            metrics = {
-                "train_loss": last_train.get("loss"),
-                **{k: v for k, v in last_eval.items() if k.startswith("val_")},
-            }
             wall = time.perf_counter() - t_start
-            result = TrainResult(
-                metrics=metrics,
-                best_metric=s.best_metric,
-                best_checkpoint=s.best_checkpoint,
-                last_checkpoint=s.last_checkpoint,
-                steps=s.step,
-                tokens=s.tokens_seen,
-                tokens_per_s=(s.tokens_seen - tokens_at_start) / max(wall, 1e-9),
-                wall_time_s=wall,
-                interrupted=interrupted,
-                signal=self._stop.received,
-                precision=self.precision,
-                device=str(self.device),
-                history=list(self.history),
-            )
+            result = self._result(wall, (s.tokens_seen - tokens_at_start) / max(wall, 1e-9))
             self._call("on_train_end", result)
         return result
+
+    def _result(self, wall: float, tokens_per_s: float) -> TrainResult:
+        s = self.state
+        last_train = next((h for h in reversed(self.history) if h["kind"] == "train"), {})
+        last_eval = next((h for h in reversed(self.history) if h["kind"] == "eval"), {})
+        metrics = {
+            "train_loss": last_train.get("loss"),
+            **{k: v for k, v in last_eval.items() if k.startswith("val_")},
+        }
+        return TrainResult(
+            metrics=metrics,
+            best_metric=s.best_metric,
+            best_checkpoint=s.best_checkpoint,
+            last_checkpoint=s.last_checkpoint,
+            steps=s.step,
+            tokens=s.tokens_seen,
+            tokens_per_s=tokens_per_s,
+            wall_time_s=wall,
+            interrupted=self.interrupted,
+            signal=self._stop.received,
+            precision=self.precision,
+            device=str(self.device),
+            history=list(self.history),
+        )

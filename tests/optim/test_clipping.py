@@ -2,15 +2,12 @@ import pytest
 import torch
 from torch import nn
 
-from bitnet_training import BitLinear, TrainingConfig
 from bitnet_training.optim import (
+    SchedulerConfig,
     adaptive_clip_grad_,
-    build_optimizer,
     build_scheduler,
     clip_gradients,
-    qat_parameter_groups,
 )
-from bitnet_training.train import SchedulerConfig
 
 
 def test_agc_against_its_formula():
@@ -44,38 +41,6 @@ def test_clip_by_value_then_norm():
     norm = clip_gradients([p], max_norm=1.0, max_value=1.0)
     assert norm.item() == pytest.approx((1 + 0.25 + 1) ** 0.5)  # measured after value clip
     torch.testing.assert_close(p.grad, torch.tensor([1.0, -0.5, 1.0]) / 1.5)
-
-
-def test_qat_parameter_groups(micro_model):
-    model = micro_model()
-    decay, no_decay = qat_parameter_groups(model, 0.1)
-    names = {id(p): n for n, p in model.named_parameters()}
-    decayed = {names[id(p)] for p in decay["params"]}
-    kept = {names[id(p)] for p in no_decay["params"]}
-    assert decayed == {
-        n for n, m in model.named_modules() if isinstance(m, nn.Linear) for n in [n + ".weight"]
-    }
-    assert "model.embed_tokens.weight" in kept and "lm_head.weight" in decayed
-    assert all("norm" in n for n in kept - {"model.embed_tokens.weight"})
-    cfg = TrainingConfig(optimizer={"name": "qat_sgd", "weight_decay": 0.1})
-    assert isinstance(build_optimizer(model, cfg), torch.optim.SGD)
-
-
-def test_latent_clip_bounds_weights_by_the_layer_scale():
-    torch.manual_seed(0)
-    layer = BitLinear(16, 8, bias=False)
-    with torch.no_grad():
-        layer.weight[0, 0] = 5.0  # an outlier far beyond the ternary threshold
-    model = nn.Sequential(layer)
-    cfg = TrainingConfig(learning_rate=1e-9, optimizer={"name": "qat_adamw", "latent_clip": 2.0})
-    opt = build_optimizer(model, cfg)
-    gamma = layer.weight.detach().abs().mean().item()
-    layer.weight.grad = torch.zeros_like(layer.weight)
-    opt.step()
-    assert layer.weight.abs().max().item() == pytest.approx(2.0 * gamma, rel=1e-4)
-    assert layer.weight[0, 0].item() == pytest.approx(2.0 * gamma, rel=1e-4)
-    with pytest.raises(Exception, match="latent_clip"):
-        TrainingConfig(optimizer={"name": "adamw", "latent_clip": 2.0})
 
 
 def test_wsd_schedule():

@@ -3,14 +3,9 @@ import json
 import pytest
 import torch
 
-from bitnet_training import BitLinear, QATConfig
-from bitnet_training.train import (
-    Callback,
-    QATControl,
-    TernaryDiagnostics,
-    Trainer,
-    TrainingConfig,
-)
+from bitnet_training import BitLinear, ConfigError, QATConfig
+from bitnet_training.nn import TernaryDiagnostics
+from bitnet_training.train import Callback, Trainer, TrainingConfig
 
 
 class Net(torch.nn.Module):
@@ -73,6 +68,9 @@ class Snap(Callback):
 
 
 def test_resume_mid_schedule_is_exact(tmp_path, micro_model, token_windows):
+    # quantize_model(model, QATConfig(schedule...)) then a plain Trainer: no callback is
+    # passed, the quantized layers declare their step clock (on main before the recipe
+    # issue the schedule was silently ignored here and lambda stayed 1 from step 0).
     qat = QATConfig(
         weight_schedule={"shape": "cosine", "start_step": 1, "end_step": 7},
         activation_schedule={"end_step": 4},
@@ -86,9 +84,7 @@ def test_resume_mid_schedule_is_exact(tmp_path, micro_model, token_windows):
         return TrainingConfig(output_dir=str(tmp_path / name), **kw)
 
     snap = Snap()
-    full = Trainer(
-        micro_model(qat, seed=0), cfg("full"), data, callbacks=[QATControl(), snap]
-    ).train()
+    full = Trainer(micro_model(qat, seed=0), cfg("full"), data, callbacks=[snap]).train()
     lams = snap.lams
     assert lams[0] == 0.0 and lams[-1] == 1.0 and 0 < lams[3] < 1
     logged = [h["qat_weight_bits"] for h in full.history if h["kind"] == "train"]
@@ -98,10 +94,8 @@ def test_resume_mid_schedule_is_exact(tmp_path, micro_model, token_windows):
         def on_step_end(self, trainer):
             trainer.state.should_stop = trainer.state.step == 4
 
-    part = Trainer(
-        micro_model(qat, seed=0), cfg("part"), data, callbacks=[QATControl(), Stop()]
-    ).train()
-    rest = Trainer(micro_model(qat, seed=9), cfg("part"), data, callbacks=[QATControl()])
+    part = Trainer(micro_model(qat, seed=0), cfg("part"), data, callbacks=[Stop()]).train()
+    rest = Trainer(micro_model(qat, seed=9), cfg("part"), data)
     r2 = rest.train(resume_from="latest")
     losses = [h["loss"] for r in (part, r2) for h in r.history if h["kind"] == "train"]
     assert losses == [h["loss"] for h in full.history if h["kind"] == "train"]
@@ -132,5 +126,54 @@ def test_warns_when_training_ends_before_quantization_is_complete(
         output_dir=str(tmp_path), batch_size=2, max_steps=2, mixed_precision="fp32"
     )
     with caplog.at_level("WARNING"):
-        Trainer(micro_model(qat), cfg, token_windows(), callbacks=[QATControl()]).train()
+        Trainer(micro_model(qat), cfg, token_windows()).train()
     assert "not fully quantized" in caplog.text
+
+
+def test_linear_weight_decay_groups_come_from_the_quantized_model(micro_model):
+    from bitnet_training.optim import OptimizerConfig, build_optimizer
+
+    model = micro_model(QATConfig(weight_decay_on="linear"))
+    opt = build_optimizer(model, OptimizerConfig(name="sgd", weight_decay=0.1), 1e-3)
+    assert isinstance(opt, torch.optim.SGD)
+    decay, no_decay = opt.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    linear = {n + ".weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert decayed == linear and "lm_head.weight" in decayed
+    assert "model.embed_tokens.weight" in kept
+    assert all("norm" in n for n in kept - {"model.embed_tokens.weight"})
+    # The default (matrices) decays the embedding too.
+    model = micro_model()
+    plain = build_optimizer(model, OptimizerConfig(weight_decay=0.1), 1e-3)
+    assert any(p is model.model.embed_tokens.weight for p in plain.param_groups[0]["params"])
+
+
+def test_latent_clip_bounds_weights_by_the_layer_scale_without_wiring(tmp_path):
+    torch.manual_seed(0)
+    layer = BitLinear(16, 8, bias=False, config=QATConfig(latent_clip=2.0))
+    with torch.no_grad():
+        layer.weight[0, 0] = 5.0  # an outlier far beyond the ternary threshold
+    model = torch.nn.Sequential(layer)
+    gamma = layer.weight.detach().abs().mean().item()
+    cfg = TrainingConfig(
+        learning_rate=1e-9,
+        max_steps=1,
+        batch_size=2,
+        output_dir=str(tmp_path),
+        device="cpu",
+        mixed_precision="fp32",
+        save_total_limit=None,
+    )
+    data = [{"x": torch.randn(16)} for _ in range(4)]
+
+    def loss_fn(m, batch):
+        return m(batch["x"]).square().mean()
+
+    Trainer(model, cfg, data, loss_fn=loss_fn, count_targets=lambda b: torch.tensor(2)).train()
+    assert layer.weight.abs().max().item() == pytest.approx(2.0 * gamma, rel=1e-3)
+    assert layer.weight[0, 0].item() == pytest.approx(2.0 * gamma, rel=1e-3)
+    with pytest.raises(ConfigError, match="latent_clip"):
+        QATConfig(latent_clip=-1.0)

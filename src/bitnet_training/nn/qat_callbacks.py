@@ -2,9 +2,12 @@
 
 `QATControl` tells every `BitLinear` the current step before each optimizer step, which is
 what makes progressive quantization, bit-width stages and quantization noise run (the Trainer
-itself knows nothing about quantization). `TernaryDiagnostics` measures, at every log step,
-how the quantized weights look and move: the share of -1 / 0 / +1, the flip rate, the
-relative quantization error.
+itself knows nothing about quantization). `LatentClipping` and `LinearWeightDecay` carry the
+optimizer side of a `QATConfig`. Every `BitLinear` declares these three (`trainer_callbacks`),
+so a plain `Trainer(model, ...).train()` runs them without being told. `TernaryDiagnostics`
+measures, at every log step, how the quantized weights look and move: the share of -1 / 0 /
++1, the flip rate, the relative quantization error; `MultiStage` and `QuantizationTuner`
+are what the recipe adds for staged runs.
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
+from ..callback import Callback
 from ..errors import BitNetError, ConfigError
-from ..nn.bitlinear import BitLinear
 from ..quant.config import QATConfig
 from ..quant.fake_quant import quantize
-from ..quant.functional import dequantize
-from .callbacks import Callback
+from ..quant.functional import Quantized, dequantize
+from .bitlinear import BitLinear
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +108,61 @@ class QATControl(Callback):
     def load_state_dict(self, state):
         # lambda, stages and noise follow from the restored step and the held steps.
         self.held_steps = int(state.get("held_steps", 0))
+
+
+class LatentClipping(Callback):
+    """After every optimizer step, clamps each `BitLinear`'s latent weight to +-`latent_clip`
+    (its config's) times its quantization scale (per tensor, channel or group, as the layer
+    quantizes). Layers whose config has no `latent_clip` are left alone."""
+
+    def __init__(self):
+        self.layers: list[BitLinear] = []
+
+    def setup(self, trainer):
+        self.layers = [m for _, m in _bitlinears(trainer.model)]
+
+    @torch.no_grad()
+    def on_optimizer_step(self, trainer):
+        for m in self.layers:
+            factor, spec = m.config.latent_clip, m.weight_spec()
+            if factor is None or spec is None:
+                continue
+            q = quantize(m.weight.detach(), spec)
+            bound = dequantize(Quantized(torch.ones_like(q.codes), q.scale, None), torch.float32)
+            bound = (factor * bound).reshape(m.weight.shape).to(m.weight.dtype)
+            torch.minimum(m.weight, bound, out=m.weight)
+            torch.maximum(m.weight, -bound, out=m.weight)
+
+
+class LinearWeightDecay(Callback):
+    """`weight_decay_on: linear`: weight decay only on the weights of linear layers
+    (`nn.Linear`, `BitLinear`), none on embeddings, norms, biases or quantizer scales. A
+    weight tied to an embedding counts as an embedding. Rewrites the optimizer's groups."""
+
+    def configure_param_groups(self, model, groups):
+        linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        decayed = linear - embeddings
+        decay = max((g.get("weight_decay", 0.0) for g in groups), default=0.0)
+        params = [p for g in groups for p in g["params"]]
+        out = [
+            {"params": [p for p in params if id(p) in decayed], "weight_decay": decay},
+            {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
+        ]
+        return [g for g in out if g["params"]]
+
+
+def declared_callbacks(layer: BitLinear) -> list[Callback]:
+    """What a `BitLinear` asks of the training loop: the step clock always (lambda, bit
+    stages, noise and calibration follow the step; it also logs the bits in force), latent
+    clipping when its config sets `latent_clip`, linear-only weight decay when it sets
+    `weight_decay_on: linear`."""
+    out: list[Callback] = [QATControl()]
+    if layer.config.latent_clip is not None:
+        out.append(LatentClipping())
+    if layer.config.weight_decay_on == "linear":
+        out.append(LinearWeightDecay())
+    return out
 
 
 class QuantizationTuner(Callback):
@@ -293,7 +352,7 @@ class TrainingStage:
 
 # Fields that decide which buffers and parameters a BitLinear has: fixed for a whole run.
 STRUCTURAL_QAT_FIELDS = {
-    "input_norm",
+    "norm_placement",
     "activation_observer",
     "activation_per_channel",
     "learnable_scales",

@@ -4,17 +4,9 @@ import pytest
 import torch
 
 from bitnet_training import BitLinear, QATConfig
-from bitnet_training.train import (
-    Callback,
-    MultiStage,
-    QATControl,
-    QuantizationTuner,
-    SchedulerConfig,
-    Trainer,
-    TrainerState,
-    TrainingConfig,
-    TrainingStage,
-)
+from bitnet_training.nn import MultiStage, QATControl, QuantizationTuner, TrainingStage
+from bitnet_training.optim import SchedulerConfig
+from bitnet_training.train import Callback, Trainer, TrainerState, TrainingConfig
 
 STAGES = [
     TrainingStage(
@@ -139,5 +131,9 @@ def test_tuner_needs_control(tmp_path, micro_model, token_windows):
 
     with pytest.raises(BitNetError, match="needs a QATControl"):
         Trainer(
-            micro_model(), _cfg(tmp_path, "t"), token_windows(), None, [QuantizationTuner()]
+            micro_model(qat=False),
+            _cfg(tmp_path, "t"),
+            token_windows(),
+            None,
+            [QuantizationTuner()],
         ).train()
