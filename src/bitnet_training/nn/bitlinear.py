@@ -33,6 +33,7 @@ from ..quant.functional import SCALE_EPS, Quantized, dequantize
 from ..quant.lsq import lsq_quantize
 from ..quant.observers import make_observer
 from ..quant.schedule import bits_at
+from .qat_callbacks import declared_callbacks
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -236,8 +237,6 @@ class BitLinear(nn.Linear):
     def trainer_callbacks(self) -> list:
         """The callbacks this layer's training needs (the step clock, latent clipping,
         linear-only weight decay): the `Trainer` collects them from `model.modules()`."""
-        from .qat_callbacks import declared_callbacks  # beside this class, imported late
-
         return declared_callbacks(self)
 
     def set_progress(self, step: int, steps_per_epoch: float = 1.0) -> None:

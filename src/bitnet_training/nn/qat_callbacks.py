@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,13 +25,21 @@ from ..errors import BitNetError, ConfigError
 from ..quant.config import QATConfig
 from ..quant.fake_quant import quantize
 from ..quant.functional import Quantized, dequantize
-from .bitlinear import BitLinear
+
+if TYPE_CHECKING:
+    from .bitlinear import BitLinear
 
 log = logging.getLogger(__name__)
 
 
 def _bitlinears(model: torch.nn.Module) -> list[tuple[str, BitLinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, BitLinear)]
+    # BitLinear imports this module (its layers declare these callbacks), so the layers are
+    # recognised by their interface rather than their class.
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if hasattr(m, "set_progress") and hasattr(m, "weight_spec") and hasattr(m, "config")
+    ]
 
 
 class QATControl(Callback):
