@@ -533,3 +533,29 @@ def test_gguf_model_and_tokenizer(tmp_path, llama_dir):
         load_pretrained(str(folder / "junk.gguf"))
     with pytest.raises(BitNetError, match=r"gguf.* has no config\.json \(it has 2 \.gguf files"):
         load_pretrained(str(folder))
+
+
+@pytest.mark.parametrize("linear_class", ["bitlinear", "autobitlinear"])
+def test_packed_checkpoint_requantizes_to_its_own_codes_and_scales(tmp_path, linear_class):
+    from bitnet_training import BitLinear as OurBitLinear
+    from bitnet_training import QATConfig, quantize_model
+
+    d = str(tmp_path / "packed")
+    expected = write_checkpoint(d, bitnet_config(), linear_class)
+    plain = load_pretrained(d, dtype=torch.float64).model
+    exact = load_pretrained(d, dtype=torch.float64, requantizable=True).model
+    quantize_model(plain, QATConfig())
+    quantize_model(exact, QATConfig())
+    for name, m in exact.named_modules():
+        if not isinstance(m, OurBitLinear):
+            continue
+        want = expected[name + ".weight"]
+        gamma = want.abs().max()  # codes * gamma: the checkpoint's scale
+        q = m.quantized_weight()
+        # the scale is computed in float32: equal to rounding
+        torch.testing.assert_close(q.scale.double().reshape(()), gamma, rtol=1e-6, atol=0)
+        assert torch.equal(q.codes.double() * gamma, want)
+        # The dequantized weights re-quantize to the same codes but a smaller scale.
+        p = plain.get_submodule(name).quantized_weight()
+        assert torch.equal(p.codes, q.codes)
+        assert p.scale.double().reshape(()) < gamma

@@ -49,8 +49,9 @@ class PreprocessConfig:
     inputs: files, directories (searched recursively for .txt/.md/.jsonl/.json/.ndjson and
         their .gz) or glob patterns. A text file is one document; a JSON-lines file holds one
         document per line, its text in `jsonl_field`.
-    tokenizer: `byte`, `bpe` (trained here on the inputs: `vocab_size`, `special_tokens`) or a
-        path to an existing `tokenizer.json`.
+    tokenizer: `byte`, `bpe` (trained here on the inputs: `vocab_size`, `special_tokens`), a
+        path to an existing `tokenizer.json`, or a pretrained model's directory holding one
+        (so shards match the model's tokenizer: `model.pretrained` checks they do).
     invalid_utf8: `error` (stop, naming the file), `replace` (U+FFFD) or `skip` (drop the
         document); counts are reported either way.
     val_fraction: share of documents held out for validation (by a hash of file and position).
@@ -72,6 +73,13 @@ class PreprocessConfig:
     overwrite: bool = False
 
     def __post_init__(self):
+        if self.tokenizer not in ("byte", "bpe") and os.path.isdir(self.tokenizer):
+            found = os.path.join(self.tokenizer, "tokenizer.json")
+            if not os.path.isfile(found):
+                raise ConfigError(
+                    "preprocess.tokenizer", self.tokenizer, "a directory holding tokenizer.json"
+                )
+            self.tokenizer = found
         if not self.inputs:
             raise ConfigError(
                 "preprocess.inputs", self.inputs, "at least one file, directory or glob"

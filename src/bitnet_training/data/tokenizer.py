@@ -6,7 +6,7 @@ from ..errors import BitNetError
 
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>")
 # Names a `tokenizer.json` may give its end-of-text token, in order of preference.
-EOS_NAMES = ("<|endoftext|>", "</s>", "<|eos|>", "<eos>")
+EOS_NAMES = ("<|endoftext|>", "</s>", "<|eos|>", "<eos>", "<|end_of_text|>")
 
 
 class ByteTokenizer:

@@ -256,14 +256,20 @@ def _check_bitnet_quant(directory: str, quant: dict) -> None:
         )
 
 
-def _bitnet_model(directory: str, config: dict, dtype: torch.dtype) -> nn.Module:
+def _bitnet_model(
+    directory: str, config: dict, dtype: torch.dtype, requantizable: bool = False
+) -> nn.Module:
     """A BitNetLM (model_type bitnet) or an AutoModel (other types stored with bitnet
     quantization) with plain nn.Linear layers, holding the checkpoint's dequantized weights.
 
     Offline-quantized layers (`X.weight` beside an `X.weight_scale`) are dequantized in float64
     one tensor at a time and copied into the model (so a float64 model holds the exact
     products, and memory peaks at the model plus one tensor); latent (online) and unquantized
-    weights are copied as stored.
+    weights are copied as stored. With `requantizable`, a layer with one scale gamma gets the
+    latent weight codes * gamma / mean|codes| instead, whose absmean ternary quantization
+    (what `quantize_model` applies) gives back exactly its codes and gamma, so the quantized
+    model computes what the checkpoint's does (codes * gamma would re-quantize to the same codes
+    but the smaller scale gamma * mean|codes|).
     """
     quant = dict(config.get("quantization_config") or {})
     if quant:
@@ -316,6 +322,8 @@ def _bitnet_model(directory: str, config: dict, dtype: torch.dtype) -> nn.Module
             t = stored[k]
             if offline and f"{k}_scale" in scales:
                 t = dequantize_ternary(t, stored[f"{k}_scale"], params[k].shape[0], linear_class)
+                if requantizable and stored[f"{k}_scale"].numel() == 1:
+                    t = t / (t != 0).double().mean().clamp_min(1e-12)
             params[k].copy_(t)
     return model
 
@@ -324,7 +332,7 @@ def _bitnet_model(directory: str, config: dict, dtype: torch.dtype) -> nn.Module
 # Loaders
 
 
-def _load_folder(src: str, dtype: torch.dtype) -> Pretrained:
+def _load_folder(src: str, dtype: torch.dtype, requantizable: bool) -> Pretrained:
     config = _read_json(os.path.join(src, "config.json"))
     require_transformers(f"loading {src!r}")
     files = _weight_files(src)
@@ -340,7 +348,7 @@ def _load_folder(src: str, dtype: torch.dtype) -> Pretrained:
                 f"{src!r}: quant_method={method!r} unsupported for a BitNet model: "
                 "expected 'bitnet' or no quantization_config"
             )
-        model = _bitnet_model(src, config, dtype)
+        model = _bitnet_model(src, config, dtype, requantizable)
         kind = "bitnet" if config.get("model_type") == "bitnet" else "transformers"
     else:
         if quant:
@@ -389,7 +397,9 @@ def _load_gguf(src: str, dtype: torch.dtype) -> Pretrained:
     return Pretrained(model, tokenizer, "gguf", src, fingerprint([src]), model.config.to_dict())
 
 
-def load_pretrained(path: str, dtype: torch.dtype | str = torch.float32) -> Pretrained:
+def load_pretrained(
+    path: str, dtype: torch.dtype | str = torch.float32, requantizable: bool = False
+) -> Pretrained:
     """Load a pretrained causal LM from `path` as a full-precision model in `dtype`.
 
     `path` is one of: a `transformers` folder (config.json + *.safetensors, any causal LM,
@@ -400,6 +410,9 @@ def load_pretrained(path: str, dtype: torch.dtype | str = torch.float32) -> Pret
     transformers class, kind "transformers"); a .gguf file, or a folder holding exactly one and
     no config.json (needs the `gguf` and `accelerate` packages). `dtype` is a floating torch
     dtype or its name. Anything else raises `BitNetError` naming the path and what was expected.
+    `requantizable`: offline-quantized layers get latent weights that BitNet b1.58's absmean
+    quantizer maps back to the checkpoint's exact codes and scale (for QAT from a ternary
+    checkpoint; the default gives the dequantized weights, for full-precision use).
     """
     dtype = _as_dtype(dtype)
     src = os.path.abspath(os.path.expanduser(str(path)))
@@ -410,10 +423,10 @@ def load_pretrained(path: str, dtype: torch.dtype | str = torch.float32) -> Pret
             return _load_gguf(src, dtype)
         raise BitNetError(f"pretrained model {src!r} is not a GGUF file: expected {_EXPECTED}")
     if os.path.isfile(os.path.join(src, "config.json")):
-        return _load_folder(src, dtype)
+        return _load_folder(src, dtype, requantizable)
     ggufs = sorted(glob.glob(os.path.join(src, "*.gguf")))
     if len(ggufs) == 1:
-        return load_pretrained(ggufs[0], dtype)
+        return load_pretrained(ggufs[0], dtype, requantizable)
     found = f" (it has {len(ggufs)} .gguf files: name one)" if ggufs else ""
     raise BitNetError(f"pretrained model {src!r} has no config.json{found}: expected {_EXPECTED}")
 
