@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 import torch
 
 from bitnet_training.cli import main
@@ -110,7 +111,9 @@ def test_print_config(capsys):
         capsys, "train", "--print-config", "training.max_steps=3", "qat.weight_bits=1"
     )
     assert code == 0
-    assert "max_steps: 3" in out and "weight_bits: 1" in out and "model_preset: tiny" in out
+    printed = yaml.safe_load(out)  # values, not substrings: "weight_bits: 1" is in "1.58"
+    assert printed["training"]["max_steps"] == 3 and printed["qat"]["weight_bits"] == 1
+    assert printed["model_preset"] == "tiny"
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from bitnet_training import BitNetError
 from bitnet_training.callback import Callback, collect_callbacks, merge_callbacks
 from bitnet_training.data import ResumableBatchSampler
 from bitnet_training.optim import SchedulerConfig
@@ -151,7 +152,7 @@ def test_data_parallel_ranks_see_the_single_process_batch():
     it1, its = iter(one), [iter(s) for s in ranks]
     for _ in range(12):  # across epoch boundaries
         assert next(it1) == next(its[0]) + next(its[1])
-    with pytest.raises(Exception, match="rank 2 is outside world_size 2"):
+    with pytest.raises(BitNetError, match="rank 2 is outside world_size 2"):
         ResumableBatchSampler(23, 2, rank=2, world_size=2)
 
 
