@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 import torch
+import yaml
 
 from bitnet_training.cli import main
 
