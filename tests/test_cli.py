@@ -121,7 +121,7 @@ def test_print_config(capsys):
     [
         (["training.learning_rat=1"], "did you mean 'training.learning_rate'?"),
         (["training.batch_size=two"], "training.batch_size='two' is invalid: expected an integer"),
-        (["training.learning_rate=-1"], "training.learning_rate=-1.0 is invalid"),
+        (["training.learning_rate=-1"], "training.learning_rate=-1 is invalid"),
         (["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
         (["data.source=files", "data.train_files=missing.txt"], "missing.txt' does not exist"),
         (

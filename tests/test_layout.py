@@ -9,6 +9,7 @@ import pytest
 PKG = os.path.join(os.path.dirname(__file__), "..", "src", "bitnet_training")
 LAYERS = {
     "errors": 0,
+    "settings": 0,
     "callback": 0,
     "quant": 1,
     "data": 1,

@@ -18,8 +18,6 @@ import math
 import os
 import sys
 
-import torch
-
 from . import __version__, recipe
 from .config import load_config
 from .data import PreprocessConfig, build_eval_dataset, preprocess
@@ -136,39 +134,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-# ------------------------------------------------------------------------------ helpers
-def sample_text(
-    model,
-    tokenizer,
-    prompt: str,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    seed: int,
-) -> str:
-    """`prompt` continued by `model` (sampling when temperature > 0, else greedy)."""
-    # Training text is documents joined by EOS, so a document starts right after an EOS:
-    # prefixing one makes the prompt look like the start of a document.
-    ids = torch.tensor([[tokenizer.eos_token_id, *tokenizer.encode(prompt)]])
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if limit is not None:
-        max_new_tokens = max(0, min(max_new_tokens, limit - ids.shape[1]))
-    g = torch.Generator().manual_seed(seed)
-    model.eval()
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            max_new_tokens=max_new_tokens,
-            do_sample=temperature > 0,
-            temperature=temperature or 1.0,
-            top_k=top_k,
-            eos_token_id=tokenizer.eos_token_id,
-            generator=g,
-            vocab_limit=tokenizer.vocab_size,
-        )
-    return tokenizer.decode(out[0])
-
-
 # ----------------------------------------------------------------------------- commands
 def cmd_train(args) -> int:
     if args.resume is not None and "=" in args.resume and not os.path.exists(args.resume):
@@ -192,7 +157,8 @@ def _print_summary(run: recipe.Run, result) -> None:
     cfg, data, model, tokenizer = run.config, run.data, run.model, run.tokenizer
     m = result.metrics
     lines = ["", "== summary =="]
-    lines.append(f"model        {cfg.model_preset}, {recipe.weight_bits_in_force(model)}")
+    name = cfg.model.pretrained or cfg.model_preset
+    lines.append(f"model        {name}, {recipe.weight_bits_in_force(model)}")
     lines.append(f"device       {result.device}, precision {result.precision}")
     tps = result.tokens_per_s
     lines.append(
@@ -222,7 +188,7 @@ def _print_summary(run: recipe.Run, result) -> None:
         )
     s = cfg.sample
     if s.max_new_tokens and not result.interrupted:
-        text = sample_text(
+        text = recipe.generate_text(
             model.cpu(), tokenizer, s.prompt, s.max_new_tokens, s.temperature, s.top_k, s.seed
         )
         lines.append(f"sample       {text!r}")
@@ -268,7 +234,7 @@ def cmd_generate(args) -> int:
         raise BitNetError(f"--seed={seed} is invalid: expected an integer >= 0")
     if top_k is not None and top_k < 1:
         raise BitNetError(f"--top-k={top_k} is invalid: expected a positive integer")
-    text = sample_text(model, tokenizer, prompt, n, temperature, top_k, seed)
+    text = recipe.generate_text(model, tokenizer, prompt, n, temperature, top_k, seed)
     sys.stdout.write(text + "\n")
     return 0
 

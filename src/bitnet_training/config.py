@@ -1,238 +1,161 @@
 """The run configuration: model, quantization, training, data and sampling in one tree.
 
 `load_config(path, overrides)` reads a YAML file, applies dotted `key=value` overrides and
-builds a validated `RunConfig`. Every unknown key is an error with a did-you-mean; every value
-is checked against its field's type and range, and errors name the dotted key.
+builds a validated `RunConfig`. Each key is declared once, as a field of a section (see
+`settings.py`): unknown keys are errors with a did-you-mean, values are checked against the
+field's type and range, and errors name the dotted key. `config_table()` is the README's table.
 """
 
 from __future__ import annotations
 
-import contextlib
-import difflib
-import math
-import types
 import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from typing import Any, Union
+from typing import Any, Literal, get_args
 
 import yaml
+from pydantic import Field, model_validator
 
 from .data.config import DataConfig
 from .errors import BitNetError, ConfigError
 from .models.config import PRESETS, ModelConfig
 from .nn.qat_callbacks import TrainingStage
 from .quant.config import QATConfig
+from .settings import Section, field_type, section_of, split_optional, table, validate
 from .train.config import TrainingConfig
 
 
-@dataclass
-class SampleConfig:
+class SampleConfig(Section):
     """The text sample printed at the end of training (and `generate`'s defaults)."""
 
-    prompt: str = "The "
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int | None = 40
-    seed: int = 0
+    _path = "sample"
 
-    def __post_init__(self):
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            raise ConfigError("sample.max_new_tokens", self.max_new_tokens, "an integer >= 0")
-        if not self.temperature >= 0:
-            raise ConfigError("sample.temperature", self.temperature, "a number >= 0 (0: greedy)")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ConfigError("sample.top_k", self.top_k, "a positive integer or None")
+    prompt: str = Field("The ", description="the text the sample continues")
+    max_new_tokens: int = Field(200, ge=0, description="tokens to generate (0: no sample)")
+    temperature: float = Field(0.8, ge=0, description="softmax temperature (0: greedy)")
+    top_k: int | None = Field(40, gt=0, description="sample from the k likeliest (None: all)")
+    seed: int = Field(0, description="the sampling seed")
 
 
-@dataclass
-class RunConfig:
-    """A whole run. `model_preset` names the base shape (`tiny`, `small`, `2b4t`) that the
-    `model` section's fields override; `quantize` false trains the same architecture with
-    plain `nn.Linear` layers (the full-precision baseline), ignoring `qat`. `diagnostics`
-    logs ternary statistics (share of -1 / 0 / +1, flip rate, quantization error) at every
-    log step of a quantized run. `stages` (a list of `TrainingStage`: steps, name, lr_factor,
-    qat overrides) runs the training in stages; `qat_tuner` (a relative threshold, e.g. 0.05)
-    holds progressive quantization while the validation loss is that much worse than its
-    best. `init_from` (a checkpoint or run directory) starts the model from those weights,
-    with a fresh optimizer and schedule: how a trained full-precision run is converted."""
+class RunConfig(Section):
+    """A whole run: the model, how it is quantized, trained, fed and sampled."""
 
-    model_preset: str = "tiny"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    quantize: bool = True
-    diagnostics: bool = True
-    qat: QATConfig = field(default_factory=QATConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    stages: list[TrainingStage] = field(default_factory=list)
-    qat_tuner: float | None = None
-    init_from: str = ""
+    model_preset: Literal[tuple(PRESETS)] = Field(
+        "tiny",
+        description="base shape (tiny: 6.5 M parameters, small, 2b4t); model keys override "
+        "its values (their defaults below are tiny's)",
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the architecture")
+    quantize: bool = Field(
+        True,
+        description="false: the same architecture with nn.Linear (the full-precision "
+        "baseline); qat, stages and qat_tuner must then keep their defaults",
+    )
+    diagnostics: bool = Field(
+        True, description="ternary statistics (share of -1/0/+1, flips, error) in each log"
+    )
+    qat: QATConfig = Field(default_factory=QATConfig, description="quantization (BitNet b1.58)")
+    training: TrainingConfig = Field(
+        default_factory=TrainingConfig, description="how the Trainer runs"
+    )
+    data: DataConfig = Field(default_factory=DataConfig, description="the training text")
+    sample: SampleConfig = Field(
+        default_factory=SampleConfig, description="the end-of-training sample"
+    )
+    stages: list[TrainingStage] = Field(
+        default_factory=list, description="train in stages, each with its own qat and LR factor"
+    )
+    qat_tuner: float | None = Field(
+        None,
+        ge=0,
+        description="hold progressive quantization while the validation loss is this much "
+        "(relative) worse than its best (None: off)",
+    )
+    init_from: str = Field(
+        "",
+        description="start from this run's or checkpoint's weights, with a fresh optimizer "
+        "and schedule (how a full-precision run is converted)",
+    )
 
-    def __post_init__(self):
-        t = self.qat_tuner
-        if t is not None and not (isinstance(t, int | float) and t >= 0):
-            raise ConfigError("qat_tuner", t, "a relative threshold >= 0 or None (off)")
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data):
+        # The preset is the base the `model` keys override (an unknown name: refused below).
+        preset = data.get("model_preset", "tiny") if isinstance(data, dict) else None
+        model = (data.get("model") or {}) if preset in PRESETS else None
+        return {**data, "model": {**PRESETS[preset], **model}} if isinstance(model, dict) else data
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.model.pretrained and self.data.seq_len > self.model.max_position_embeddings:
+            raise ConfigError(
+                "data.seq_len",
+                self.data.seq_len,
+                f"at most model.max_position_embeddings ({self.model.max_position_embeddings})",
+            )
+        if not self.quantize:
+            default = dict(QATConfig())
+            for name, value in self.qat:
+                if value != default[name]:
+                    raise ConfigError(
+                        f"qat.{name}",
+                        value,
+                        f"its default ({default[name]!r}) when quantize is false",
+                    )
+            for name, off in (("stages", []), ("qat_tuner", None)):
+                if getattr(self, name) != off:
+                    raise ConfigError(name, getattr(self, name), f"{off} when quantize is false")
+        for i, stage in enumerate(self.stages):
+            # Each stage's overrides must make a valid QATConfig; keep them validated.
+            merged = validate(QATConfig, {**dict(self.qat), **stage.qat}, f"stages[{i}].qat")
+            stage.__dict__["qat"] = {k: getattr(merged, k) for k in stage.qat}
+        return self
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The config as YAML (`--print-config`); `load_config` reads it back. With
+        `model.pretrained` the model keys that would be refused beside it are left out."""
+        d = self.to_dict()
+        if self.model.pretrained:
+            del d["model_preset"]
+            d["model"] = {"pretrained": self.model.pretrained}
+        return yaml.safe_dump(d, sort_keys=False)
 
 
-# ---------------------------------------------------------------- building from mappings
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def config_table() -> str:
+    """The README's configuration table (markdown): every key with its default, what it
+    allows and what it does, from the declarations."""
+    return table(RunConfig)
 
 
-def _unknown(path: str, key: str, known) -> BitNetError:
-    full = f"{path}.{key}" if path else key
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-    hint = f" (did you mean {(path + '.' if path else '') + close[0]!r}?)" if close else ""
-    return BitNetError(f"unknown config key {full!r}{hint}")
-
-
-def _split_optional(tp) -> tuple[Any, bool]:
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], len(args) < len(typing.get_args(tp))
-    return tp, False
-
-
-def _coerce(path: str, value, tp):
-    """`value` as type `tp` (str, int, float, bool, list[str], optional of those), or a
-    ConfigError naming `path`. YAML quirks are absorbed: `1e-3` (a string to YAML 1.1) is a
-    float, `none` / `null` is None for optional fields, a single string is a one-item list."""
-    base, optional = _split_optional(tp)
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
-        if optional:
-            return None
-        raise ConfigError(path, value, f"a value of type {getattr(base, '__name__', base)}")
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(path, value, "true or false")
-    if base is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(path, value, "an integer" + (" or None" if optional else ""))
-    if base is float:
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-        raise ConfigError(path, value, "a number" + (" or None" if optional else ""))
-    if base is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(path, value, "a string")
-    if base is dict:
-        if isinstance(value, dict):
-            return value
-        raise ConfigError(path, value, "a mapping")
-    if typing.get_origin(base) is list:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return list(value)
-        raise ConfigError(path, value, "a list of strings")
-    return value
-
-
-def build(cls, data: dict | None, path: str = ""):
-    """An instance of dataclass `cls` from mapping `data`: unknown keys are errors (with a
-    did-you-mean), values are coerced to the field types, nested dataclasses are built
-    recursively, and a validation error of the class is re-raised under the dotted `path`."""
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise ConfigError(path or "config", data, "a mapping of keys to values")
-    hints = _hints(cls)
-    names = {f.name for f in fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            raise _unknown(path, str(key), names)
-        sub = f"{path}.{key}" if path else key
-        tp = hints[key]
-        inner, optional = _split_optional(tp)
-        item = typing.get_args(inner)[0] if typing.get_origin(inner) is list else None
-        if value is None and optional:
-            kwargs[key] = None
-        elif is_dataclass(inner):
-            if isinstance(value, str):  # shorthand: optimizer: sgd
-                kwargs[key] = value
-            else:
-                kwargs[key] = build(inner, value, sub)
-        elif item is not None and is_dataclass(item):
-            if not isinstance(value, list):
-                raise ConfigError(sub, value, f"a list of {item.__name__} mappings")
-            item_fields = [f.name for f in fields(item)]
-            bad = [v for v in value if isinstance(v, list) and len(v) != len(item_fields)]
-            if bad:
-                raise ConfigError(sub, bad[0], f"[{', '.join(item_fields)}] lists or mappings")
-            kwargs[key] = [
-                build(
-                    item,
-                    dict(zip(item_fields, v, strict=False)) if isinstance(v, list) else v,
-                    f"{sub}[{i}]",
-                )
-                for i, v in enumerate(value)
-            ]
-        else:
-            kwargs[key] = _coerce(sub, value, tp)
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        # Name the key as the user wrote it: the class's own prefix becomes `path`.
-        if path and not e.field.startswith(path + "."):
-            parts = e.field.split(".")
-            rest = parts[-1] if parts[-1] in names else ".".join(parts[1:])
-            raise ConfigError(f"{path}.{rest}", e.value, e.allowed) from None
-        raise
-
-
-def _field_type(key: str):
-    """The type of dotted `key` in `RunConfig`, or a did-you-mean error."""
-    cls, tp, path = RunConfig, None, ""
-    for part in key.split("."):
-        if cls is None or not is_dataclass(cls):
-            raise BitNetError(f"unknown config key {key!r}: {path!r} has no sub-keys")
-        names = {f.name for f in fields(cls)}
-        if part not in names:
-            raise _unknown(path, part, names)
-        tp = _hints(cls)[part]
-        path = f"{path}.{part}" if path else part
-        inner, _ = _split_optional(tp)
-        cls = inner if is_dataclass(inner) else None
-    return tp
-
-
+# ---------------------------------------------------------------- reading
 def apply_override(data: dict, item: str) -> None:
     """Apply one `dotted.key=value` to the nested mapping `data`. The value is read as YAML
-    (numbers, booleans, lists, null) unless the field is a string or a list of strings."""
+    (numbers, booleans, lists, null) unless the field takes strings (a string, a list of
+    strings, a choice of words)."""
     if "=" not in item:
         raise BitNetError(f"override {item!r} is not of the form key=value")
     key, raw = item.split("=", 1)
     key = key.strip()
-    tp = _field_type(key)
-    base, _ = _split_optional(tp)
-    if base is str or (typing.get_origin(base) is list and typing.get_args(base) == (str,)):
+    base, _ = split_optional(field_type(RunConfig, key))
+    words = typing.get_origin(base) is Literal and all(isinstance(c, str) for c in get_args(base))
+    if base is str or base == list[str] or words:  # `no` stays a word, not YAML's false
         value: Any = raw
     else:
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        if isinstance(node.get(part), str):  # `optimizer: sgd` shorthand, then a sub-key
-            node[part] = {"name": node[part]}
+    *path, last = key.split(".")
+    node, owner = data, RunConfig
+    for part in path:
+        owner = section_of(owner.model_fields[part].annotation)
+        if isinstance(node.get(part), str) and owner._shorthand:  # `optimizer: sgd`, then a key
+            node[part] = {owner._shorthand: node[part]}
         elif not isinstance(node.get(part), dict):
             node[part] = {}
         node = node[part]
-    node[parts[-1]] = value
+    target = section_of(owner.model_fields[last].annotation) if last in owner.model_fields else None
+    if target and target._shorthand and isinstance(value, str) and isinstance(node.get(last), dict):
+        value = {**node[last], target._shorthand: value}  # a name keeps the keys given before
+    node[last] = value
 
 
 def read_yaml(path: str) -> dict:
@@ -266,27 +189,9 @@ def read_yaml(path: str) -> dict:
 
 
 def config_from_dict(data: dict) -> RunConfig:
-    """A validated `RunConfig` from a nested mapping (a YAML file's content)."""
-    data = dict(data)
-    preset = data.get("model_preset", RunConfig.model_preset)
-    if preset not in PRESETS:
-        raise ConfigError("model_preset", preset, f"one of {', '.join(PRESETS)}")
-    model = data.get("model") or {}
-    if not isinstance(model, dict):
-        raise ConfigError("model", model, "a mapping of ModelConfig fields")
-    data["model"] = {**PRESETS[preset], **model}
-    cfg = build(RunConfig, data)
-    if cfg.data.seq_len > cfg.model.max_position_embeddings:
-        raise ConfigError(
-            "data.seq_len",
-            cfg.data.seq_len,
-            f"at most model.max_position_embeddings ({cfg.model.max_position_embeddings})",
-        )
-    for i, stage in enumerate(cfg.stages):
-        # Each stage's overrides must make a valid QATConfig; store them coerced.
-        merged = build(QATConfig, {**asdict(cfg.qat), **stage.qat}, f"stages[{i}].qat")
-        stage.qat = {k: getattr(merged, k) for k in stage.qat}
-    return cfg
+    """A validated `RunConfig` from a nested mapping (a YAML file's content, or a stored
+    run config: `to_dict()` of a checkpoint, every key present)."""
+    return validate(RunConfig, data)
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
@@ -295,4 +200,145 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
     data = read_yaml(path) if path else {}
     for item in overrides:
         apply_override(data, item)
-    return config_from_dict(data)
+    refuse_ignored(data)
+    cfg = config_from_dict(data)
+    refuse_without_effect(data, cfg)
+    return cfg
+
+
+# Keys that only act in some settings: (key, applies(cfg), when it applies). A key the user
+# gives where it would do nothing is refused, so no setting is silently ignored.
+CONDITIONAL_KEYS: list[tuple[str, Any, str]] = [
+    ("diagnostics", lambda c: c.quantize, "quantize=true"),
+    ("training.optimizer.momentum", lambda c: c.training.optimizer.name == "sgd", "sgd"),
+    ("training.optimizer.nesterov", lambda c: c.training.optimizer.name == "sgd", "sgd"),
+    ("training.optimizer.beta1", lambda c: c.training.optimizer.name == "adamw", "adamw"),
+    ("training.optimizer.beta2", lambda c: c.training.optimizer.name == "adamw", "adamw"),
+    ("training.optimizer.eps", lambda c: c.training.optimizer.name == "adamw", "adamw"),
+    (
+        "training.scheduler.t_max",
+        lambda c: c.training.scheduler.name in ("linear", "cosine", "two_stage"),
+        "the linear, cosine or two_stage schedule",
+    ),
+    (
+        "training.scheduler.eta_min",
+        lambda c: c.training.scheduler.name != "constant",
+        "a decaying schedule (not constant)",
+    ),
+    (
+        "training.scheduler.stage_two_lr_factor",
+        lambda c: c.training.scheduler.name == "two_stage",
+        "the two_stage schedule",
+    ),
+    (
+        "training.scheduler.stage_two_weight_decay",
+        lambda c: c.training.scheduler.name == "two_stage",
+        "the two_stage schedule",
+    ),
+    (
+        "training.scheduler.decay_fraction",
+        lambda c: c.training.scheduler.name == "wsd",
+        "the wsd schedule",
+    ),
+    ("training.agc_eps", lambda c: c.training.agc_clip_factor is not None, "agc_clip_factor"),
+    *(
+        (f"training.{k}", lambda c: c.training.mixed_precision in ("fp16", "auto"), "fp16")
+        for k in ("init_scale", "growth_factor", "backoff_factor", "growth_interval")
+    ),
+    (
+        "training.early_stopping_min_delta",
+        lambda c: c.training.early_stopping_patience is not None,
+        "training.early_stopping_patience",
+    ),
+    (
+        "training.dataloader_workers",
+        lambda c: c.data.source == "stream",
+        "data.source=stream",
+    ),
+    ("data.shards_dir", lambda c: c.data.source == "shards", "data.source=shards"),
+    ("data.sampling", lambda c: c.data.source == "shards", "data.source=shards"),
+    ("data.shuffle_buffer", lambda c: c.data.source == "stream", "data.source=stream"),
+    (
+        "data.jsonl_field",
+        lambda c: c.data.source == "stream" or bool(c.data.val_files),
+        "data.source=stream or data.val_files (JSON lines)",
+    ),
+    (
+        "data.val_fraction",
+        lambda c: c.data.source in ("embedded", "files") and not c.data.val_files,
+        "data.source embedded or files without data.val_files",
+    ),
+    (
+        "qat.observer_momentum",
+        lambda c: c.qat.activation_observer == "ema",
+        "qat.activation_observer=ema",
+    ),
+    (
+        "qat.observer_percentile",
+        lambda c: c.qat.activation_observer == "percentile",
+        "qat.activation_observer=percentile",
+    ),
+    *(
+        (f"qat.{k}", lambda c: c.qat.activation_observer is not None, "qat.activation_observer")
+        for k in (
+            "online_calibration",
+            "calibration_frequency",
+            "calibration_samples",
+            "calibration_until",
+        )
+    ),
+    (
+        "qat.quant_noise_block_size",
+        lambda c: c.qat.quant_noise is not None,
+        "qat.quant_noise",
+    ),
+]
+
+
+def _given(data: dict, key: str) -> bool:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _value(cfg: Section, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def refuse_without_effect(data: dict, cfg: RunConfig) -> None:
+    """Refuse a key the user wrote (in `data`) with a value other than its default that `cfg`
+    would not use (`CONDITIONAL_KEYS`): e.g. `training.optimizer.momentum` with AdamW,
+    `data.shards_dir` without shards. (A printed config holds every key at its value: the
+    defaults among them load back.)"""
+    defaults = RunConfig()
+    for key, applies, when in CONDITIONAL_KEYS:
+        if _given(data, key) and not applies(cfg) and _value(cfg, key) != _value(defaults, key):
+            raise BitNetError(
+                f"{key}={_value(cfg, key)!r} has no effect here: it applies only with {when}"
+            )
+
+
+def refuse_ignored(data: dict) -> None:
+    """Refuse keys a user gave that the run would ignore: `model_preset` or other model keys
+    beside `model.pretrained` (the architecture comes from the pretrained model), and
+    `data.train_files` with `data.source` embedded or shards. (Stored run configs hold every
+    key, so this checks what a user wrote, not `config_from_dict`'s input.)"""
+    model, d = data.get("model"), data.get("data")
+    if isinstance(model, dict) and model.get("pretrained"):
+        other = [f"model.{k}" for k in model if k != "pretrained"]
+        other += ["model_preset"] if "model_preset" in data else []
+        if other:
+            raise BitNetError(
+                f"{other[0]} and model.pretrained exclude each other: the architecture comes "
+                "from the pretrained model"
+            )
+    if isinstance(d, dict) and d.get("train_files") and d.get("source") in ("embedded", "shards"):
+        raise BitNetError(
+            f"data.train_files and data.source={d['source']} exclude each other: train on "
+            "files with data.source=files or stream (or leave data.source out)"
+        )

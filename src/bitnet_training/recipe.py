@@ -29,9 +29,12 @@ from torch import nn
 from .callback import Callback
 from .config import RunConfig, apply_override, config_from_dict
 from .data import Datasets, build_datasets, tokenizer_for, tokenizer_id
+from .data.hf_tokenizer import PretrainedTokenizer, has_tokenizer_files
 from .errors import BitNetError
 from .models import BitNetLM
+from .models.pretrained import Pretrained, build_from_base, load_pretrained, save_base_files
 from .nn import BitLinear, MultiStage, QuantizationTuner, TernaryDiagnostics, quantize_model
+from .nn.subln import insert_subln
 from .optim import build_optimizer
 from .train import ProgressBar, Trainer, TrainResult, list_checkpoints
 from .train import checkpoint as ckpt_io
@@ -40,14 +43,85 @@ log = logging.getLogger("bitnet_training")
 
 
 # ------------------------------------------------------------------- 1. the model
-def load_model(cfg: RunConfig) -> tuple[nn.Module, object | None, list[str]]:
-    """The full-precision model `cfg` describes, initialized under `training.seed`: the
-    `model_preset` shape with `model.*` overrides (a `BitNetLM` with plain `nn.Linear`s).
-    Returns (model, the model's own tokenizer or None, notes for the log)."""
+@dataclass
+class Loaded:
+    """What `load_model` built: the full-precision model, the model's own tokenizer (None:
+    the data source's), the pretrained base to copy into the run (None for presets and
+    rebuilt bases), and notes for the log."""
+
+    model: nn.Module
+    tokenizer: object | None = None
+    base: Pretrained | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def load_model(cfg: RunConfig, run_dir: str | None = None) -> Loaded:
+    """The full-precision model `cfg` describes, initialized under `training.seed`.
+
+    Without `model.pretrained`: the `model_preset` shape with `model.*` overrides (a
+    `BitNetLM` with plain `nn.Linear`s). With it: a `transformers` directory, a GGUF file or
+    a `transformers` BitNet checkpoint (`load_pretrained`), with its own tokenizer; or a run
+    or checkpoint of ours (its model, weights loaded, layers back to plain `nn.Linear`).
+    When `run_dir` holds the run's copy of its base (`base/`, written at its start), the
+    architecture is rebuilt from that copy (the weights come from the run's checkpoint), so
+    evaluation, generation and resume need only the run directory.
+    """
     torch.manual_seed(cfg.training.seed)
-    model = BitNetLM(cfg.model)
-    n = sum(p.numel() for p in model.parameters())
-    return model, None, [f"model: {cfg.model_preset}, {n / 1e6:.2f} M parameters"]
+    src = cfg.model.pretrained
+    if not src:
+        model = BitNetLM(cfg.model)
+        n = sum(p.numel() for p in model.parameters())
+        return Loaded(model, notes=[f"model: {cfg.model_preset}, {n / 1e6:.2f} M parameters"])
+    base_dir = os.path.join(run_dir, "base") if run_dir else None
+    if base_dir and os.path.isfile(os.path.join(base_dir, "source.json")):
+        model = build_from_base(base_dir)
+        tok = PretrainedTokenizer(base_dir) if has_tokenizer_files(base_dir) else None
+        return Loaded(model, tok, notes=[f"model: {src} (architecture from {base_dir})"])
+    if _is_run(src):
+        return _load_our_run(src)
+    p = load_pretrained(src, requantizable=cfg.quantize)
+    n = sum(q.numel() for q in p.model.parameters())
+    note = f"model: {p.kind} {p.source} ({n / 1e6:.2f} M parameters, base {p.fingerprint})"
+    return Loaded(p.model, p.tokenizer, p, [note])
+
+
+def _is_run(path: str) -> bool:
+    """Whether `path` is a run directory or checkpoint of ours (not a pretrained model)."""
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
+        return False
+    return os.path.isfile(os.path.join(path, ckpt_io.STATE_FILE)) or bool(list_checkpoints(path))
+
+
+def _load_our_run(path: str) -> Loaded:
+    """A run (or checkpoint) of ours as a base: its model built as that run built it, its
+    weights loaded, then every `BitLinear` turned back into a plain `nn.Linear` with the same
+    latent weights, so this run's transforms apply afresh (quantizer state is dropped)."""
+    ckpt = ckpt_io.resolve_checkpoint(path)
+    stored = ckpt_io.read_metadata(ckpt).get("run_config")
+    if not isinstance(stored, dict):
+        raise BitNetError(f"checkpoint {ckpt!r} has no run config (not written by bitnet-train)")
+    old = config_from_dict(stored)
+    if old.quantize and old.qat.norm_placement == "input":
+        raise BitNetError(
+            f"model.pretrained={path!r} was trained with qat.norm_placement=input, whose "
+            "norms live inside its quantized layers: start from it with init_from instead"
+        )
+    loaded = load_model(old, run_dir=os.path.dirname(ckpt))
+    apply_transforms(loaded.model, old)
+    ckpt_io.load_model_weights(loaded.model, ckpt)
+    _plain_linears(loaded.model)
+    loaded.notes = [f"model: the weights of {ckpt}"]
+    loaded.base = None
+    return loaded
+
+
+def _plain_linears(model: nn.Module) -> None:
+    """Replace each `BitLinear` by an `nn.Linear` holding the same weight and bias tensors."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, BitLinear):
+            lin = nn.Linear(m.in_features, m.out_features, m.bias is not None, device="meta")
+            lin.weight, lin.bias = m.weight, m.bias
+            model.set_submodule(name, lin)
 
 
 # -------------------------------------------------------------- 2. the transforms
@@ -57,6 +131,9 @@ def apply_transforms(model: nn.Module, cfg: RunConfig) -> list[str]:
     their issues). Returns notes for the log."""
     notes = []
     if cfg.quantize:
+        if cfg.qat.norm_placement == "subln":
+            added = insert_subln(model)
+            notes.append(f"subln: {len(added)} sub-norms inserted" if added else "subln: present")
         report = quantize_model(model, cfg.qat)
         notes.append(f"quantize: {report}".splitlines()[0])
     return notes
@@ -137,11 +214,17 @@ def prepare(
     prepare_output_dir(out, resume, overwrite)
     if resume is not None:
         _check_resumable(cfg, out if resume == "latest" else resume)
-    model, own_tokenizer, notes = load_model(cfg)
-    tokenizer = own_tokenizer or tokenizer_for(cfg.data)
+    loaded = load_model(cfg, run_dir=out if resume is not None else None)
+    model, notes = loaded.model, loaded.notes
+    tokenizer = loaded.tokenizer or tokenizer_for(cfg.data)
     check_vocab(model, tokenizer)
+    check_seq_len(model, cfg.data.seq_len)
+    if cfg.data.source == "shards" and loaded.tokenizer is not None:
+        _same_tokenizer(tokenizer_for(cfg.data), tokenizer, cfg.data.shards_dir)
     if resume is not None:
         check_tokenizer(out if resume == "latest" else resume, tokenizer)
+    elif _is_run(cfg.model.pretrained or ""):
+        check_tokenizer(cfg.model.pretrained, tokenizer)
     t0 = time.perf_counter()
     data = build_datasets(cfg.data, tokenizer, cfg.training.seed)
     notes.insert(0, _describe(cfg, data, time.perf_counter() - t0))
@@ -154,6 +237,14 @@ def prepare(
         "data": data.info,
         "tokenizer_id": tokenizer_id(tokenizer),
     }
+    if loaded.base is not None:
+        # The run keeps its base's config and tokenizer: eval / generate / resume need only it.
+        save_base_files(loaded.base, out)
+        metadata["base"] = {
+            "kind": loaded.base.kind,
+            "source": loaded.base.source,
+            "fingerprint": loaded.base.fingerprint,
+        }
     trainer = Trainer(
         model,
         cfg.training,
@@ -186,12 +277,55 @@ def load_run(path: str, overrides: list[str] = ()) -> tuple[RunConfig, nn.Module
     for item in overrides:
         apply_override(data, item)
     cfg = config_from_dict(data)
-    model, own_tokenizer, _ = load_model(cfg)
-    apply_transforms(model, cfg)
-    ckpt_io.load_model_weights(model, ckpt)
-    tokenizer = own_tokenizer or tokenizer_for(cfg.data)
+    loaded = load_model(cfg, run_dir=os.path.dirname(os.path.abspath(ckpt)))
+    apply_transforms(loaded.model, cfg)
+    ckpt_io.load_model_weights(loaded.model, ckpt)
+    tokenizer = loaded.tokenizer or tokenizer_for(cfg.data)
     check_tokenizer(ckpt, tokenizer)
-    return cfg, model, tokenizer, ckpt
+    return cfg, loaded.model, tokenizer, ckpt
+
+
+def generate_text(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    seed: int,
+) -> str:
+    """`prompt` continued by `model` (sampling when temperature > 0, else greedy), with
+    `BitNetLM.generate` or a `transformers` model's own `generate`."""
+    # Training text is documents joined by EOS, so a document starts right after an EOS:
+    # prefixing one makes the prompt look like the start of a document.
+    ids = torch.tensor([[tokenizer.eos_token_id, *tokenizer.encode(prompt)]])
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int):
+        max_new_tokens = max(0, min(max_new_tokens, limit - ids.shape[1]))
+    sampling = dict(do_sample=temperature > 0, temperature=temperature or 1.0, top_k=top_k)
+    model.eval()
+    with torch.no_grad():
+        if isinstance(model, BitNetLM):
+            out = model.generate(
+                ids,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                generator=torch.Generator().manual_seed(seed),
+                vocab_limit=tokenizer.vocab_size,
+                **sampling,
+            )
+        else:  # a transformers model: its generate draws from the global generator
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                out = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.eos_token_id,
+                    **sampling,
+                )
+    return tokenizer.decode(out[0])
 
 
 # ----------------------------------------------------------------------- checks
@@ -206,6 +340,25 @@ def check_vocab(model: nn.Module, tokenizer) -> None:
         raise BitNetError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has "
             f"{rows}: set model.vocab_size >= {tokenizer.vocab_size}"
+        )
+
+
+def check_seq_len(model: nn.Module, seq_len: int) -> None:
+    """Refuse windows longer than the model's positions (`max_position_embeddings`)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise BitNetError(
+            f"data.seq_len={seq_len} is invalid: expected at most the model's "
+            f"max_position_embeddings ({limit})"
+        )
+
+
+def _same_tokenizer(shards_tokenizer, model_tokenizer, shards_dir: str) -> None:
+    a, b = tokenizer_id(shards_tokenizer), tokenizer_id(model_tokenizer)
+    if a != b:
+        raise BitNetError(
+            f"the shards in {shards_dir!r} were made with tokenizer {a}, the model's is {b}: "
+            "preprocess with --tokenizer set to the model's tokenizer.json"
         )
 
 
@@ -270,6 +423,8 @@ def _absolute_paths(cfg: RunConfig) -> None:
         d.shards_dir = os.path.abspath(d.shards_dir)
     if cfg.init_from:
         cfg.init_from = os.path.abspath(cfg.init_from)
+    if cfg.model.pretrained:
+        cfg.model.pretrained = os.path.abspath(cfg.model.pretrained)
 
 
 def _init_from(model: nn.Module, path: str, tokenizer) -> str:

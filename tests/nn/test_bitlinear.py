@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitnet_training import BitLinear, QATConfig
-from bitnet_training.errors import ConfigError
+from bitnet_training.errors import BitNetError, ConfigError
 from bitnet_training.nn.norm import RMSNorm
 
 
@@ -230,8 +230,10 @@ def test_qat_config_defaults_and_validation():
     ]:
         with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(".", r"\.")):
             QATConfig(**kwargs)
-    with pytest.raises(ConfigError, match="QATConfig.wieght_bits"):
-        QATConfig.from_dict({"wieght_bits": 2})
+    with pytest.raises(
+        BitNetError, match="'QATConfig.wieght_bits' .did you mean 'QATConfig.weight_bits'"
+    ):
+        QATConfig(wieght_bits=2)
 
 
 def test_layers_reading_the_same_input_share_its_codes():

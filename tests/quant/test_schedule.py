@@ -64,9 +64,12 @@ def test_bit_stages():
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        (dict(weight_schedule={"shape": "exp"}), "qat.schedule.shape"),
-        (dict(weight_schedule={"start_step": 10, "end_step": 5}), "qat.schedule.end_step"),
-        (dict(weight_bit_stages=[[0, 3.3]]), "qat.weight_bit_stages.bits"),
+        (dict(weight_schedule={"shape": "exp"}), "QATConfig.weight_schedule.shape"),
+        (
+            dict(weight_schedule={"start_step": 10, "end_step": 5}),
+            "QATConfig.weight_schedule.end_step",
+        ),
+        (dict(weight_bit_stages=[[0, 3.3]]), "QATConfig.weight_bit_stages[0].bits"),
         (dict(quant_noise=0.0), "QATConfig.quant_noise"),
         (dict(quant_noise=1.5), "QATConfig.quant_noise"),
         (dict(noise_factor=-1), "QATConfig.noise_factor"),

@@ -3,45 +3,40 @@ and span corruption. Off by default."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
+from pydantic import Field
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError
+from ..settings import Section
 from .sampler import EpochAware
 
 
-@dataclass
-class AugmentConfig:
-    """Each probability applies per token position of a training window.
+class AugmentConfig(Section):
+    """Token-level augmentation; each probability applies per token position of a training
+    window."""
 
-    mask_prob: replace the input token by `mask_token_id` (labels keep the original token:
-        the model learns to predict through noise).
-    swap_prob: swap the input token with its right neighbour (non-overlapping pairs; labels
-        keep the original order).
-    delete_prob: drop the token from the window (input and labels; the window is padded at
-        the end, padded labels are -100).
-    span_prob: start a span of `span_length` tokens there, replaced by one mask token (T5-style
-        span corruption; input and labels, padded like deletion).
-    mask_token_id: the id used for masks (None: the tokenizer's pad id, or its EOS).
-    """
+    _path = "data.augment"
 
-    mask_prob: float = 0.0
-    swap_prob: float = 0.0
-    delete_prob: float = 0.0
-    span_prob: float = 0.0
-    span_length: int = 3
-    mask_token_id: int | None = None
-
-    def __post_init__(self):
-        for name in ("mask_prob", "swap_prob", "delete_prob", "span_prob"):
-            v = getattr(self, name)
-            if not isinstance(v, int | float) or isinstance(v, bool) or not 0 <= v < 1:
-                raise ConfigError(f"data.augment.{name}", v, "a probability in [0, 1)")
-        if not isinstance(self.span_length, int) or self.span_length < 1:
-            raise ConfigError("data.augment.span_length", self.span_length, "a positive integer")
+    mask_prob: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="replace the input token by mask_token_id (labels keep the original)",
+    )
+    swap_prob: float = Field(
+        0.0, ge=0, lt=1, description="swap the input token with its right neighbour"
+    )
+    delete_prob: float = Field(
+        0.0, ge=0, lt=1, description="drop the token (the window is padded at the end)"
+    )
+    span_prob: float = Field(
+        0.0, ge=0, lt=1, description="start a span there, replaced by one mask (T5-style)"
+    )
+    span_length: int = Field(3, gt=0, description="tokens per corrupted span")
+    mask_token_id: int | None = Field(
+        None, ge=0, description="the mask id (None: the tokenizer's pad id, or its EOS)"
+    )
 
     @property
     def enabled(self) -> bool:

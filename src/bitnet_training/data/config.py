@@ -2,74 +2,79 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from ..errors import ConfigError
+from ..settings import Section
 from .augment import AugmentConfig
 
-DATA_SOURCES = ("embedded", "files", "shards", "stream")
 
+class DataConfig(Section):
+    """Where training text comes from and how it is cut."""
 
-@dataclass
-class DataConfig:
-    """Where training text comes from and how it is cut.
+    _path = "data"
 
-    source: `embedded` (the corpus shipped with Python, split by document), `files`
-        (`train_files`, and `val_files` for validation; without `val_files` the training
-        files are split by file with `val_fraction`) or `shards` (`shards_dir`, written by
-        `bitnet-train preprocess`: memory-mapped, with its own tokenizer and split) or
-        `stream` (`train_files`: text / JSON lines (`jsonl_field`) / .gz, files, directories
-        or globs, read lazily with the byte tokenizer, windows shuffled through
-        `shuffle_buffer`; `val_files` read into memory; needs `training.max_steps`).
-    sampling: for shards, `sequential` (packed windows, shuffled per epoch) or `random`
-        (nanoGPT-style windows at random offsets).
-    augment: token-level augmentation of the training windows (`AugmentConfig`; off).
-    seq_len: tokens per training window.
-    val_fraction: share of documents held out for validation.
-    """
+    source: Literal["embedded", "files", "shards", "stream"] = Field(
+        "embedded",
+        description="embedded: the corpus shipped with Python; files: train_files (plain "
+        "text); shards: shards_dir from `bitnet-train preprocess`; stream: train_files read "
+        "lazily (text, JSON lines, .gz, directories, globs; needs training.max_steps). "
+        "Default: files when train_files is given, else embedded",
+    )
+    train_files: list[str] = Field(
+        default_factory=list,
+        description="training files; giving them implies source: files (with source embedded "
+        "or shards they are refused)",
+    )
+    val_files: list[str] = Field(
+        default_factory=list,
+        description="validation files (files without them: train_files split by val_fraction)",
+    )
+    shards_dir: str = Field("", description="shards: the directory `preprocess` wrote")
+    sampling: Literal["sequential", "random"] = Field(
+        "sequential",
+        description="shards: packed windows shuffled per epoch, or nanoGPT-style random offsets",
+    )
+    shuffle_buffer: int = Field(1024, ge=0, description="stream: windows shuffled together")
+    jsonl_field: str = Field("text", description="stream: the JSON lines field holding text")
+    seq_len: int = Field(256, ge=2, description="tokens per training window")
+    val_fraction: float = Field(
+        0.05, ge=0, lt=1, description="share of documents held out for validation"
+    )
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig, description="token-level augmentation (off)"
+    )
 
-    source: str = "embedded"
-    train_files: list[str] = field(default_factory=list)
-    val_files: list[str] = field(default_factory=list)
-    shards_dir: str = ""
-    sampling: str = "sequential"
-    shuffle_buffer: int = 1024
-    jsonl_field: str = "text"
-    seq_len: int = 256
-    val_fraction: float = 0.05
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    @model_validator(mode="before")
+    @classmethod
+    def _files_imply_source(cls, data):
+        if isinstance(data, dict) and data.get("train_files") and "source" not in data:
+            return {**data, "source": "files"}
+        return data
 
-    def __post_init__(self):
-        if self.source not in DATA_SOURCES:
-            raise ConfigError("data.source", self.source, " or ".join(DATA_SOURCES))
-        if not isinstance(self.seq_len, int) or isinstance(self.seq_len, bool) or self.seq_len < 2:
-            raise ConfigError("data.seq_len", self.seq_len, "an integer >= 2")
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError("data.val_fraction", self.val_fraction, "a number in [0, 1)")
-        if self.sampling not in ("sequential", "random"):
-            raise ConfigError("data.sampling", self.sampling, "sequential or random")
+    @model_validator(mode="after")
+    def _check(self):
         if self.source == "shards" and not self.shards_dir:
             raise ConfigError(
-                "data.shards_dir", self.shards_dir, "a directory written by bitnet-train preprocess"
+                "shards_dir", self.shards_dir, "a directory written by bitnet-train preprocess"
             )
-        if not isinstance(self.shuffle_buffer, int) or self.shuffle_buffer < 0:
-            raise ConfigError("data.shuffle_buffer", self.shuffle_buffer, "an integer >= 0")
         if self.augment.enabled and self.source == "stream":
             raise ConfigError(
-                "data.augment",
+                "augment",
                 "on",
                 "off with data.source=stream (augmentation applies to embedded, files and shards)",
             )
-        if self.source == "files":
-            odd = [
-                f
-                for f in self.train_files + self.val_files
-                if f.endswith((".gz", ".jsonl", ".json", ".ndjson"))
-            ]
-            if odd:
-                raise ConfigError(
-                    "data.train_files",
-                    odd[0],
-                    "plain text files with data.source=files (JSON lines and .gz: "
-                    "data.source=stream, or bitnet-train preprocess)",
-                )
+        odd = [f for f in self.train_files + self.val_files if f.endswith(JSON_OR_GZ)]
+        if self.source == "files" and odd:
+            raise ConfigError(
+                "train_files",
+                odd[0],
+                "plain text files with data.source=files (JSON lines and .gz: "
+                "data.source=stream, or bitnet-train preprocess)",
+            )
+        return self
+
+
+JSON_OR_GZ = (".gz", ".jsonl", ".json", ".ndjson")

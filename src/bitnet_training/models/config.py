@@ -2,70 +2,75 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from pydantic import Field, model_validator
 
 from ..errors import BitNetError, ConfigError
+from ..settings import Section
+
+PRESETS: dict[str, dict] = {
+    # 256 byte tokens + special tokens, padded to a multiple of 64.
+    "tiny": dict(vocab_size=320, hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
+                 num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024),
+    "small": dict(vocab_size=320, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                  num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048),
+    # microsoft/bitnet-b1.58-2B-4T's config.json.
+    "2b4t": dict(vocab_size=128256, hidden_size=2560, intermediate_size=6912,
+                 num_hidden_layers=30, num_attention_heads=20, num_key_value_heads=5,
+                 max_position_embeddings=4096, tie_word_embeddings=True,
+                 bos_token_id=128000, eos_token_id=128001),
+}  # fmt: skip
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """Architecture hyper-parameters, named as `transformers`' `BitNetConfig` names them.
+    Defaults are the `tiny` preset; `head_dim` is filled in."""
 
-    Defaults are the `tiny` preset. `head_dim` defaults to hidden_size / num_attention_heads.
-    """
+    _path = "model"
 
-    vocab_size: int = 320
-    hidden_size: int = 384
-    intermediate_size: int = 1024
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 6
-    num_key_value_heads: int = 2
-    head_dim: int | None = None
-    max_position_embeddings: int = 1024
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 500000.0
-    initializer_range: float = 0.02
-    tie_word_embeddings: bool = False
-    bos_token_id: int | None = None
-    eos_token_id: int | None = None
-    pad_token_id: int | None = None
+    pretrained: str = Field(
+        "",
+        description="a local transformers checkpoint directory, a GGUF file or a run / "
+        "checkpoint directory of ours: the architecture comes from it (no other model key, "
+        "no model_preset)",
+    )
+    vocab_size: int = Field(320, gt=0, description="token ids 0 .. vocab_size - 1")
+    hidden_size: int = Field(384, gt=0, description="the residual stream's width")
+    intermediate_size: int = Field(1024, gt=0, description="the MLP's inner width")
+    num_hidden_layers: int = Field(4, gt=0, description="decoder layers")
+    num_attention_heads: int = Field(6, gt=0, description="query heads")
+    num_key_value_heads: int = Field(
+        2, gt=0, description="key / value heads (grouped-query attention)"
+    )
+    head_dim: int | None = Field(
+        None, gt=0, description="per-head width, even (None: hidden_size / num_attention_heads)"
+    )
+    max_position_embeddings: int = Field(1024, gt=0, description="the longest sequence")
+    rms_norm_eps: float = Field(1e-5, gt=0, description="RMSNorm's epsilon")
+    rope_theta: float = Field(500000.0, gt=0, description="rotary embeddings' base")
+    initializer_range: float = Field(0.02, ge=0, description="std of the initial weights")
+    tie_word_embeddings: bool = Field(False, description="the LM head shares the embedding")
+    bos_token_id: int | None = Field(None, description="begin-of-sequence id")
+    eos_token_id: int | None = Field(None, description="end-of-sequence id")
+    pad_token_id: int | None = Field(None, description="padding id")
 
-    def __post_init__(self):
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "max_position_embeddings",
-        ):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"model.{name}", v, "a positive integer")
-        if self.num_attention_heads % self.num_key_value_heads:
+    @model_validator(mode="after")
+    def _check(self):
+        heads, kv = self.num_attention_heads, self.num_key_value_heads
+        if heads % kv:
             raise ConfigError(
-                "model.num_key_value_heads",
-                self.num_key_value_heads,
-                f"a divisor of num_attention_heads ({self.num_attention_heads})",
+                "num_key_value_heads", kv, f"a divisor of num_attention_heads ({heads})"
             )
         if self.head_dim is None:
-            if self.hidden_size % self.num_attention_heads:
+            if self.hidden_size % heads:
                 raise ConfigError(
-                    "model.num_attention_heads",
-                    self.num_attention_heads,
+                    "num_attention_heads",
+                    heads,
                     f"a divisor of hidden_size ({self.hidden_size}) unless head_dim is set",
                 )
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        hd = self.head_dim
-        if not isinstance(hd, int) or isinstance(hd, bool) or hd < 2 or hd % 2:
-            raise ConfigError(
-                "model.head_dim", hd, "a positive even integer (rotary pairs) or None"
-            )
-        if not self.rms_norm_eps > 0:
-            raise ConfigError("model.rms_norm_eps", self.rms_norm_eps, "a positive number")
-        if not self.rope_theta > 0:
-            raise ConfigError("model.rope_theta", self.rope_theta, "a positive number")
+            self.__dict__["head_dim"] = self.hidden_size // heads  # no re-validation
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ConfigError("head_dim", self.head_dim, "an even integer >= 2 (rotary pairs)")
+        return self
 
     @classmethod
     def preset(cls, name: str, **overrides) -> ModelConfig:
@@ -88,30 +93,3 @@ class ModelConfig:
         emb = self.vocab_size * h
         head = 0 if self.tie_word_embeddings else emb
         return emb + L * layer + h + head
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        for key in d:
-            if key not in known:
-                raise ConfigError(
-                    f"model.{key}", d[key], f"a known field ({', '.join(sorted(known))})"
-                )
-        return cls(**d)
-
-
-PRESETS: dict[str, dict] = {
-    # 256 byte tokens + special tokens, padded to a multiple of 64.
-    "tiny": dict(vocab_size=320, hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
-                 num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024),
-    "small": dict(vocab_size=320, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
-                  num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048),
-    # microsoft/bitnet-b1.58-2B-4T's config.json.
-    "2b4t": dict(vocab_size=128256, hidden_size=2560, intermediate_size=6912,
-                 num_hidden_layers=30, num_attention_heads=20, num_key_value_heads=5,
-                 max_position_embeddings=4096, tie_word_embeddings=True,
-                 bos_token_id=128000, eos_token_id=128001),
-}  # fmt: skip

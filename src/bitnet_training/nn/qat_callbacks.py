@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 
 from ..callback import Callback
@@ -25,6 +25,7 @@ from ..errors import BitNetError, ConfigError
 from ..quant.config import QATConfig
 from ..quant.fake_quant import quantize
 from ..quant.functional import Quantized, dequantize
+from ..settings import Refused, Section, unknown_key
 
 if TYPE_CHECKING:
     from .bitlinear import BitLinear
@@ -334,29 +335,35 @@ class TernaryDiagnostics(Callback):
         logs.update(self.clipping())
 
 
-@dataclass
-class TrainingStage:
+class TrainingStage(Section):
     """One stage of a multi-stage run: `steps` optimizer steps (the last stage runs on to
-    the end), its own QAT settings (`qat`: QATConfig fields overriding the run's) and a
-    learning-rate factor applied on top of the schedule."""
+    the end), its own QAT settings and a learning-rate factor applied on top of the
+    schedule."""
 
-    steps: int
-    name: str = ""
-    lr_factor: float = 1.0
-    qat: dict = field(default_factory=dict)
+    _path = "stages"
+    _as_list = True
 
-    def __post_init__(self):
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
-            raise ConfigError("stages.steps", self.steps, "a positive integer")
-        if not isinstance(self.lr_factor, int | float) or not self.lr_factor > 0:
-            raise ConfigError("stages.lr_factor", self.lr_factor, "a positive number")
-        bad = STRUCTURAL_QAT_FIELDS & set(self.qat)
+    steps: int = Field(gt=0, description="optimizer steps (the last stage runs to the end)")
+    name: str = Field("", description="shown in the logs")
+    lr_factor: float = Field(1.0, gt=0, description="multiplies the scheduled LR")
+    qat: dict[str, Any] = Field(
+        default_factory=dict, description="qat keys overriding the run's for this stage"
+    )
+
+    @field_validator("qat")
+    @classmethod
+    def _settings_only(cls, qat):
+        for key in qat:
+            if key not in QATConfig.model_fields:
+                raise Refused(key, unknown_key(QATConfig, key))
+        bad = sorted(STRUCTURAL_QAT_FIELDS & set(qat))
         if bad:
             raise ConfigError(
-                f"stages.qat.{sorted(bad)[0]}",
-                self.qat[sorted(bad)[0]],
+                bad[0],
+                qat[bad[0]],
                 "the run's value: it changes the layers' structure, not a setting",
             )
+        return qat
 
 
 # Fields that decide which buffers and parameters a BitLinear has: fixed for a whole run.

@@ -14,20 +14,16 @@ Both are pure functions of the optimizer step, so a resumed run continues exactl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from ..errors import ConfigError
+from ..settings import Section
 from .fake_quant import WEIGHT_BITS
 
-SHAPES = ("linear", "cosine", "sigmoid", "step")
 
-
-def _num(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-@dataclass
-class QuantizationSchedule:
+class QuantizationSchedule(Section):
     """lambda(step): 0 before `start_step`, 1 from `end_step` on, and between them
 
     linear: t;  cosine: (1 - cos(pi t)) / 2;  sigmoid: a logistic in t centred at 1/2 with
@@ -38,33 +34,28 @@ class QuantizationSchedule:
     known (see `resolve`).
     """
 
-    shape: str = "linear"
-    start_step: int = 0
-    end_step: int = 1000
-    start_epoch: float | None = None
-    end_epoch: float | None = None
-    sharpness: float = 10.0
+    _path = "QuantizationSchedule"
 
-    def __post_init__(self):
-        p = "qat.schedule"
-        if self.shape not in SHAPES:
-            raise ConfigError(f"{p}.shape", self.shape, ", ".join(SHAPES))
-        for name in ("start_step", "end_step"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ConfigError(f"{p}.{name}", v, "an integer >= 0")
+    shape: Literal["linear", "cosine", "sigmoid", "step"] = Field(
+        "linear", description="how lambda rises from 0 to 1"
+    )
+    start_step: int = Field(0, ge=0, description="lambda is 0 before this optimizer step")
+    end_step: int = Field(1000, ge=0, description="lambda is 1 from this optimizer step on")
+    start_epoch: float | None = Field(
+        None, ge=0, description="replaces start_step when set (fractional epochs allowed)"
+    )
+    end_epoch: float | None = Field(None, ge=0, description="replaces end_step when set")
+    sharpness: float = Field(10.0, gt=0, description="sigmoid: the logistic's slope")
+
+    @model_validator(mode="after")
+    def _check(self):
         if self.end_step < self.start_step:
-            raise ConfigError(f"{p}.end_step", self.end_step, f">= start_step ({self.start_step})")
-        for name in ("start_epoch", "end_epoch"):
-            v = getattr(self, name)
-            if v is not None and not (_num(v) and v >= 0):
-                raise ConfigError(f"{p}.{name}", v, "a number >= 0 or None")
+            raise ConfigError("end_step", self.end_step, f">= start_step ({self.start_step})")
         if (self.start_epoch is None) != (self.end_epoch is None):
-            raise ConfigError(f"{p}.end_epoch", self.end_epoch, "set together with start_epoch")
+            raise ConfigError("end_epoch", self.end_epoch, "set together with start_epoch")
         if self.start_epoch is not None and self.end_epoch < self.start_epoch:
-            raise ConfigError(f"{p}.end_epoch", self.end_epoch, ">= start_epoch")
-        if not (_num(self.sharpness) and self.sharpness > 0):
-            raise ConfigError(f"{p}.sharpness", self.sharpness, "a positive number")
+            raise ConfigError("end_epoch", self.end_epoch, ">= start_epoch")
+        return self
 
     def resolve(self, steps_per_epoch: float) -> QuantizationSchedule:
         """The same schedule in steps (epoch bounds converted; step bounds kept)."""
@@ -100,24 +91,14 @@ class QuantizationSchedule:
         return (logistic(t) - lo) / (hi - lo)
 
 
-@dataclass
-class BitStage:
+class BitStage(Section):
     """Weights quantize to `bits` from optimizer step `step` on (until the next stage)."""
 
-    step: int = 0
-    bits: float = 1.58
+    _path = "BitStage"
+    _as_list = True
 
-    def __post_init__(self):
-        if not isinstance(self.step, int) or isinstance(self.step, bool) or self.step < 0:
-            raise ConfigError("qat.weight_bit_stages.step", self.step, "an integer >= 0")
-        if isinstance(self.bits, float) and self.bits.is_integer():
-            self.bits = int(self.bits)
-        if self.bits not in WEIGHT_BITS:
-            raise ConfigError(
-                "qat.weight_bit_stages.bits",
-                self.bits,
-                f"one of {', '.join(map(str, WEIGHT_BITS))}",
-            )
+    step: int = Field(0, ge=0, description="the first optimizer step of the stage")
+    bits: Literal[WEIGHT_BITS] = Field(1.58, description="the weight bit width from then on")
 
 
 def bits_at(stages: list[BitStage], step: int, default: float) -> float:
