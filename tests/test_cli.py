@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -162,6 +163,13 @@ def test_incompatible_and_unknown_checkpoints_exit_2(tmp_path, capsys, corpus):
     assert code == 0, err
     ckpt = out_dir / "checkpoint-00000002"
     code, _, err = run(capsys, "eval", ckpt, "model.hidden_size=128")
+    assert code == 2 and "not 'model.hidden_size' (it would have no effect)" in err
+    meta = json.loads((ckpt / "metadata.json").read_text())
+    meta["run_config"]["model"]["hidden_size"] = 128  # a checkpoint of another shape
+    other = tmp_path / "other"
+    shutil.copytree(ckpt, other)
+    (other / "metadata.json").write_text(json.dumps(meta))
+    code, _, err = run(capsys, "eval", other)
     assert code == 2 and "does not fit this model" in err
     code, _, err = run(capsys, "eval", tmp_path / "nothing")
     assert code == 2 and "does not exist" in err

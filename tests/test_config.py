@@ -311,3 +311,25 @@ def test_settings_with_effect_and_defaults_load():
         ],
     )
     assert cfg.training.optimizer.momentum == 0.5 and cfg.training.scheduler.decay_fraction == 0.5
+
+
+def test_stage_settings_fixed_for_the_run_are_refused():
+    with pytest.raises(ConfigError, match="fixed for the whole run"):
+        load_config(None, ["stages=[{steps: 2, qat: {latent_clip: 0.5}}]"])
+
+
+def test_stored_configs_of_older_versions_migrate():
+    from bitnet_training.config import migrate_stored
+
+    old = RunConfig().to_dict()
+    old["training"]["optimizer"].update(name="qat_adamw", latent_clip=2.0)
+    old["qat"].pop("norm_placement")
+    old["qat"]["input_norm"] = True
+    cfg = config_from_dict(migrate_stored(old))
+    assert cfg.training.optimizer.name == "adamw" and cfg.qat.weight_decay_on == "linear"
+    assert cfg.qat.latent_clip == 2.0 and cfg.qat.norm_placement == "input"
+
+
+def test_a_yaml_list_override():
+    cfg = load_config(None, ["data.train_files=[a.txt, b.txt]"])
+    assert cfg.data.train_files == ["a.txt", "b.txt"]

@@ -17,6 +17,7 @@ LAYERS = {
     "monitoring": 1,
     "nn": 2,
     "models": 3,
+    "peft": 3,
     "train": 4,
     "config": 5,
     "recipe": 6,

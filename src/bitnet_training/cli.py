@@ -13,15 +13,15 @@ after saving its checkpoint.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
-import math
 import os
 import sys
 
 from . import __version__, recipe
-from .config import load_config
+from .config import SampleConfig, load_config
 from .data import PreprocessConfig, build_eval_dataset, preprocess
-from .errors import BitNetError
+from .errors import BitNetError, ConfigError
 from .train import Trainer
 
 log = logging.getLogger("bitnet_training")
@@ -144,8 +144,10 @@ def cmd_train(args) -> int:
     if args.print_config:
         sys.stdout.write(cfg.to_yaml())
         return 0
-    if not cfg.quantize and (cfg.stages or cfg.qat_tuner is not None):
-        raise BitNetError("stages and qat_tuner need quantize=true")
+    if args.no_progress and importlib.util.find_spec("transformers") is not None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its weight-loading bars, too
     run, result = recipe.train(cfg, args.resume, args.overwrite, progress=not args.no_progress)
     _print_summary(run, result)
     if result.interrupted:
@@ -195,8 +197,21 @@ def _print_summary(run: recipe.Run, result) -> None:
     sys.stdout.write("\n".join(lines) + "\n")
 
 
+# What `eval` overrides may change: the evaluation data and how it is read; anything else
+# (the model, training settings) would be silently ignored, so it is refused.
+EVAL_KEYS = ("data.", "training.batch_size", "training.device", "training.mixed_precision")
+
+
 def cmd_eval(args) -> int:
+    for item in args.overrides:
+        key = item.split("=", 1)[0].strip()
+        if not key.startswith(EVAL_KEYS):
+            raise BitNetError(
+                f"eval takes data.*, training.batch_size, training.device and "
+                f"training.mixed_precision overrides, not {key!r} (it would have no effect)"
+            )
     cfg, model, tokenizer, ckpt = recipe.load_run(args.checkpoint, args.overrides)
+    cfg.training.eval_steps = None  # the whole evaluation set, unless --max-batches
     val = build_eval_dataset(cfg.data, tokenizer)
     if val is None:
         hint = (
@@ -209,8 +224,12 @@ def cmd_eval(args) -> int:
         raise BitNetError(f"--max-batches={args.max_batches} is invalid: expected an integer >= 1")
     trainer = Trainer(model, cfg.training, None, val)  # loggers stay idle outside train()
     m = trainer.evaluate(max_batches=args.max_batches)
+    bs = cfg.training.batch_size
+    batches = -(-len(val) // bs)
+    used = min(batches, args.max_batches or batches)
     sys.stdout.write(
         f"checkpoint   {ckpt}\n"
+        f"evaluated    {min(len(val), used * bs)} of {len(val)} windows ({used} batches)\n"
         f"val loss     {m['val_loss']:.4f}\n"
         f"perplexity   {m['val_perplexity']:.2f}\n"
         f"bits/byte    {m.get('val_bits_per_byte', float('nan')):.4f}\n"
@@ -220,21 +239,24 @@ def cmd_eval(args) -> int:
 
 def cmd_generate(args) -> int:
     cfg, model, tokenizer, _ = recipe.load_run(args.checkpoint)
-    s = cfg.sample
-    prompt = s.prompt if args.prompt is None else args.prompt
-    n = s.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
-    temperature = s.temperature if args.temperature is None else args.temperature
-    top_k = s.top_k if args.top_k is None else args.top_k
-    seed = s.seed if args.seed is None else args.seed
-    if n < 0:
-        raise BitNetError(f"--max-new-tokens={n} is invalid: expected an integer >= 0")
-    if not (temperature >= 0 and math.isfinite(temperature)):
-        raise BitNetError(f"--temperature={temperature} is invalid: expected a number >= 0")
-    if seed < 0:
-        raise BitNetError(f"--seed={seed} is invalid: expected an integer >= 0")
-    if top_k is not None and top_k < 1:
-        raise BitNetError(f"--top-k={top_k} is invalid: expected a positive integer")
-    text = recipe.generate_text(model, tokenizer, prompt, n, temperature, top_k, seed)
+    # The options are the run's `sample` settings, validated by their one declaration.
+    given = {
+        "prompt": args.prompt,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "seed": args.seed,
+    }
+    try:
+        s = SampleConfig(
+            **{**cfg.sample.to_dict(), **{k: v for k, v in given.items() if v is not None}}
+        )
+    except ConfigError as e:  # name the option the user typed
+        option = "--" + e.field.split(".")[-1].replace("_", "-")
+        raise ConfigError(option, e.value, e.allowed) from None
+    text = recipe.generate_text(
+        model, tokenizer, s.prompt, s.max_new_tokens, s.temperature, s.top_k, s.seed
+    )
     sys.stdout.write(text + "\n")
     return 0
 

@@ -18,6 +18,7 @@ from .data.config import DataConfig
 from .errors import BitNetError, ConfigError
 from .models.config import PRESETS, ModelConfig
 from .nn.qat_callbacks import TrainingStage
+from .peft.config import METHOD_KEYS, PEFTConfig
 from .quant.config import QATConfig
 from .settings import Section, field_type, section_of, split_optional, table, validate
 from .train.config import TrainingConfig
@@ -32,7 +33,7 @@ class SampleConfig(Section):
     max_new_tokens: int = Field(200, ge=0, description="tokens to generate (0: no sample)")
     temperature: float = Field(0.8, ge=0, description="softmax temperature (0: greedy)")
     top_k: int | None = Field(40, gt=0, description="sample from the k likeliest (None: all)")
-    seed: int = Field(0, description="the sampling seed")
+    seed: int = Field(0, ge=0, description="the sampling seed")
 
 
 class RunConfig(Section):
@@ -53,6 +54,9 @@ class RunConfig(Section):
         True, description="ternary statistics (share of -1/0/+1, flips, error) in each log"
     )
     qat: QATConfig = Field(default_factory=QATConfig, description="quantization (BitNet b1.58)")
+    peft: PEFTConfig = Field(
+        default_factory=PEFTConfig, description="parameter-efficient fine-tuning (adapters)"
+    )
     training: TrainingConfig = Field(
         default_factory=TrainingConfig, description="how the Trainer runs"
     )
@@ -136,8 +140,10 @@ def apply_override(data: dict, item: str) -> None:
     key = key.strip()
     base, _ = split_optional(field_type(RunConfig, key))
     words = typing.get_origin(base) is Literal and all(isinstance(c, str) for c in get_args(base))
-    if base is str or base == list[str] or words:  # `no` stays a word, not YAML's false
-        value: Any = raw
+    if base == list[str] and raw.strip().startswith("["):  # a YAML list: [a.txt, b.txt]
+        value: Any = yaml.safe_load(raw)
+    elif base is str or base == list[str] or words:  # `no` stays a word, not YAML's false
+        value = raw
     else:
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
@@ -192,6 +198,28 @@ def config_from_dict(data: dict) -> RunConfig:
     """A validated `RunConfig` from a nested mapping (a YAML file's content, or a stored
     run config: `to_dict()` of a checkpoint, every key present)."""
     return validate(RunConfig, data)
+
+
+def migrate_stored(data: dict) -> dict:
+    """A stored run config of an older version with its moved settings moved (what a user
+    writes is refused with the new key instead): `training.optimizer.latent_clip` ->
+    `qat.latent_clip`, `training.optimizer.name: qat_adamw | qat_sgd` -> `adamw | sgd` with
+    `qat.weight_decay_on: linear`, `qat.input_norm: true` -> `qat.norm_placement: input`."""
+    import copy
+
+    data = copy.deepcopy(data)
+    opt = (data.get("training") or {}).get("optimizer")
+    qat = data.setdefault("qat", {}) if isinstance(data.get("qat", {}), dict) else {}
+    if isinstance(opt, dict):
+        if opt.get("latent_clip") is not None:
+            qat["latent_clip"] = opt.pop("latent_clip")
+        if opt.get("name") in ("qat_adamw", "qat_sgd"):
+            opt["name"] = opt["name"][4:]
+            qat["weight_decay_on"] = "linear"
+    if qat.get("input_norm"):
+        del qat["input_norm"]
+        qat["norm_placement"] = "input"
+    return data
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
@@ -291,6 +319,10 @@ CONDITIONAL_KEYS: list[tuple[str, Any, str]] = [
         "qat.quant_noise_block_size",
         lambda c: c.qat.quant_noise is not None,
         "qat.quant_noise",
+    ),
+    *(
+        (f"peft.{k}", lambda c, m=methods: c.peft.method in m, f"peft.method {' / '.join(methods)}")
+        for k, methods in METHOD_KEYS.items()
     ),
 ]
 

@@ -9,7 +9,8 @@
     Trainer(model, ..., optimizer=..., callbacks=...).train()  ->  summary
 
 The CLI parses arguments, calls `train` / `load_run` and prints. Python users can call the
-same steps (`load_model`, `apply_transforms`, `build_callbacks`, `prepare`) and change any
+same steps (`load_model`, `apply_transforms` or `build_model`, `build_callbacks`, `prepare`)
+and change any
 piece before `Trainer.train()`. Callbacks are assembled in one place, `build_callbacks`;
 what a transform needs per step (quantization's step clock) its modules declare themselves.
 """
@@ -17,9 +18,11 @@ what a transform needs per step (quantization's step clock) its modules declare 
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -27,7 +30,7 @@ import torch
 from torch import nn
 
 from .callback import Callback
-from .config import RunConfig, apply_override, config_from_dict
+from .config import RunConfig, apply_override, config_from_dict, migrate_stored
 from .data import Datasets, build_datasets, tokenizer_for, tokenizer_id
 from .data.hf_tokenizer import PretrainedTokenizer, has_tokenizer_files
 from .errors import BitNetError
@@ -36,7 +39,9 @@ from .models.pretrained import Pretrained, build_from_base, load_pretrained, sav
 from .nn import BitLinear, MultiStage, QuantizationTuner, TernaryDiagnostics, quantize_model
 from .nn.subln import insert_subln
 from .optim import build_optimizer
-from .train import ProgressBar, Trainer, TrainResult, list_checkpoints
+from .peft import PEFTReport, apply_peft, save_adapter
+from .peft.packed import PackedTernaryLinear
+from .train import CheckpointIO, ProgressBar, Trainer, TrainResult, list_checkpoints
 from .train import checkpoint as ckpt_io
 
 log = logging.getLogger("bitnet_training")
@@ -73,6 +78,8 @@ def load_model(cfg: RunConfig, run_dir: str | None = None) -> Loaded:
         n = sum(p.numel() for p in model.parameters())
         return Loaded(model, notes=[f"model: {cfg.model_preset}, {n / 1e6:.2f} M parameters"])
     base_dir = os.path.join(run_dir, "base") if run_dir else None
+    if base_dir and os.path.isfile(os.path.join(base_dir, "run_config.json")):
+        return _rebuild_our_run(base_dir)
     if base_dir and os.path.isfile(os.path.join(base_dir, "source.json")):
         model = build_from_base(base_dir)
         tok = PretrainedTokenizer(base_dir) if has_tokenizer_files(base_dir) else None
@@ -100,19 +107,57 @@ def _load_our_run(path: str) -> Loaded:
     stored = ckpt_io.read_metadata(ckpt).get("run_config")
     if not isinstance(stored, dict):
         raise BitNetError(f"checkpoint {ckpt!r} has no run config (not written by bitnet-train)")
-    old = config_from_dict(stored)
+    old = config_from_dict(migrate_stored(stored))
+    if old.peft.method != "none":
+        raise BitNetError(
+            f"model.pretrained={path!r} is a {old.peft.method} run (adapters beside a frozen "
+            "base): merge it first (bitnet-train merge RUN -o DIR) and start from the merge"
+        )
     if old.quantize and old.qat.norm_placement == "input":
         raise BitNetError(
             f"model.pretrained={path!r} was trained with qat.norm_placement=input, whose "
             "norms live inside its quantized layers: start from it with init_from instead"
         )
     loaded = load_model(old, run_dir=os.path.dirname(ckpt))
-    apply_transforms(loaded.model, old)
+    quantize(loaded.model, old)
     ckpt_io.load_model_weights(loaded.model, ckpt)
     _plain_linears(loaded.model)
     loaded.notes = [f"model: the weights of {ckpt}"]
     loaded.base = None
     return loaded
+
+
+def _rebuild_our_run(base_dir: str) -> Loaded:
+    """The architecture of a run-of-ours base from the run's copy of it (`base/run_config.json`
+    and, when that run had a base itself, `base/base/`); the weights come from the checkpoint."""
+    with open(os.path.join(base_dir, "run_config.json")) as f:
+        old = config_from_dict(migrate_stored(json.load(f)))
+    loaded = load_model(old, run_dir=base_dir)
+    quantize(loaded.model, old)
+    _plain_linears(loaded.model)
+    loaded.notes, loaded.base = [f"model: architecture from {base_dir}"], None
+    return loaded
+
+
+def save_run_base(path: str, out: str) -> None:
+    """Copy what rebuilds a run-of-ours base (its stored run config, and its own base copy)
+    into `<out>/base/`, so the new run needs only itself."""
+    ckpt = ckpt_io.resolve_checkpoint(path)
+    base = os.path.join(out, "base")
+    tmp = tempfile.mkdtemp(prefix=".base-", dir=out)
+    try:
+        with open(os.path.join(tmp, "run_config.json"), "w") as f:
+            json.dump(ckpt_io.read_metadata(ckpt)["run_config"], f, indent=1)
+        with open(os.path.join(tmp, "source.json"), "w") as f:
+            json.dump({"kind": "run", "source": ckpt}, f, indent=1)
+        theirs = os.path.join(os.path.dirname(ckpt), "base")
+        if os.path.isdir(theirs):
+            shutil.copytree(theirs, os.path.join(tmp, "base"))
+        shutil.rmtree(base, ignore_errors=True)
+        os.replace(tmp, base)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _plain_linears(model: nn.Module) -> None:
@@ -125,10 +170,9 @@ def _plain_linears(model: nn.Module) -> None:
 
 
 # -------------------------------------------------------------- 2. the transforms
-def apply_transforms(model: nn.Module, cfg: RunConfig) -> list[str]:
-    """Apply the run's model transforms in their fixed order, in place: quantization (with
-    the chosen norm placement), then adapters, then parallelism (the last two arrive with
-    their issues). Returns notes for the log."""
+def quantize(model: nn.Module, cfg: RunConfig) -> list[str]:
+    """Transform 1, in place: the chosen norm placement, then `quantize_model` (when
+    `quantize` is on). Returns notes for the log."""
     notes = []
     if cfg.quantize:
         if cfg.qat.norm_placement == "subln":
@@ -139,17 +183,69 @@ def apply_transforms(model: nn.Module, cfg: RunConfig) -> list[str]:
     return notes
 
 
+def adapters(model: nn.Module, cfg: RunConfig) -> tuple[nn.Module, PEFTReport]:
+    """Transform 2: PEFT (`peft.method`); the base freezes and the returned model (possibly
+    a `peft` wrapper around `model`) is what trains."""
+    if cfg.peft.method == "qlora_ternary" and not cfg.quantize:
+        raise BitNetError("peft.method=qlora_ternary needs quantize=true (a ternary base)")
+    return apply_peft(model, cfg.peft)
+
+
+def apply_transforms(model: nn.Module, cfg: RunConfig) -> tuple[nn.Module, list[str]]:
+    """Apply the run's model transforms in their fixed order: quantization (with the chosen
+    norm placement), adapters, then parallelism (pipeline split, tensor parallel, activation
+    checkpointing, FSDP / DDP: arrives with its issue). Returns the model to train and notes."""
+    notes = quantize(model, cfg)
+    model, report = adapters(model, cfg)
+    if report.method != "none":
+        notes.append(f"peft: {report}")
+    return model, notes
+
+
+@dataclass
+class Built:
+    """The model `build_model` made, its tokenizer, the base to copy into the run (or None),
+    the PEFT report, and notes for the log."""
+
+    model: nn.Module
+    tokenizer: object
+    base: Pretrained | None
+    report: PEFTReport
+    notes: list[str]
+
+
+def build_model(cfg: RunConfig, run_dir: str | None = None, init: bool = True) -> Built:
+    """Steps 1 and 2: load the model, quantize it, load `init_from`'s weights (when `init`),
+    apply the adapters. A PEFT run's checkpoints hold only its adapters, so its base (with
+    `init_from`) is rebuilt the same way when it is resumed, evaluated or merged."""
+    loaded = load_model(cfg, run_dir)
+    model, notes = loaded.model, loaded.notes
+    tokenizer = loaded.tokenizer or tokenizer_for(cfg.data)
+    notes += quantize(model, cfg)
+    if cfg.init_from and (init or cfg.peft.method != "none"):
+        notes.append(_init_from(model, cfg.init_from, tokenizer))
+    model, report = adapters(model, cfg)
+    if report.method != "none":
+        notes.append(f"peft: {report}")
+    return Built(model, tokenizer, loaded.base, report, notes)
+
+
 def weight_bits_in_force(model: nn.Module) -> str:
     """What the model's quantized layers use now: e.g. `1.58-bit weights / 8-bit
     activations`, with lambda when progressive quantization has not finished, or `full
     precision` when nothing is quantized."""
-    layers = [m for m in model.modules() if isinstance(m, BitLinear)]
+    layers = [m for m in model.modules() if isinstance(m, BitLinear | PackedTernaryLinear)]
     if not layers:
         return "full precision (no quantized layers)"
     kinds = set()
     for m in layers:
+        if isinstance(m, PackedTernaryLinear):  # a frozen packed ternary base
+            a = m.config.activation_spec()
+            kinds.add(f"1.58-bit packed weights / {a.bits if a else 'fp'}-bit activations")
+            continue
         w, a = m.weight_spec(), m.config.activation_spec()
-        text = f"{w.bits if w else 'fp'}-bit weights / {a.bits if a else 'fp'}-bit activations"
+        weights = f"{w.bits}-bit weights" if w else "full-precision weights"
+        text = f"{weights} / {a.bits if a else 'fp'}-bit activations"
         if m.weight_blend < 1 or m.activation_blend < 1:
             text += f" (lambda {m.weight_blend:.2f} / {m.activation_blend:.2f})"
         kinds.add(text)
@@ -157,27 +253,39 @@ def weight_bits_in_force(model: nn.Module) -> str:
 
 
 # ------------------------------------------------------------------ 3. callbacks
-class Announce(Callback):
-    """Logs the run's notes once training starts (after a resume is checked, so an error
-    stays one line)."""
+class StartRun(Callback):
+    """What happens to the output directory once every check has passed (the Trainer's
+    setup and a resume included, so a refused run changes nothing): with `overwrite` the
+    previous run's checkpoints and logs go, the base is copied in (`base/`), and the run's
+    notes are logged. Rank 0 only."""
 
     order = -100
 
-    def __init__(self, lines: list[str]):
-        self.lines = lines
+    def __init__(self, lines: list[str], overwrite: bool = False, base=None):
+        self.lines, self.overwrite, self.base = lines, overwrite, base
 
     def on_train_begin(self, trainer):
-        if trainer.is_main:
-            for line in self.lines:
-                log.info("%s", line)
+        if not trainer.is_main:
+            return
+        out = trainer.config.output_dir
+        if self.overwrite:
+            clear_output_dir(out)
+        if isinstance(self.base, Pretrained):
+            save_base_files(self.base, out)
+        elif isinstance(self.base, str):  # a run of ours
+            save_run_base(self.base, out)
+        for line in self.lines:
+            log.info("%s", line)
 
 
-def build_callbacks(cfg: RunConfig, notes: list[str], progress: bool = True) -> list[Callback]:
-    """The one place a run's callbacks are assembled: the announcement, the progress bar,
+def build_callbacks(
+    cfg: RunConfig, notes: list[str], progress: bool = True, start: StartRun | None = None
+) -> list[Callback]:
+    """The one place a run's callbacks are assembled: the start of the run, the progress bar,
     and for quantized runs the stages, the quantization tuner and the ternary diagnostics.
     (The QAT step clock, latent clipping and weight-decay groups are declared by the
     quantized layers themselves; the loop's own callbacks are the Trainer's defaults.)"""
-    callbacks: list[Callback] = [Announce(notes)]
+    callbacks: list[Callback] = [start or StartRun(notes)]
     if progress:
         callbacks.append(ProgressBar())
     if cfg.quantize:
@@ -211,15 +319,14 @@ def prepare(
     the optimizer, the callbacks and the Trainer."""
     _absolute_paths(cfg)
     out = cfg.training.output_dir
-    prepare_output_dir(out, resume, overwrite)
+    check_output_dir(out, resume, overwrite)
     if resume is not None:
         _check_resumable(cfg, out if resume == "latest" else resume)
-    loaded = load_model(cfg, run_dir=out if resume is not None else None)
-    model, notes = loaded.model, loaded.notes
-    tokenizer = loaded.tokenizer or tokenizer_for(cfg.data)
+    built = build_model(cfg, run_dir=out if resume is not None else None, init=resume is None)
+    model, notes, tokenizer = built.model, built.notes, built.tokenizer
     check_vocab(model, tokenizer)
     check_seq_len(model, cfg.data.seq_len)
-    if cfg.data.source == "shards" and loaded.tokenizer is not None:
+    if cfg.data.source == "shards" and cfg.model.pretrained:
         _same_tokenizer(tokenizer_for(cfg.data), tokenizer, cfg.data.shards_dir)
     if resume is not None:
         check_tokenizer(out if resume == "latest" else resume, tokenizer)
@@ -228,31 +335,33 @@ def prepare(
     t0 = time.perf_counter()
     data = build_datasets(cfg.data, tokenizer, cfg.training.seed)
     notes.insert(0, _describe(cfg, data, time.perf_counter() - t0))
-    notes += apply_transforms(model, cfg)
-    if cfg.init_from and resume is None:
-        notes.append(_init_from(model, cfg.init_from, tokenizer))
     optimizer = build_optimizer(model, cfg.training.optimizer, cfg.training.learning_rate)
     metadata = {
         "run_config": cfg.to_dict(),
         "data": data.info,
         "tokenizer_id": tokenizer_id(tokenizer),
     }
-    if loaded.base is not None:
-        # The run keeps its base's config and tokenizer: eval / generate / resume need only it.
-        save_base_files(loaded.base, out)
+    base = None  # what the run copies of its base, so eval / generate / resume need only it
+    if resume is None and built.base is not None:
+        base = built.base
         metadata["base"] = {
-            "kind": loaded.base.kind,
-            "source": loaded.base.source,
-            "fingerprint": loaded.base.fingerprint,
+            "kind": base.kind,
+            "source": base.source,
+            "fingerprint": base.fingerprint,
         }
+    elif resume is None and _is_run(cfg.model.pretrained):
+        base = cfg.model.pretrained
+    start = StartRun(notes, overwrite and resume is None, base)
     trainer = Trainer(
         model,
         cfg.training,
         data.train,
         data.val,
-        build_callbacks(cfg, notes, progress),
+        build_callbacks(cfg, notes, progress, start),
         metadata,
         optimizer=optimizer,
+        # A PEFT run's checkpoints hold what trains (adapters) and the optimizer state of it.
+        checkpoint_io=CheckpointIO(trainable_only=cfg.peft.method != "none"),
     )
     return Run(cfg, model, tokenizer, data, trainer, notes)
 
@@ -263,7 +372,11 @@ def train(
     """`prepare` the run and train it (from checkpoint `resume`, "latest" for the output
     directory's newest). Returns the run and the `TrainResult`."""
     run = prepare(cfg, resume, overwrite, progress)
-    return run, run.trainer.train(resume_from=resume)
+    result = run.trainer.train(resume_from=resume)
+    if cfg.peft.method != "none" and run.trainer.is_main:
+        # The final adapter in peft's format (adapter_config.json + adapter_model.safetensors)
+        save_adapter(run.model, os.path.join(cfg.training.output_dir, "adapter"))
+    return run, result
 
 
 def load_run(path: str, overrides: list[str] = ()) -> tuple[RunConfig, nn.Module, object, str]:
@@ -274,15 +387,35 @@ def load_run(path: str, overrides: list[str] = ()) -> tuple[RunConfig, nn.Module
     data = ckpt_io.read_metadata(ckpt).get("run_config")
     if not isinstance(data, dict):
         raise BitNetError(f"checkpoint {ckpt!r} has no run config (not written by bitnet-train)")
+    data = migrate_stored(data)
     for item in overrides:
         apply_override(data, item)
     cfg = config_from_dict(data)
-    loaded = load_model(cfg, run_dir=os.path.dirname(os.path.abspath(ckpt)))
-    apply_transforms(loaded.model, cfg)
-    ckpt_io.load_model_weights(loaded.model, ckpt)
-    tokenizer = loaded.tokenizer or tokenizer_for(cfg.data)
-    check_tokenizer(ckpt, tokenizer)
-    return cfg, loaded.model, tokenizer, ckpt
+    built = build_model(cfg, run_dir=os.path.dirname(os.path.abspath(ckpt)), init=False)
+    CheckpointIO(trainable_only=cfg.peft.method != "none").load_model(built.model, ckpt)
+    restore_quantization(built.model, cfg, ckpt_io.read_state(ckpt))
+    check_tokenizer(ckpt, built.tokenizer)
+    return cfg, built.model, built.tokenizer, ckpt
+
+
+def restore_quantization(model: nn.Module, cfg: RunConfig, state: dict) -> None:
+    """Put the quantized layers where training left them: the stage's QAT settings and the
+    lambda, bit width and noise of the last trained step (the schedules are functions of the
+    step, minus the steps a quantization tuner held them), so a checkpoint is evaluated and
+    sampled as it was trained, not at the schedules' end."""
+    layers = [m for m in model.modules() if isinstance(m, BitLinear)]
+    if not layers:
+        return
+    callbacks = state.get("callbacks", {})
+    stage = (callbacks.get("MultiStage") or {}).get("stage")
+    if stage is not None and cfg.stages and 0 <= stage < len(cfg.stages):
+        stage_cfg = cfg.qat.replace(**cfg.stages[stage].qat)
+        for m in layers:
+            m.config = stage_cfg
+    held = int((callbacks.get("QATControl") or {}).get("held_steps", 0))
+    step = max(0, int(state["step"]) - 1 - held)
+    for m in layers:
+        m.set_progress(step, state.get("steps_per_epoch", 1))
 
 
 def generate_text(
@@ -304,9 +437,13 @@ def generate_text(
         max_new_tokens = max(0, min(max_new_tokens, limit - ids.shape[1]))
     sampling = dict(do_sample=temperature > 0, temperature=temperature or 1.0, top_k=top_k)
     model.eval()
+    # A LoRA-wrapped BitNetLM generates through the BitNetLM inside (its layers carry the
+    # adapters); the prompt wrappers take BitNetLM.generate's arguments themselves.
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    ours = isinstance(inner, BitNetLM) or hasattr(model, "adapter_state_dict")
     with torch.no_grad():
-        if isinstance(model, BitNetLM):
-            out = model.generate(
+        if ours:
+            out = (model if hasattr(model, "adapter_state_dict") else inner).generate(
                 ids,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=tokenizer.eos_token_id,
@@ -380,6 +517,12 @@ def _check_resumable(cfg: RunConfig, path: str) -> None:
     old = ckpt_io.read_metadata(ckpt).get("run_config")
     if not isinstance(old, dict):
         return  # not written by the recipe: the Trainer's own checks still apply
+    old_src = (old.get("model") or {}).get("pretrained", "")
+    if old_src != cfg.model.pretrained:
+        raise BitNetError(
+            f"checkpoint {ckpt!r} was trained from model.pretrained={old_src!r}; this run "
+            f"has {cfg.model.pretrained!r}: resume with the same base"
+        )
     if old.get("quantize") != cfg.quantize:
         raise BitNetError(
             f"checkpoint {ckpt!r} was trained with quantize={str(old.get('quantize')).lower()}; "
@@ -389,9 +532,10 @@ def _check_resumable(cfg: RunConfig, path: str) -> None:
         log.warning("resuming with QAT settings that differ from the checkpoint's")
 
 
-def prepare_output_dir(out: str, resume: str | None, overwrite: bool) -> None:
+def check_output_dir(out: str, resume: str | None, overwrite: bool) -> None:
     """Refuse to mix runs in one directory: an output directory that holds checkpoints or
-    logs needs `resume` (continue) or `overwrite` (which deletes them first)."""
+    logs needs `resume` (continue) or `overwrite` (`clear_output_dir` deletes them once the
+    new run has passed every check)."""
     if resume is not None and overwrite:
         raise BitNetError("--resume and --overwrite exclude each other: choose one")
     if os.path.exists(out) and not os.path.isdir(out):
@@ -405,13 +549,17 @@ def prepare_output_dir(out: str, resume: str | None, overwrite: bool) -> None:
             f"training.output_dir {out!r} already holds {what}: pass --resume to "
             "continue, --overwrite to start again, or choose another training.output_dir"
         )
-    if overwrite and resume is None and os.path.isdir(out):
-        for path in existing + glob.glob(os.path.join(out, ".tmp-checkpoint-*")):
-            shutil.rmtree(path)
-        for name in ("latest", "best", "metrics.jsonl"):
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
-        shutil.rmtree(os.path.join(out, "tensorboard"), ignore_errors=True)
+
+
+def clear_output_dir(out: str) -> None:
+    """Delete a previous run's checkpoints, pointers, logs, base copy and adapter in `out`."""
+    for path in list_checkpoints(out) + glob.glob(os.path.join(out, ".tmp-checkpoint-*")):
+        shutil.rmtree(path)
+    for name in ("latest", "best", "metrics.jsonl"):
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    for name in ("tensorboard", "base", "adapter"):
+        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
 
 
 def _absolute_paths(cfg: RunConfig) -> None:

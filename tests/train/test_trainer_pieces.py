@@ -130,7 +130,7 @@ def test_resume_applies_a_changed_schedule_at_the_saved_step(
     lrs = [h["lr"] for h in r.history if h["kind"] == "train"]
     # The new schedule (peak 3e-3, linear over 8 steps) at steps 4..7.
     assert lrs == pytest.approx([3e-3 * (1 - t / 8) for t in range(4, 8)])
-    assert "changed schedule" in caplog.text and "learning_rate" in caplog.text
+    assert "changed settings" in caplog.text and "learning_rate" in caplog.text
 
 
 def test_state_dict_round_trips(tmp_path, micro_model, token_windows):

@@ -30,7 +30,8 @@ class DataConfig(Section):
     )
     val_files: list[str] = Field(
         default_factory=list,
-        description="validation files (files without them: train_files split by val_fraction)",
+        description="validation files: text, JSON lines or .gz, for any source (without "
+        "them: the source's own split)",
     )
     shards_dir: str = Field("", description="shards: the directory `preprocess` wrote")
     sampling: Literal["sequential", "random"] = Field(
@@ -38,7 +39,9 @@ class DataConfig(Section):
         description="shards: packed windows shuffled per epoch, or nanoGPT-style random offsets",
     )
     shuffle_buffer: int = Field(1024, ge=0, description="stream: windows shuffled together")
-    jsonl_field: str = Field("text", description="stream: the JSON lines field holding text")
+    jsonl_field: str = Field(
+        "text", description="the JSON lines field holding text (stream, and val_files)"
+    )
     seq_len: int = Field(256, ge=2, description="tokens per training window")
     val_fraction: float = Field(
         0.05, ge=0, lt=1, description="share of documents held out for validation"
@@ -66,7 +69,7 @@ class DataConfig(Section):
                 "on",
                 "off with data.source=stream (augmentation applies to embedded, files and shards)",
             )
-        odd = [f for f in self.train_files + self.val_files if f.endswith(JSON_OR_GZ)]
+        odd = [f for f in self.train_files if f.endswith(JSON_OR_GZ)]  # val_files may be
         if self.source == "files" and odd:
             raise ConfigError(
                 "train_files",

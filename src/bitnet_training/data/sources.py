@@ -45,6 +45,10 @@ def _shard_datasets(config: DataConfig, seed: int) -> Datasets:
             f"data.seq_len={config.seq_len}"
         )
     val = ShardDataset(config.shards_dir, "val", config.seq_len, "sequential", seed)
+    if config.val_files:  # the user's validation text instead of the shards' split
+        tok = load_tokenizer(config.shards_dir)
+        docs = documents_of(config.val_files, config.jsonl_field)
+        val = TokenWindowDataset.from_documents(docs, tok, config.seq_len)
     sp = index["splits"]
     info = {
         "source": "shards",
@@ -52,7 +56,7 @@ def _shard_datasets(config: DataConfig, seed: int) -> Datasets:
         "train_documents": sp["train"]["documents"],
         "val_documents": sp["val"]["documents"],
         "train_tokens": train.num_tokens,
-        "val_tokens": val.num_tokens,
+        "val_tokens": val.num_tokens if hasattr(val, "num_tokens") else len(val.tokens),
     }
     return Datasets(train, val if len(val) else None, info)
 
@@ -142,11 +146,15 @@ def _build(config: DataConfig, tokenizer, seed: int) -> Datasets:
         return _stream_datasets(config, tokenizer, seed)
     if config.source == "embedded":
         docs = embedded_corpus()
-        train_docs, val_docs = split_documents(docs, config.val_fraction)
+        if config.val_files:  # validate on the user's text, train on the whole corpus
+            train_docs, val_docs = docs, documents_of(config.val_files, config.jsonl_field)
+        else:
+            train_docs, val_docs = split_documents(docs, config.val_fraction)
+        docs = train_docs + val_docs
     else:
         train_docs = read_text_files(config.train_files, "data.train_files")
-        if config.val_files:
-            val_docs = read_text_files(config.val_files, "data.val_files")
+        if config.val_files:  # text, JSON lines or .gz, as eval reads them
+            val_docs = documents_of(config.val_files, config.jsonl_field)
         else:
             train_docs, val_docs = split_documents(train_docs, config.val_fraction)
             if not train_docs:  # a lone file hashed into validation: train on it instead

@@ -236,6 +236,7 @@ class BitNetLM(nn.Module):
         use_cache: bool = True,
         generator: torch.Generator | None = None,
         vocab_limit: int | None = None,
+        past_key_values: KVCache | None = None,
     ) -> torch.Tensor:
         """Continue `input_ids` (batch, prompt) by up to `max_new_tokens` tokens.
 
@@ -244,7 +245,9 @@ class BitNetLM(nn.Module):
         the keys and values of the past (same tokens as without, much less work). A sequence
         that emits `eos_token_id` is padded with it until all are done. `vocab_limit` keeps
         generation to ids below it (a vocabulary padded beyond the tokenizer's, like the
-        `tiny` preset's 320 rows for 259 byte tokens). Returns (batch, prompt + generated).
+        `tiny` preset's 320 rows for 259 byte tokens). `past_key_values` (per layer (k, v),
+        each (batch, kv_heads, past, head_dim)) is a cache the prompt continues, e.g. a learned
+        prefix: the prompt's positions start after it. Returns (batch, prompt + generated).
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ConfigError("max_new_tokens", max_new_tokens, "a non-negative integer")
@@ -252,18 +255,22 @@ class BitNetLM(nn.Module):
             raise ConfigError("temperature", temperature, "a positive number when sampling")
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ConfigError("top_k", top_k, "a positive integer or None")
-        total = input_ids.shape[1] + max_new_tokens
+        start = past_key_values[0][0].shape[2] if past_key_values else 0
+        total = start + input_ids.shape[1] + max_new_tokens
         if total > self.config.max_position_embeddings:
             raise BitNetError(
-                f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
+                (f"past ({start}) + " if start else "")
+                + f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
                 f"max_position_embeddings={self.config.max_position_embeddings}"
             )
-        seq, past = input_ids, None
+        seq, past, first = input_ids, past_key_values, True
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
-            feed = seq if past is None else seq[:, -1:]
-            out = self(feed if use_cache else seq, past_key_values=past, use_cache=use_cache)
-            past = out.past_key_values if use_cache else None
+            # The first step feeds the whole prompt after the given cache; with `use_cache`
+            # later steps feed one token, without it every step re-reads the prompt after it.
+            feed = seq if first or not use_cache else seq[:, -1:]
+            out = self(feed, past_key_values=past, use_cache=use_cache)
+            past, first = (out.past_key_values if use_cache else past_key_values), False
             logits = out.logits[:, -1].float()
             if vocab_limit is not None:
                 logits[:, vocab_limit:] = float("-inf")

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..data.hf_tokenizer import PretrainedTokenizer, has_tokenizer_files, require_transformers
 from ..errors import BitNetError
+from ..quant.packing import VALUES_PER_BYTE, unpack_ternary
 from .bitnet import BitNetLM
 from .config import ModelConfig
 
@@ -31,8 +32,6 @@ log = logging.getLogger(__name__)
 
 KINDS = ("transformers", "bitnet", "gguf")
 _EXPECTED = "a transformers checkpoint folder (config.json + *.safetensors) or a .gguf file"
-# transformers packs 4 ternary values per uint8 (transformers.integrations.bitnet.VALUES_PER_ITEM).
-VALUES_PER_BYTE = 4
 
 
 @dataclass
@@ -110,32 +109,6 @@ def _as_dtype(dtype) -> torch.dtype:
 
 # ---------------------------------------------------------------------------------------------
 # transformers' BitNet storage
-
-
-def unpack_ternary(packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """Ternary codes in {-1, 0, 1} (int8, (out_features, ...)) from `transformers`' packing.
-
-    `packed`: uint8 (R, ...) with R = ceil(out_features / 4); byte [j, k] holds code + 1 of
-    rows j, j + R, j + 2R, j + 3R of column k in bits 0-1, 2-3, 4-5, 6-7
-    (`transformers.integrations.bitnet.pack_weights` / `unpack_weights`). Does not modify
-    `packed`.
-    """
-    rows = packed.shape[0]
-    if packed.dtype != torch.uint8 or rows != -(-out_features // VALUES_PER_BYTE):
-        raise BitNetError(
-            f"packed ternary weight of dtype {packed.dtype} and shape {tuple(packed.shape)} "
-            f"cannot hold {out_features} rows: expected uint8 with ceil({out_features}/4) rows"
-        )
-    shifts = torch.arange(0, 2 * VALUES_PER_BYTE, 2, dtype=torch.uint8)
-    view = (-1, *([1] * packed.dim()))
-    # (4, R, ...): plane i is bits 2i..2i+1, i.e. rows i*R .. i*R + R - 1 of the weight.
-    planes = (packed.unsqueeze(0) >> shifts.view(view)) & 3
-    codes = planes.reshape(rows * VALUES_PER_BYTE, *packed.shape[1:])[:out_features]
-    if bool((codes == 3).any()):
-        raise BitNetError(
-            "packed ternary weight holds the code 3: not a transformers BitNet packing"
-        )
-    return codes.to(torch.int8) - 1
 
 
 def dequantize_ternary(
@@ -501,8 +474,9 @@ def save_base_files(pretrained: Pretrained, run_dir: str) -> str:
 
 def build_from_base(run_dir_base: str, dtype: torch.dtype | str = torch.float32) -> nn.Module:
     """The architecture saved by `save_base_files`, freshly initialised (random weights), in
-    `dtype`: `BitNetLM(qat=False)` for kind "bitnet", else `AutoModelForCausalLM.from_config`.
-    A trained run's state dict loads into it; the original base path is not needed."""
+    `dtype`: `BitNetLM` (plain nn.Linear) for kind "bitnet", else
+    `AutoModelForCausalLM.from_config`. A trained run's state dict loads into it; the original
+    base path is not needed."""
     dtype = _as_dtype(dtype)
     meta_path = os.path.join(run_dir_base, "source.json")
     if not os.path.isfile(meta_path):

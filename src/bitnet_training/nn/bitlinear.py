@@ -117,7 +117,7 @@ class _FusedBitLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, w_q, w_codes_t, w_scale_row, w_mask, bits, use_int, dt):
-        in_f, out_f = x.shape[-1], w_q.shape[0]
+        in_f = x.shape[-1]
         lead = x.shape[:-1]
         with torch.autocast(x.device.type, enabled=False):
             # Inference tensors keep no version counter, so they cannot be shared safely.
@@ -145,7 +145,9 @@ class _FusedBitLinear(torch.autograd.Function):
                 y = F.linear(x_q, w_q, None if bias is None else bias.to(dt))
         ctx.save_for_backward(codes_i8, inv, w_q, w_mask)
         ctx.meta = (x.dtype, weight.dtype, None if bias is None else bias.dtype, dt, lead)
-        return y.reshape(*lead, out_f)
+        # (N, out): the caller restores the leading dims. A view made here would forbid
+        # in-place updates of the output (as AdaLoRA's `result += ...` does).
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -409,10 +411,11 @@ class BitLinear(nn.Linear):
                 and codes_t is not None
                 and _int_mm_supported(n, self.in_features, self.out_features, x.device)
             )
-            return _FusedBitLinear.apply(
+            y = _FusedBitLinear.apply(
                 x, self.weight, self.bias, w_q, codes_t, scale_row, mask,
                 int(a_spec.bits), use_int, dt,
             )  # fmt: skip
+            return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
         if static_a:
             x_q = self._static_activations(x, int(a_spec.bits))
             x = x + self.activation_blend * (x_q - x) if blend_a else x_q

@@ -361,7 +361,7 @@ class TrainingStage(Section):
             raise ConfigError(
                 bad[0],
                 qat[bad[0]],
-                "the run's value: it changes the layers' structure, not a setting",
+                "the run's value: it is fixed for the whole run (layers or optimizer)",
             )
         return qat
 
@@ -372,6 +372,9 @@ STRUCTURAL_QAT_FIELDS = {
     "activation_observer",
     "activation_per_channel",
     "learnable_scales",
+    # These shape the optimizer (its groups, a post-step clamp), built once for the run.
+    "latent_clip",
+    "weight_decay_on",
 }
 
 

@@ -29,22 +29,28 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(
-    model: nn.Module, config: OptimizerConfig, learning_rate: float
+    model: nn.Module, config: OptimizerConfig, learning_rate: float, callbacks=()
 ) -> torch.optim.Optimizer:
     """The optimizer `config` names (`torch.optim.AdamW` or `torch.optim.SGD`) over the
     trainable parameters of `model` at the peak `learning_rate` (the schedule scales it from
     there). Groups start as `parameter_groups`; then every callback that the model's modules
     declare (`trainer_callbacks()`) may rewrite them through `configure_param_groups`, which
-    is how a transform (quantization's `weight_decay_on: linear`) shapes them."""
+    is how a transform (quantization's `weight_decay_on: linear`) shapes them, and so may the
+    `callbacks` given (a callback of the same key replaces the model's). The optimizer records
+    the keys that shaped it (`configured_by`), so a Trainer can tell it was built with them."""
     groups = parameter_groups(model, config.weight_decay)
-    for cb in collect_callbacks(model):
+    shaping = {cb.key: cb for cb in [*collect_callbacks(model), *callbacks]}
+    for cb in shaping.values():
         groups = cb.configure_param_groups(model, groups)
     if not groups:
         raise BitNetError("the model has no trainable parameters")
     if config.name == "sgd":
-        return torch.optim.SGD(
+        opt = torch.optim.SGD(
             groups, lr=learning_rate, momentum=config.momentum, nesterov=config.nesterov
         )
-    return torch.optim.AdamW(
-        groups, lr=learning_rate, betas=(config.beta1, config.beta2), eps=config.eps
-    )
+    else:
+        opt = torch.optim.AdamW(
+            groups, lr=learning_rate, betas=(config.beta1, config.beta2), eps=config.eps
+        )
+    opt.configured_by = set(shaping)
+    return opt

@@ -89,20 +89,24 @@ def save_checkpoint(
     rng: dict[str, torch.Tensor],
     metadata: dict | None = None,
     _before_commit: Callable[[str], None] | None = None,
+    trainable_only: bool = False,
 ) -> str:
     """Write checkpoint `step` under `output_dir` atomically and return its path.
 
     `state` must be JSON-serializable (the format version is added); `rng` maps names to
     uint8 generator-state tensors. An existing checkpoint of the same step is replaced only
     once the new one is complete. `_before_commit(tmp_dir)` is a test hook called just before
-    the rename.
+    the rename. `trainable_only` stores only the trainable parameters and the buffers.
     """
     os.makedirs(output_dir, exist_ok=True)
     final = os.path.join(output_dir, checkpoint_name(step))
     tmp = tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=output_dir)
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
     try:
-        save_model(model, os.path.join(tmp, MODEL_FILE))
+        if trainable_only:
+            save_file(trainable_state(model), os.path.join(tmp, MODEL_FILE))
+        else:
+            save_model(model, os.path.join(tmp, MODEL_FILE))
         if optimizer is not None:
             torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
         save_file({k: v.contiguous() for k, v in rng.items()}, os.path.join(tmp, RNG_FILE))
@@ -264,15 +268,24 @@ class CheckpointIO:
     """How the `Trainer` reads and writes checkpoints: one directory per step, as laid out
     above. A sharded format (each rank writing its own shards, e.g. FSDP's distributed
     checkpoints) implements the same methods and sets `sharded = True`, so every rank calls
-    `save`; otherwise only rank 0 does."""
+    `save`; otherwise only rank 0 does.
+
+    `trainable_only`: `model.safetensors` holds only the parameters that train (and the
+    buffers), as parameter-efficient fine-tuning wants: adapters of a few MB beside a frozen
+    base that is rebuilt from its source. Loading then checks that every trainable parameter
+    is in the file and fills only those."""
 
     sharded = False
+
+    def __init__(self, trainable_only: bool = False):
+        self.trainable_only = trainable_only
 
     def save(self, output_dir, step, model, optimizer, state, rng, metadata, before_commit=None):
         """Write checkpoint `step` atomically; returns its path."""
         return save_checkpoint(
-            output_dir, step, model, optimizer, state, rng, metadata, before_commit
-        )
+            output_dir, step, model, optimizer, state, rng, metadata, before_commit,
+            trainable_only=self.trainable_only,
+        )  # fmt: skip
 
     def resolve(self, path: str) -> str:
         return resolve_checkpoint(path)
@@ -284,7 +297,10 @@ class CheckpointIO:
         return read_metadata(ckpt)
 
     def load_model(self, model: torch.nn.Module, ckpt: str, may_miss=None) -> None:
-        load_model_weights(model, ckpt, may_miss)
+        if self.trainable_only:
+            load_trainable_weights(model, ckpt)
+        else:
+            load_model_weights(model, ckpt, may_miss)
 
     def load_optimizer(self, ckpt: str) -> dict | None:
         return load_optimizer_state(ckpt)
@@ -298,3 +314,44 @@ class CheckpointIO:
 
     def prune(self, output_dir: str, keep: int | None, protect: set[str]) -> list[str]:
         return prune_checkpoints(output_dir, keep, protect)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters and the persistent buffers of `model`, by state-dict name;
+    not the buffers a module lists in `frozen_buffers` (a frozen base stored as buffers, such
+    as a packed ternary weight: it is rebuilt from its source, never trained)."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    params = {n for n, _ in model.named_parameters()}
+    frozen = {
+        f"{name}.{b}" if name else b
+        for name, m in model.named_modules()
+        for b in getattr(m, "frozen_buffers", ())
+    }
+    return {
+        k: v.detach().contiguous()
+        for k, v in model.state_dict().items()
+        if k in trainable or (k not in params and k not in frozen)
+    }
+
+
+def load_trainable_weights(model: torch.nn.Module, ckpt: str) -> None:
+    """Load a `trainable_only` checkpoint of `ckpt` into `model`: every trainable parameter
+    must be in it, and nothing else than trainable parameters and buffers."""
+    path = os.path.join(ckpt, MODEL_FILE)
+    if not os.path.isfile(path):
+        raise BitNetError(f"checkpoint {ckpt!r} has no {MODEL_FILE}")
+    try:
+        stored = load_file(path)
+    except SafetensorError as e:
+        raise BitNetError(f"checkpoint {ckpt!r}: unreadable {MODEL_FILE}: {e}") from None
+    want = trainable_state(model)
+    missing = sorted(k for k in want if k not in stored)
+    unexpected = sorted(k for k in stored if k not in want)
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise BitNetError(f"checkpoint {ckpt!r} does not fit this model's adapters: {what}")
+    try:
+        model.load_state_dict(stored, strict=False)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise BitNetError(f"checkpoint {ckpt!r} does not fit this model: {first}") from None

@@ -225,7 +225,21 @@ class Trainer:
             raise BitNetError("training.save_best_only needs evaluation data (eval_data)")
         self.model.to(self.device).train()
         if self.optimizer is None:
-            self.optimizer = build_optimizer(self.model, c.optimizer, c.learning_rate)
+            self.optimizer = build_optimizer(
+                self.model, c.optimizer, c.learning_rate, self.callbacks
+            )
+        shaping = [
+            cb.key
+            for cb in self.callbacks
+            if type(cb).configure_param_groups is not Callback.configure_param_groups
+            and cb.key not in getattr(self.optimizer, "configured_by", set())
+        ]
+        if shaping:  # its groups would silently not apply
+            raise BitNetError(
+                f"callback {shaping[0]} shapes the optimizer's parameter groups, but the "
+                "optimizer given was built without it: build it with "
+                "build_optimizer(model, ..., callbacks=...) or let the Trainer build it"
+            )
         if self.precision == "fp16":
             self.scaler = torch.amp.GradScaler(
                 self.device.type,
@@ -272,6 +286,7 @@ class Trainer:
             "step": s.step,
             "tokens_seen": s.tokens_seen,
             "total_steps": self.total_steps,
+            "steps_per_epoch": self.steps_per_epoch,
             "best_metric": s.best_metric,
             "best_step": s.best_step,
             "best_checkpoint": s.best_checkpoint and os.path.basename(s.best_checkpoint),
@@ -310,6 +325,14 @@ class Trainer:
                 f"the checkpoint was trained on other data (fingerprint {data['fingerprint']}, "
                 f"this run's is {ours}): resuming needs the same data"
             )
+        old = st.get("config") or {}
+        for key in ("batch_size", "gradient_accumulation_steps", "seed"):
+            if key in old and old[key] != getattr(self.config, key):
+                raise BitNetError(
+                    f"the checkpoint was trained with training.{key}={old[key]!r}, this run has "
+                    f"{getattr(self.config, key)!r}: the saved data position needs the same "
+                    "value to resume"
+                )
         saved_opt, ours_opt = st.get("optimizer"), type(self.optimizer).__name__
         if saved_opt is not None and saved_opt != ours_opt:
             raise BitNetError(
@@ -332,16 +355,24 @@ class Trainer:
 
     def _say_schedule_changes(self, st: dict) -> None:
         old, new = st.get("config") or {}, self.config.to_dict()
-        changed = [
-            f"{k} {old[k]!r} -> {new[k]!r}"
-            for k in ("learning_rate", "max_steps", "num_epochs", "scheduler")
-            if k in old and old[k] != new[k]
-        ]
+        changed = []
+        for k in ("learning_rate", "max_steps", "num_epochs", "scheduler", "optimizer"):
+            if k not in old or old[k] == new[k]:
+                continue
+            if isinstance(new[k], dict) and isinstance(old[k], dict):
+                changed += [
+                    f"{k}.{f} {old[k].get(f)!r} -> {v!r}"
+                    for f, v in new[k].items()
+                    if old[k].get(f) != v
+                ]
+            else:
+                changed.append(f"{k} {old[k]!r} -> {new[k]!r}")
         if st.get("total_steps") not in (None, self.total_steps):
             changed.append(f"total steps {st['total_steps']} -> {self.total_steps}")
         if changed:
             log.warning(
-                "resuming with a changed schedule (%s): the new schedule applies from step %d",
+                "resuming with changed settings (%s): the new schedule and optimizer "
+                "settings apply from step %d",
                 "; ".join(changed),
                 int(st["step"]),
             )
@@ -377,10 +408,18 @@ class Trainer:
             io.load_model(self.model, ckpt)
             opt = io.load_optimizer(ckpt)
             if opt is not None:
+                # The moments come from the checkpoint, the settings (betas, weight decay,
+                # momentum, ...) from this run's config: a changed one takes effect.
+                settings = [
+                    {k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+                    for g in self.optimizer.param_groups
+                ]
                 try:
                     self.optimizer.load_state_dict(opt)
                 except (ValueError, KeyError) as e:
                     raise BitNetError(f"optimizer state does not fit: {e}") from None
+                for g, kept in zip(self.optimizer.param_groups, settings, strict=True):
+                    g.update(kept)
             self.load_state_dict(st)
         except BitNetError as e:
             raise BitNetError(f"checkpoint {ckpt!r}: {e}") from None

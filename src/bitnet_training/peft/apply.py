@@ -1,0 +1,329 @@
+"""`apply_peft`: the adapters transform of the recipe (after quantization, before parallelism).
+
+`peft` is the engine and the file format where it does the job: LoRA (rsLoRA, PiSSA init,
+per-module ranks) and AdaLoRA wrap any `nn.Linear`, our `BitLinear` included (it subclasses
+`nn.Linear`: the ternary base stays frozen, its quantized forward unchanged), and save
+adapters as `adapter_config.json` + `adapter_model.safetensors`. Ours is what no library does
+for this library's models: resolving `all-linear` without the output head on any model,
+BitFit with zero-initialized biases on bias-free BitNet layers, the packed ternary base of
+`qlora_ternary`, prefix tuning on `BitNetLM`, and driving AdaLoRA's budget from the Trainer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+import torch
+from torch import nn
+
+from ..callback import Callback
+from ..errors import BitNetError
+from .config import PEFTConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PEFTReport:
+    """What `apply_peft` did: the method, the adapted modules (with their rank for the LoRA
+    family), and how many parameters train out of all."""
+
+    method: str
+    wrapped: list[str] = field(default_factory=list)
+    ranks: dict[str, int] = field(default_factory=dict)
+    trainable: int = 0
+    total: int = 0
+
+    @property
+    def share(self) -> float:
+        """Trainable parameters as a fraction of all."""
+        return self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        ranks = sorted(set(self.ranks.values()))
+        rank = f", rank {'/'.join(map(str, ranks))}" if ranks else ""
+        return (
+            f"{self.method}: {len(self.wrapped)} modules adapted{rank}; {self.trainable:,} of "
+            f"{self.total:,} parameters train ({100 * self.share:.2f}%)"
+        )
+
+
+def _is_linear(m: nn.Module) -> bool:
+    # nn.Linear and its subclasses (BitLinear), and frozen packed ternary bases.
+    return isinstance(m, nn.Linear) or type(m).__name__ == "PackedTernaryLinear"
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def resolve_targets(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Names of the linear modules of `model` that `patterns` select: globs over dotted names
+    that also match any dotted suffix (`q_proj`, `layers.1.*`), or `all-linear` (every linear
+    but the output head, for any model: peft spares the head only for `transformers` models).
+    A pattern matching nothing is a one-line error listing the names that exist."""
+    head = _output_head(model)
+    linears = [(n, m) for n, m in model.named_modules() if _is_linear(m)]
+    chosen: list[str] = []
+    for p in patterns:
+        if p == "all-linear":
+            hit = [n for n, m in linears if m is not head and n.split(".")[-1] != "lm_head"]
+        else:
+            hit = [n for n, _ in linears if fnmatchcase(n, p) or fnmatchcase(n, "*." + p)]
+        if not hit:
+            short = sorted({n.split(".")[-1] for n, _ in linears})
+            raise BitNetError(
+                f"peft.target_modules pattern {p!r} matches no linear module; the model has "
+                f"{', '.join(short) or 'none'}"
+            )
+        chosen += [n for n in hit if n not in chosen]
+    return chosen
+
+
+def _count(model: nn.Module) -> tuple[int, int]:
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def _require_peft() -> None:
+    if importlib.util.find_spec("peft") is None:
+        raise BitNetError("this PEFT method needs peft (pip install 'bitnet-training[peft]')")
+
+
+def apply_peft(model: nn.Module, config: PEFTConfig) -> tuple[nn.Module, PEFTReport]:
+    """Apply `config.method` to `model` and return (the model to train, a report). The base
+    is frozen; only the adapters train. LoRA and AdaLoRA return `peft`'s `PeftModel` wrapping
+    `model`; BitFit changes `model` in place; `none` returns it untouched (everything
+    trains). `config.adapter` loads an existing adapter (peft's format) to start from."""
+    method = config.method
+    if method == "none":
+        t, n = _count(model)
+        return model, PEFTReport("none", trainable=t, total=n)
+    if method == "bitfit":
+        report = apply_bitfit(model, resolve_targets(model, config.target_modules))
+        if config.adapter:
+            load_bitfit(model, config.adapter)
+        return model, report
+    if method in ("lora", "qlora_ternary", "adalora"):
+        return _apply_lora(model, config)
+    from .prompt import apply_prompt
+
+    wrapped = apply_prompt(
+        model,
+        method,
+        config.num_virtual_tokens,
+        prefix_projection=config.prefix_projection,
+        encoder_hidden_size=config.encoder_hidden_size,
+    )
+    if config.adapter:
+        from safetensors.torch import load_file
+
+        wrapped.load_adapter_state_dict(load_file(_adapter_file(config.adapter)))
+    t, n = _count(wrapped)
+    return wrapped, PEFTReport(method, ["prefix"], trainable=t, total=n)
+
+
+def _apply_lora(model: nn.Module, config: PEFTConfig) -> tuple[nn.Module, PEFTReport]:
+    _require_peft()
+    import peft
+
+    targets = resolve_targets(model, config.target_modules)
+    ranks = {name: config.rank for name in targets}
+    for pattern, r in config.rank_of().items():
+        hit = [n for n in targets if fnmatchcase(n, pattern) or fnmatchcase(n, "*." + pattern)]
+        if not hit:
+            raise BitNetError(f"peft.rank_pattern {pattern!r} matches no adapted module")
+        ranks.update(dict.fromkeys(hit, r))
+    # peft matches target names by suffix and rank_pattern keys as regexes over names.
+    pattern = {re.escape(n): r for n, r in ranks.items() if r != config.rank}
+    common = dict(target_modules=targets, lora_alpha=config.alpha, lora_dropout=config.dropout)
+    if config.method == "qlora_ternary":
+        from .packed import pack_model
+
+        pack_model(model, config.packing)
+    if config.method == "adalora":
+        peft_config = peft.AdaLoraConfig(
+            init_r=config.init_rank,
+            target_r=config.target_rank,
+            tinit=config.tinit,
+            tfinal=config.tfinal,
+            deltaT=config.delta_t,
+            orth_reg_weight=config.orth_reg_weight,
+            # peft wants the run's length now; AdaLoRAControl.setup sets the real one.
+            total_step=config.tinit + config.tfinal + 1,
+            **common,
+        )
+        ranks = dict.fromkeys(targets, config.init_rank)
+    else:
+        init = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}[config.init]
+        peft_config = peft.LoraConfig(
+            r=config.rank,
+            use_rslora=config.rslora,
+            init_lora_weights=init,
+            rank_pattern=pattern,
+            bias=config.bias,
+            **common,
+        )
+    if config.method == "qlora_ternary":
+        from .packed import register_with_peft
+
+        register_with_peft(peft_config)
+    if config.adapter:
+        wrapped = _load_peft_adapter(model, config.adapter, config.method == "qlora_ternary")
+    else:
+        wrapped = peft.get_peft_model(model, peft_config)
+    if config.method == "adalora":
+        # AdaLoRA reallocates its rank budget after every optimizer step: declared here, so
+        # a plain Trainer(...).train() drives it (Trainer collects trainer_callbacks()).
+        control = AdaLoRAControl(wrapped)
+        wrapped.trainer_callbacks = lambda: [control]
+    t, n = _count(wrapped)
+    return wrapped, PEFTReport(config.method, targets, ranks, t, n)
+
+
+def _adapter_file(path: str) -> str:
+    f = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isfile(f):
+        raise BitNetError(f"peft.adapter {path!r} has no adapter_model.safetensors")
+    return f
+
+
+def _load_peft_adapter(model: nn.Module, path: str, packed: bool = False) -> nn.Module:
+    import peft
+
+    _adapter_file(path)
+    try:
+        kw = {}
+        if packed:  # peft's config file does not record our packed-base layer mapping
+            from .packed import register_with_peft
+
+            kw["config"] = register_with_peft(peft.LoraConfig.from_pretrained(path))
+        return peft.PeftModel.from_pretrained(model, path, is_trainable=True, **kw)
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BitNetError(f"peft.adapter {path!r} does not fit this model: {first}") from None
+
+
+class AdaLoRAControl(Callback):
+    """Drives AdaLoRA (arXiv 2303.10512) under the Trainer: its schedule spans the run's
+    optimizer steps, and after every optimizer step (gradients still present) peft's
+    `update_and_allocate` updates the sensitivity / uncertainty EMAs and prunes ranks to the
+    budget. Logs the current total rank (`adalora_rank`)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def setup(self, trainer):
+        cfg = self.model.peft_config["default"]
+        if trainer.total_steps <= cfg.tinit + cfg.tfinal:
+            raise BitNetError(
+                f"peft.tinit={cfg.tinit} + peft.tfinal={cfg.tfinal} leave no budgeting phase "
+                f"in a run of {trainer.total_steps} steps: lower them or train longer"
+            )
+        cfg.total_step = trainer.total_steps
+
+    def on_train_begin(self, trainer):
+        if trainer.state.step > 0:
+            log.warning(
+                "AdaLoRA resumed at step %d: its importance averages start afresh (they are "
+                "not in checkpoints yet), so the run is not bit-exact to an uninterrupted one",
+                trainer.state.step,
+            )
+
+    def on_optimizer_step(self, trainer):
+        self.model.base_model.update_and_allocate(trainer.state.step)
+
+    def on_log(self, trainer, logs):
+        # Pruned singular values are masked to zero in lora_E (the budget in force).
+        logs["adalora_rank"] = sum(
+            int((m.lora_E["default"] != 0).sum())
+            for m in self.model.modules()
+            if hasattr(m, "lora_E") and "default" in m.lora_E
+        )
+
+
+# ------------------------------------------------------------------------------ BitFit
+def apply_bitfit(model: nn.Module, targets: list[str]) -> PEFTReport:
+    """BitFit (Ben Zaken et al. 2022): freeze everything, train only biases. The targeted
+    linear modules that have no bias (all of BitNet's) get a zero-initialized trainable one,
+    so the model's output is unchanged at step 0."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in targets:
+        m = model.get_submodule(name)
+        if m.bias is None:
+            w = m.weight
+            m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=w.dtype, device=w.device))
+        m.bias.requires_grad_(True)
+    t, n = _count(model)
+    return PEFTReport("bitfit", list(targets), trainable=t, total=n)
+
+
+def load_bitfit(model: nn.Module, path: str) -> None:
+    """Load a BitFit adapter (the biases saved by `save_adapter`) into `model`."""
+    from safetensors.torch import load_file
+
+    biases = load_file(_adapter_file(path))
+    params = dict(model.named_parameters())
+    bad = [k for k in biases if k not in params or params[k].shape != biases[k].shape]
+    if bad:
+        raise BitNetError(f"peft.adapter {path!r} does not fit this model: {bad[0]}")
+    with torch.no_grad():
+        for k, v in biases.items():
+            params[k].copy_(v)
+
+
+# ------------------------------------------------------------------------- saving
+def save_adapter(model: nn.Module, directory: str) -> str:
+    """Write what trains in `model` as an adapter directory, atomically: peft's format
+    (`adapter_config.json` + `adapter_model.safetensors`, loadable with
+    `peft.PeftModel.from_pretrained` onto the same base) for LoRA / AdaLoRA / peft's prefix
+    tuning; the same two files with our own `peft_type` (`BITFIT`, `PREFIX_TUNING` on
+    `BitNetLM`) for what peft has no format for. Returns `directory`."""
+    import json
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".adapter-", dir=parent)
+    try:
+        if hasattr(model, "peft_config") and hasattr(model, "save_pretrained"):
+            model.save_pretrained(tmp)
+        else:
+            if hasattr(model, "adapter_state_dict"):
+                state, kind = model.adapter_state_dict(), "PREFIX_TUNING"
+            else:
+                kind = "BITFIT"
+                state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+            save_file(
+                {k: v.contiguous() for k, v in state.items()},
+                os.path.join(tmp, "adapter_model.safetensors"),
+            )
+            with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+                json.dump({"peft_type": kind, "library": "bitnet_training"}, f, indent=1)
+        if os.path.isdir(directory):
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory

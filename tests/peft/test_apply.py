@@ -1,0 +1,148 @@
+"""apply_peft: LoRA (peft's engine) on full-precision and ternary bases, BitFit, AdaLoRA
+under a plain Trainer, target resolution, and adapters that peft loads both ways."""
+
+import os
+
+import pytest
+import torch
+
+from bitnet_training import BitLinear, BitNetError, BitNetLM, ModelConfig
+from bitnet_training.peft import PEFTConfig, apply_peft, resolve_targets, save_adapter
+from bitnet_training.train import Trainer, TrainingConfig
+
+peft = pytest.importorskip("peft")
+
+CFG = ModelConfig(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def base(quantized=True, seed=0):
+    torch.manual_seed(seed)
+    return BitNetLM.bitnet(CFG) if quantized else BitNetLM(CFG)
+
+
+def ids(seed=1):
+    return torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+class Windows(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        x = ids(i)[0]
+        return {"input_ids": x, "labels": x}
+
+
+def train(model, tmp_path, steps=3, **kw):
+    cfg = TrainingConfig(
+        output_dir=str(tmp_path), max_steps=steps, batch_size=2, mixed_precision="fp32",
+        log_every=1, learning_rate=1e-2, **kw,
+    )  # fmt: skip
+    return Trainer(model, cfg, Windows()).train()
+
+
+def test_all_linear_spares_the_head_and_bad_patterns_list_the_names():
+    m = base()
+    names = resolve_targets(m, ["all-linear"])
+    assert len(names) == 14 and "lm_head" not in names
+    assert resolve_targets(m, ["layers.1.*q_proj"]) == ["model.layers.1.self_attn.q_proj"]
+    with pytest.raises(BitNetError, match=r"'qkv' matches no linear module; the model has "):
+        resolve_targets(m, ["qkv"])
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_lora_trains_only_adapters_and_starts_at_the_base(tmp_path, quantized):
+    m = base(quantized)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = ids()
+    with torch.no_grad():
+        ref = m(x).logits
+    wrapped, report = apply_peft(m, PEFTConfig(method="lora", rank=4, rank_pattern=["q_proj=2"]))
+    assert report.wrapped == resolve_targets(base(), ["all-linear"])
+    assert report.ranks["model.layers.0.self_attn.q_proj"] == 2
+    assert report.ranks["model.layers.0.mlp.up_proj"] == 4
+    trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert report.trainable == sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    with torch.no_grad():
+        assert torch.equal(wrapped(input_ids=x).logits, ref)  # B = 0: the base's output
+    layers = [mod for mod in wrapped.modules() if isinstance(mod, BitLinear)]
+    assert len(layers) == (14 if quantized else 0)  # the ternary base sits inside LoRA
+    train(wrapped, tmp_path)
+    after = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v
+        for k, v in wrapped.state_dict().items()
+        if "lora_" not in k
+    }
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # base unchanged
+    with torch.no_grad():
+        assert not torch.equal(wrapped(input_ids=x).logits, ref)  # the adapters learned
+
+
+def test_adapter_round_trips_through_peft(tmp_path):
+    wrapped, _ = apply_peft(base(), PEFTConfig(method="lora", rank=4, target_modules=["q_proj"]))
+    train(wrapped, tmp_path / "run")
+    out = save_adapter(wrapped, str(tmp_path / "adapter"))
+    assert sorted(os.listdir(out))[:2] == ["README.md", "adapter_config.json"] or (
+        "adapter_model.safetensors" in os.listdir(out)
+    )
+    x = ids()
+    with torch.no_grad():
+        ours = wrapped(input_ids=x).logits
+        theirs = peft.PeftModel.from_pretrained(base(), out)(input_ids=x).logits
+    assert torch.equal(ours, theirs)  # peft loads our adapter onto the same base
+    again, _ = apply_peft(base(), PEFTConfig(method="lora", rank=4, adapter=out))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=x).logits, ours)  # and we load peft's
+    assert any(p.requires_grad for p in again.parameters())
+    with pytest.raises(BitNetError, match="has no adapter_model.safetensors"):
+        apply_peft(base(), PEFTConfig(method="lora", adapter=str(tmp_path)))
+
+
+def test_bitfit_adds_zero_biases_and_trains_only_them(tmp_path):
+    m = base()
+    x = ids()
+    with torch.no_grad():
+        ref = m(x).logits
+    wrapped, report = apply_peft(m, PEFTConfig(method="bitfit", target_modules=["o_proj"]))
+    assert wrapped is m and len(report.wrapped) == 2 and report.trainable == 2 * 64
+    with torch.no_grad():
+        assert torch.equal(m(x).logits, ref)  # zero biases: the same output at step 0
+    train(m, tmp_path)
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == {
+        f"model.layers.{i}.self_attn.o_proj.bias" for i in range(2)
+    }
+    assert m.model.layers[0].self_attn.o_proj.bias.abs().sum() > 0
+
+
+def test_adalora_budget_runs_under_a_plain_trainer(tmp_path):
+    cfg = PEFTConfig(
+        method="adalora", init_rank=6, target_rank=2, tinit=1, tfinal=1, delta_t=1,
+        target_modules=["q_proj", "v_proj"],
+    )  # fmt: skip
+    wrapped, report = apply_peft(base(), cfg)
+    assert set(report.ranks.values()) == {6}
+    r = train(wrapped, tmp_path, steps=6)
+    ranks = [h["adalora_rank"] for h in r.history if h["kind"] == "train"]
+    assert ranks[0] == 4 * 6 and ranks[-1] < ranks[0]  # the budget shrank, no manual calls
+    assert wrapped.peft_config["default"].total_step == 6
+
+
+def test_method_keys_and_bases_are_checked():
+    from bitnet_training.config import load_config
+
+    with pytest.raises(BitNetError, match="peft.rank=4 has no effect here"):
+        load_config(None, ["peft.method=bitfit", "peft.rank=4"])
+    with pytest.raises(BitNetError, match="peft.rank_pattern"):
+        load_config(None, ["peft.method=lora", "peft.rank_pattern=q_proj"])
+    cfg = load_config(None, ["peft.method=lora", "peft.rank=4", "peft.target_modules=q_proj"])
+    assert cfg.peft.rank == 4 and cfg.peft.target_modules == ["q_proj"]
