@@ -304,3 +304,20 @@ def test_a_run_of_ours_as_base_is_self_contained(tmp_path, capsys, text_file):
     shutil.rmtree(src)
     code, printed, err = run(capsys, "eval", out)
     assert code == 0 and "val loss" in printed, err
+
+
+def test_merge_writes_a_run_that_evaluates(tmp_path, capsys, text_file, val_file):
+    pytest.importorskip("peft")
+    common = [*TINY, f"data.train_files={text_file}", f"data.val_files={val_file}",
+              "training.max_steps=3", "training.learning_rate=1e-2"]  # fmt: skip
+    for method in ("qlora_ternary", "prefix"):
+        code, _, err = run(capsys, "train", *common, f"peft.method={method}",
+                           f"training.output_dir={tmp_path / method}")  # fmt: skip
+        assert code == 0, err
+    code, out, err = run(capsys, "merge", tmp_path / "qlora_ternary", "-o", tmp_path / "m")
+    assert code == 0, err
+    assert "requantize" in out and "refit" in out and "method" in out
+    code, out, err = run(capsys, "eval", tmp_path / "m")
+    assert code == 0 and "val loss" in out, err
+    code, _, err = run(capsys, "merge", tmp_path / "prefix", "-o", tmp_path / "m2")
+    assert code == 2 and "only LoRA adapters merge" in err and err.count("\n") == 1

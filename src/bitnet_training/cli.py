@@ -4,6 +4,7 @@
     bitnet-train train --config FILE --print-config [key=value ...]
     bitnet-train eval CKPT [key=value ...]
     bitnet-train generate CKPT --prompt TEXT [--max-new-tokens N] [--temperature T] ...
+    bitnet-train merge RUN -o DIR [--method auto|requantize|refit]
 
 The CLI owns the terminal: progress on stderr, the summary on stdout. Errors the user can fix
 print one line and exit with status 2; an interrupted run exits with 128 + the signal number
@@ -53,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(
         dest="command",
         required=True,
-        metavar="{train,eval,generate,preprocess}",
+        metavar="{train,eval,generate,merge,preprocess}",
         parser_class=_Parser,
     )
 
@@ -123,6 +124,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     pp.add_argument("--overwrite", action="store_true", help="replace an existing output")
     pp.add_argument("--no-progress", action="store_true")
+
+    mg = sub.add_parser("merge", help="merge a LoRA run's adapters into its base")
+    mg.add_argument("run", help="a PEFT (LoRA / AdaLoRA / 1.58-bit QLoRA) run or checkpoint")
+    mg.add_argument("--output", "-o", required=True, help="the merged run's directory")
+    mg.add_argument(
+        "--method",
+        default="auto",
+        choices=("auto", "requantize", "refit"),
+        help="ternary bases: requantize W + BA, or refit its scale; auto measures both",
+    )
+    mg.add_argument("--max-batches", type=int, default=8, help="held-out batches to measure on")
 
     g = sub.add_parser("generate", help="continue a prompt with a checkpoint's model")
     g.add_argument("checkpoint", help="a checkpoint directory or a run directory (its latest)")
@@ -261,6 +273,20 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    if args.max_batches < 1:
+        raise BitNetError(f"--max-batches={args.max_batches} is invalid: expected an integer >= 1")
+    report = recipe.merge_run(args.run, args.output, args.method, args.max_batches)
+    lines = [f"merged       {os.path.abspath(args.output)}", f"method       {report.method}"]
+    for how, m in report.measured.items():
+        lines.append(
+            f"{how:<12} held-out loss {m['loss']:.4f} (adapters separate "
+            f"{m['unmerged_loss']:.4f}), max logit difference {m['max_logit_diff']:.2e}"
+        )
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
 def cmd_preprocess(args) -> int:
     if args.tokenizer != "bpe" and (args.vocab_size is not None or args.special_tokens is not None):
         raise BitNetError("--vocab-size and --special-tokens apply to --tokenizer bpe only")
@@ -323,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": cmd_train,
         "eval": cmd_eval,
         "generate": cmd_generate,
+        "merge": cmd_merge,
         "preprocess": cmd_preprocess,
     }
     try:

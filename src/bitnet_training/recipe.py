@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.data import default_collate
 
 from .callback import Callback
 from .config import RunConfig, apply_override, config_from_dict, migrate_stored
-from .data import Datasets, build_datasets, tokenizer_for, tokenizer_id
+from .data import Datasets, build_datasets, build_eval_dataset, tokenizer_for, tokenizer_id
 from .data.hf_tokenizer import PretrainedTokenizer, has_tokenizer_files
 from .errors import BitNetError
 from .models import BitNetLM
@@ -39,7 +40,8 @@ from .models.pretrained import Pretrained, build_from_base, load_pretrained, sav
 from .nn import BitLinear, MultiStage, QuantizationTuner, TernaryDiagnostics, quantize_model
 from .nn.subln import insert_subln
 from .optim import build_optimizer
-from .peft import PEFTReport, apply_peft, save_adapter
+from .peft import PEFTConfig, PEFTReport, apply_peft, save_adapter
+from .peft.merge import MergeReport, merge_lora
 from .peft.packed import PackedTernaryLinear
 from .train import CheckpointIO, ProgressBar, Trainer, TrainResult, list_checkpoints
 from .train import checkpoint as ckpt_io
@@ -377,6 +379,45 @@ def train(
         # The final adapter in peft's format (adapter_config.json + adapter_model.safetensors)
         save_adapter(run.model, os.path.join(cfg.training.output_dir, "adapter"))
     return run, result
+
+
+def merge_run(path: str, out: str, method: str = "auto", max_batches: int = 8) -> MergeReport:
+    """Merge a LoRA run's adapters into its base (`peft.merge.merge_lora`, measured on up to
+    `max_batches` held-out batches) and write the merged model to `out` as a full run that
+    eval, generate and `model.pretrained` take. A 1.58-bit QLoRA run merges into its unpacked
+    ternary base."""
+    if list_checkpoints(out) or (os.path.isfile(out)):
+        raise BitNetError(
+            f"merge output {out!r} already holds a run (or is a file): choose another"
+        )
+    ckpt = ckpt_io.resolve_checkpoint(path)
+    stored = (ckpt_io.read_metadata(ckpt).get("run_config") or {}).get("peft") or {}
+    if stored.get("method", "none") == "none":
+        raise BitNetError(f"{ckpt!r} is not a PEFT run: there is nothing to merge")
+    unpacked = ["peft.method=lora"] if stored.get("method") == "qlora_ternary" else []
+    cfg, model, tokenizer, ckpt = load_run(ckpt, unpacked)
+    val = build_eval_dataset(cfg.data, tokenizer)
+    if val is None:
+        raise BitNetError("the run has no validation text to measure the merge on")
+    bs = cfg.training.batch_size
+    batches = [
+        default_collate([val[j] for j in range(i, min(i + bs, len(val)))])
+        for i in range(0, min(len(val), max_batches * bs), bs)
+    ]
+    merged, report = merge_lora(model, lambda: load_run(ckpt, unpacked)[1], batches, method)
+    state = ckpt_io.read_state(ckpt)
+    cfg.peft = PEFTConfig()  # the merged run is a plain (quantized) model
+    meta = ckpt_io.read_metadata(ckpt)
+    meta.update(run_config=cfg.to_dict(), merged_from=ckpt, merge=report.measured)
+    os.makedirs(out, exist_ok=True)
+    base = os.path.join(os.path.dirname(ckpt), "base")
+    if os.path.isdir(base):
+        shutil.copytree(base, os.path.join(out, "base"), dirs_exist_ok=True)
+    keep = {k: state[k] for k in ("step", "tokens_seen", "steps_per_epoch") if k in state}
+    keep.update(data={}, rng={}, callbacks=state.get("callbacks", {}))
+    written = ckpt_io.save_checkpoint(out, int(state["step"]), merged, None, keep, {}, meta)
+    ckpt_io.write_pointer(out, "latest", os.path.basename(written))
+    return report
 
 
 def load_run(path: str, overrides: list[str] = ()) -> tuple[RunConfig, nn.Module, object, str]:

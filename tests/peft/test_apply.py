@@ -146,3 +146,48 @@ def test_method_keys_and_bases_are_checked():
         load_config(None, ["peft.method=lora", "peft.rank_pattern=q_proj"])
     cfg = load_config(None, ["peft.method=lora", "peft.rank=4", "peft.target_modules=q_proj"])
     assert cfg.peft.rank == 4 and cfg.peft.target_modules == ["q_proj"]
+
+
+def test_merge_into_full_precision_is_exact_and_unmerge_restores():
+    m = base(quantized=False)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    wrapped, _ = apply_peft(m, PEFTConfig(method="lora", rank=4, init="gaussian"))
+    for name, p in wrapped.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)  # B = 0 would make the test trivial
+    x = ids()
+    with torch.no_grad():
+        adapted = wrapped(input_ids=x).logits
+        wrapped.merge_adapter()
+        merged = wrapped(input_ids=x).logits
+        wrapped.unmerge_adapter()
+    torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)  # float rounding only
+    restored = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v
+        for k, v in wrapped.state_dict().items()
+        if "lora_" not in k
+    }
+    for k, v in before.items():
+        torch.testing.assert_close(restored[k], v, rtol=0, atol=1e-6)  # W + BA - BA
+
+
+def test_merge_into_a_ternary_base_is_measured_and_the_better_kept():
+    from bitnet_training.peft.merge import merge_lora
+
+    def adapted():
+        wrapped, _ = apply_peft(base(), PEFTConfig(method="lora", rank=4))
+        torch.manual_seed(3)
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.01)
+        return wrapped
+
+    batches = [{"input_ids": ids(i), "labels": ids(i)} for i in range(3)]
+    merged, report = merge_lora(adapted(), adapted, batches)
+    assert set(report.measured) == {"requantize", "refit"} and report.layers == 14
+    r = report.measured
+    assert report.method == min(r, key=lambda k: r[k]["loss"])
+    assert all(v["max_logit_diff"] > 0 for v in r.values())  # a ternary merge is not exact
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with pytest.raises(BitNetError, match="only LoRA adapters merge"):
+        merge_lora(base(), adapted, batches)
