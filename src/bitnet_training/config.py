@@ -324,6 +324,25 @@ CONDITIONAL_KEYS: list[tuple[str, Any, str]] = [
         (f"peft.{k}", lambda c, m=methods: c.peft.method in m, f"peft.method {' / '.join(methods)}")
         for k, methods in METHOD_KEYS.items()
     ),
+    ("qat.integer_matmul", lambda c: c.qat.fused, "qat.fused=true"),
+    (
+        "qat.weight_bits",
+        lambda c: c.qat.enable_weight_quantization,
+        "qat.enable_weight_quantization=true",
+    ),
+    (
+        "qat.activation_bits",
+        lambda c: c.qat.enable_activation_quantization,
+        "qat.enable_activation_quantization=true",
+    ),
+    ("training.save_every", lambda c: not c.training.save_best_only, "save_best_only=false"),
+    ("data.augment.span_length", lambda c: c.data.augment.span_prob > 0, "augment.span_prob > 0"),
+    (
+        "data.augment.mask_token_id",
+        lambda c: c.data.augment.mask_prob > 0,
+        "data.augment.mask_prob > 0",
+    ),
+    ("sample.top_k", lambda c: c.sample.temperature > 0, "sample.temperature > 0 (sampling)"),
 ]
 
 
