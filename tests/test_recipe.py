@@ -321,3 +321,20 @@ def test_merge_writes_a_run_that_evaluates(tmp_path, capsys, text_file, val_file
     assert code == 0 and "val loss" in out, err
     code, _, err = run(capsys, "merge", tmp_path / "prefix", "-o", tmp_path / "m2")
     assert code == 2 and "only LoRA adapters merge" in err and err.count("\n") == 1
+
+
+def test_a_peft_run_evaluates_on_its_real_base(tmp_path, capsys, llama, text_file, val_file):
+    # Its checkpoints hold adapters only: eval must load the base's weights, not just its
+    # architecture from the run's base/ copy.
+    out = tmp_path / "lora"
+    code, _, err = run(
+        capsys, "train", f"model.pretrained={llama}", "peft.method=lora",
+        f"data.train_files={text_file}", f"data.val_files={val_file}", "data.seq_len=32",
+        "training.batch_size=2", "training.max_steps=2", f"training.output_dir={out}", *QUIET,
+    )  # fmt: skip
+    assert code == 0, err
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if r["kind"] == "eval"][-1]["val_loss"]
+    code, printed, err = run(capsys, "eval", out)
+    assert code == 0, err
+    assert f"val loss     {trained:.4f}" in printed

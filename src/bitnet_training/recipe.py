@@ -162,6 +162,20 @@ def save_run_base(path: str, out: str) -> None:
         raise
 
 
+def _same_base(run_dir: str, fingerprint: str) -> None:
+    """Refuse a base whose weights changed since the PEFT run in `run_dir` started (its
+    adapters were trained against the recorded fingerprint)."""
+    path = os.path.join(run_dir, "base", "source.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            recorded = json.load(f).get("fingerprint")
+        if recorded and recorded != fingerprint:
+            raise BitNetError(
+                f"the base model changed since this run started (fingerprint {fingerprint}, "
+                f"the run's adapters were trained on {recorded})"
+            )
+
+
 def _plain_linears(model: nn.Module) -> None:
     """Replace each `BitLinear` by an `nn.Linear` holding the same weight and bias tensors."""
     for name, m in list(model.named_modules()):
@@ -219,8 +233,12 @@ class Built:
 def build_model(cfg: RunConfig, run_dir: str | None = None, init: bool = True) -> Built:
     """Steps 1 and 2: load the model, quantize it, load `init_from`'s weights (when `init`),
     apply the adapters. A PEFT run's checkpoints hold only its adapters, so its base (with
-    `init_from`) is rebuilt the same way when it is resumed, evaluated or merged."""
-    loaded = load_model(cfg, run_dir)
+    `init_from`) is loaded again from its source, weights and all, when it is resumed,
+    evaluated or merged (the run's `base/` copy holds the architecture, not the weights)."""
+    peft_run = cfg.peft.method != "none"
+    loaded = load_model(cfg, None if peft_run else run_dir)
+    if peft_run and run_dir and loaded.base is not None:
+        _same_base(run_dir, loaded.base.fingerprint)
     model, notes = loaded.model, loaded.notes
     tokenizer = loaded.tokenizer or tokenizer_for(cfg.data)
     notes += quantize(model, cfg)
