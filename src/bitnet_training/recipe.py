@@ -204,6 +204,11 @@ def adapters(model: nn.Module, cfg: RunConfig) -> tuple[nn.Module, PEFTReport]:
     a `peft` wrapper around `model`) is what trains."""
     if cfg.peft.method == "qlora_ternary" and not cfg.quantize:
         raise BitNetError("peft.method=qlora_ternary needs quantize=true (a ternary base)")
+    if cfg.peft.init == "pissa" and cfg.quantize:
+        raise BitNetError(
+            "peft.init=pissa needs quantize=false: PiSSA moves the principal part of W into the "
+            "adapter, which a quantized base Q(W) does not keep"
+        )
     return apply_peft(model, cfg.peft)
 
 
@@ -404,10 +409,8 @@ def merge_run(path: str, out: str, method: str = "auto", max_batches: int = 8) -
     `max_batches` held-out batches) and write the merged model to `out` as a full run that
     eval, generate and `model.pretrained` take. A 1.58-bit QLoRA run merges into its unpacked
     ternary base."""
-    if list_checkpoints(out) or (os.path.isfile(out)):
-        raise BitNetError(
-            f"merge output {out!r} already holds a run (or is a file): choose another"
-        )
+    if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out)):
+        raise BitNetError(f"merge output {out!r} exists and is not empty: choose another")
     ckpt = ckpt_io.resolve_checkpoint(path)
     stored = (ckpt_io.read_metadata(ckpt).get("run_config") or {}).get("peft") or {}
     if stored.get("method", "none") == "none":
@@ -427,14 +430,23 @@ def merge_run(path: str, out: str, method: str = "auto", max_batches: int = 8) -
     cfg.peft = PEFTConfig()  # the merged run is a plain (quantized) model
     meta = ckpt_io.read_metadata(ckpt)
     meta.update(run_config=cfg.to_dict(), merged_from=ckpt, merge=report.measured)
-    os.makedirs(out, exist_ok=True)
-    base = os.path.join(os.path.dirname(ckpt), "base")
-    if os.path.isdir(base):
-        shutil.copytree(base, os.path.join(out, "base"), dirs_exist_ok=True)
-    keep = {k: state[k] for k in ("step", "tokens_seen", "steps_per_epoch") if k in state}
-    keep.update(data={}, rng={}, callbacks=state.get("callbacks", {}))
-    written = ckpt_io.save_checkpoint(out, int(state["step"]), merged, None, keep, {}, meta)
-    ckpt_io.write_pointer(out, "latest", os.path.basename(written))
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".merge-", dir=parent)  # all or nothing: renamed at the end
+    try:
+        base = os.path.join(os.path.dirname(ckpt), "base")
+        if os.path.isdir(base):
+            shutil.copytree(base, os.path.join(tmp, "base"))
+        keep = {k: state[k] for k in ("step", "tokens_seen", "steps_per_epoch") if k in state}
+        keep.update(data={}, rng={}, callbacks=state.get("callbacks", {}))
+        written = ckpt_io.save_checkpoint(tmp, int(state["step"]), merged, None, keep, {}, meta)
+        ckpt_io.write_pointer(tmp, "latest", os.path.basename(written))
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return report
 
 

@@ -100,7 +100,9 @@ def test_adapter_round_trips_through_peft(tmp_path):
         ours = wrapped(input_ids=x).logits
         theirs = peft.PeftModel.from_pretrained(base(), out)(input_ids=x).logits
     assert torch.equal(ours, theirs)  # peft loads our adapter onto the same base
-    again, _ = apply_peft(base(), PEFTConfig(method="lora", rank=4, adapter=out))
+    again, _ = apply_peft(
+        base(), PEFTConfig(method="lora", rank=4, target_modules=["q_proj"], adapter=out)
+    )
     with torch.no_grad():
         assert torch.equal(again(input_ids=x).logits, ours)  # and we load peft's
     assert any(p.requires_grad for p in again.parameters())
@@ -191,3 +193,20 @@ def test_merge_into_a_ternary_base_is_measured_and_the_better_kept():
     assert not any("lora" in n for n, _ in merged.named_parameters())
     with pytest.raises(BitNetError, match="only LoRA adapters merge"):
         merge_lora(base(), adapted, batches)
+
+
+def test_adapters_that_do_not_fit_are_refused(tmp_path):
+    wrapped, _ = apply_peft(base(), PEFTConfig(method="lora", rank=4, target_modules=["q_proj"]))
+    out = save_adapter(wrapped, str(tmp_path / "a"))
+    with pytest.raises(BitNetError, match="has rank 4, peft.rank is 8: set peft.rank=4"):
+        apply_peft(base(), PEFTConfig(method="lora", target_modules=["q_proj"], adapter=out))
+    with pytest.raises(BitNetError, match="adapts other modules"):
+        apply_peft(base(), PEFTConfig(method="lora", rank=4, adapter=out))  # all-linear here
+    with pytest.raises(BitNetError, match="is a LORA adapter; peft.method=adalora needs"):
+        apply_peft(base(), PEFTConfig(method="adalora", adapter=out))
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "adapter_config.json").write_text('{"peft_type": "BITFIT"}')
+    (junk / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(BitNetError, match="unreadable adapter_model.safetensors"):
+        apply_peft(base(), PEFTConfig(method="bitfit", adapter=str(junk)))

@@ -90,8 +90,13 @@ def resolve_targets(model: nn.Module, patterns: list[str]) -> list[str]:
 
 
 def _count(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; a packed ternary base counts its weights in the total
+    (they are buffers there)."""
     seen: set[int] = set()
     trainable = total = 0
+    for m in model.modules():
+        if type(m).__name__ == "PackedTernaryLinear":
+            total += m.in_features * m.out_features
     for p in model.parameters():
         if id(p) in seen:
             continue
@@ -115,6 +120,8 @@ def apply_peft(model: nn.Module, config: PEFTConfig) -> tuple[nn.Module, PEFTRep
     if method == "none":
         t, n = _count(model)
         return model, PEFTReport("none", trainable=t, total=n)
+    if config.adapter:
+        _check_adapter(config)
     if method == "bitfit":
         report = apply_bitfit(model, resolve_targets(model, config.target_modules))
         if config.adapter:
@@ -132,9 +139,7 @@ def apply_peft(model: nn.Module, config: PEFTConfig) -> tuple[nn.Module, PEFTRep
         encoder_hidden_size=config.encoder_hidden_size,
     )
     if config.adapter:
-        from safetensors.torch import load_file
-
-        wrapped.load_adapter_state_dict(load_file(_adapter_file(config.adapter)))
+        wrapped.load_adapter_state_dict(_read_adapter(config.adapter))
     t, n = _count(wrapped)
     return wrapped, PEFTReport(method, ["prefix"], trainable=t, total=n)
 
@@ -185,6 +190,7 @@ def _apply_lora(model: nn.Module, config: PEFTConfig) -> tuple[nn.Module, PEFTRe
 
         register_with_peft(peft_config)
     if config.adapter:
+        _check_lora_adapter(config, targets)
         wrapped = _load_peft_adapter(model, config.adapter, config.method == "qlora_ternary")
     else:
         wrapped = peft.get_peft_model(model, peft_config)
@@ -195,6 +201,77 @@ def _apply_lora(model: nn.Module, config: PEFTConfig) -> tuple[nn.Module, PEFTRe
         wrapped.trainer_callbacks = lambda: [control]
     t, n = _count(wrapped)
     return wrapped, PEFTReport(config.method, targets, ranks, t, n)
+
+
+ADAPTER_TYPES = {
+    "lora": "LORA",
+    "qlora_ternary": "LORA",
+    "adalora": "ADALORA",
+    "bitfit": "BITFIT",
+    "prefix": "PREFIX_TUNING",
+    "ptuning_v2": "PREFIX_TUNING",
+}
+
+
+def _adapter_config(path: str) -> dict:
+    import json
+
+    _adapter_file(path)
+    try:
+        with open(os.path.join(path, "adapter_config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise BitNetError(f"peft.adapter {path!r}: unreadable adapter_config.json: {e}") from None
+    if not isinstance(cfg, dict):
+        raise BitNetError(f"peft.adapter {path!r}: adapter_config.json is not a mapping")
+    return cfg
+
+
+def _check_adapter(config: PEFTConfig) -> None:
+    """Refuse an adapter made by another method than `config.method`."""
+    kind = _adapter_config(config.adapter).get("peft_type")
+    want = ADAPTER_TYPES[config.method]
+    if kind != want:
+        raise BitNetError(
+            f"peft.adapter {config.adapter!r} is a {kind or 'unknown'} adapter; "
+            f"peft.method={config.method} needs a {want} one"
+        )
+
+
+def _check_lora_adapter(config: PEFTConfig, targets: list[str]) -> None:
+    """The adapter decides the LoRA shape: refuse settings that say otherwise (they would be
+    silently replaced by the adapter's)."""
+    cfg = _adapter_config(config.adapter)
+    theirs = sorted(cfg.get("target_modules") or [])
+    if theirs != sorted(targets):
+        missing = sorted(set(targets) - set(theirs))
+        raise BitNetError(
+            f"peft.adapter {config.adapter!r} adapts other modules than peft.target_modules "
+            f"selects here ({len(theirs)} vs {len(targets)}"
+            + (f", e.g. not {missing[0]}" if missing else "")
+            + ")"
+        )
+    checks = [("alpha", cfg.get("lora_alpha"), config.alpha)]
+    if config.method != "adalora":
+        checks.append(("rank", cfg.get("r"), config.rank))
+    for key, adapter_value, ours in checks:
+        if adapter_value is not None and float(adapter_value) != float(ours):
+            raise BitNetError(
+                f"peft.adapter {config.adapter!r} has {key} {adapter_value}, peft.{key} is "
+                f"{ours}: set peft.{key}={adapter_value} (the adapter decides)"
+            )
+
+
+def _read_adapter(path: str) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(_adapter_file(path))
+    except (SafetensorError, OSError) as e:
+        raise BitNetError(
+            f"peft.adapter {path!r}: unreadable adapter_model.safetensors: {e}"
+        ) from None
 
 
 def _adapter_file(path: str) -> str:
@@ -277,9 +354,7 @@ def apply_bitfit(model: nn.Module, targets: list[str]) -> PEFTReport:
 
 def load_bitfit(model: nn.Module, path: str) -> None:
     """Load a BitFit adapter (the biases saved by `save_adapter`) into `model`."""
-    from safetensors.torch import load_file
-
-    biases = load_file(_adapter_file(path))
+    biases = _read_adapter(path)
     params = dict(model.named_parameters())
     bad = [k for k in biases if k not in params or params[k].shape != biases[k].shape]
     if bad:
