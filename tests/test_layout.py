@@ -18,6 +18,7 @@ LAYERS = {
     "nn": 2,
     "models": 3,
     "peft": 3,
+    "distributed": 3,
     "train": 4,
     "config": 5,
     "recipe": 6,

@@ -338,3 +338,13 @@ def test_a_peft_run_evaluates_on_its_real_base(tmp_path, capsys, llama, text_fil
     code, printed, err = run(capsys, "eval", out)
     assert code == 0, err
     assert f"val loss     {trained:.4f}" in printed
+
+
+def test_activation_checkpointing_from_the_cli(tmp_path, capsys, caplog):
+    caplog.set_level("INFO")
+    code, _, err = run(
+        capsys, "train", *TINY, "training.max_steps=2", "training.activation_checkpointing=true",
+        f"training.output_dir={tmp_path}",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "activation checkpointing: 1 blocks" in caplog.text

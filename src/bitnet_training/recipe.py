@@ -34,6 +34,7 @@ from .callback import Callback
 from .config import RunConfig, apply_override, config_from_dict, migrate_stored
 from .data import Datasets, build_datasets, build_eval_dataset, tokenizer_for, tokenizer_id
 from .data.hf_tokenizer import PretrainedTokenizer, has_tokenizer_files
+from .distributed import apply_activation_checkpointing
 from .errors import BitNetError
 from .models import BitNetLM
 from .models.pretrained import Pretrained, build_from_base, load_pretrained, save_base_files
@@ -220,7 +221,18 @@ def apply_transforms(model: nn.Module, cfg: RunConfig) -> tuple[nn.Module, list[
     model, report = adapters(model, cfg)
     if report.method != "none":
         notes.append(f"peft: {report}")
+    notes += parallelize(model, cfg)
     return model, notes
+
+
+def parallelize(model: nn.Module, cfg: RunConfig) -> list[str]:
+    """Transform 3, in torchtitan's order: pipeline split and tensor parallel (with the
+    distributed issue), activation checkpointing, FSDP / DDP (with the distributed issue)."""
+    notes = []
+    if cfg.training.activation_checkpointing:
+        n = apply_activation_checkpointing(model)
+        notes.append(f"activation checkpointing: {n} blocks")
+    return notes
 
 
 @dataclass
@@ -252,6 +264,7 @@ def build_model(cfg: RunConfig, run_dir: str | None = None, init: bool = True) -
     model, report = adapters(model, cfg)
     if report.method != "none":
         notes.append(f"peft: {report}")
+    notes += parallelize(model, cfg)
     return Built(model, tokenizer, loaded.base, report, notes)
 
 

@@ -87,6 +87,11 @@ class TrainingConfig(Section):
     seed: int = Field(0, ge=0, description="drives initialization, data order and sampling")
     output_dir: str = Field("runs/default", min_length=1, description="checkpoints and logs")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
+    activation_checkpointing: bool = Field(
+        False,
+        description="recompute each transformer block in the backward instead of keeping its "
+        "activations (less memory, about one more forward per step)",
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
