@@ -210,3 +210,28 @@ def test_adapters_that_do_not_fit_are_refused(tmp_path):
     (junk / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(BitNetError, match="unreadable adapter_model.safetensors"):
         apply_peft(base(), PEFTConfig(method="bitfit", adapter=str(junk)))
+
+
+def test_ranks_chosen_within_a_budget_follow_singular_value_energy():
+    from bitnet_training.peft import select_ranks
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 16, bias=False), torch.nn.Linear(16, 16))
+    with torch.no_grad():  # layer 0 has rank exactly 2; layer 1 is a full-rank random matrix
+        net[0].weight.copy_(torch.randn(16, 2) @ torch.randn(2, 16))
+    ranks = select_ranks(net, ["0", "1"], budget=8 * 32)
+    assert ranks == {"0": 2, "1": 6}  # layer 0 never gets more than its rank
+    assert select_ranks(net, ["0", "1"], budget=64) == {"0": 1, "1": 1}
+    with pytest.raises(BitNetError, match="rank_budget=63 is too small"):
+        select_ranks(net, ["0", "1"], budget=63)
+
+
+def test_rank_budget_through_apply_peft_is_reported_and_kept():
+    cfg = PEFTConfig(method="lora", rank_budget=3000, target_modules=["q_proj", "up_proj"])
+    wrapped, report = apply_peft(base(), cfg)
+    lora = sum(p.numel() for n, p in wrapped.named_parameters() if "lora_" in n)
+    assert lora == report.trainable <= 3000
+    assert "ranks chosen within 3,000 LoRA parameters" in str(report)
+    for name, r in report.ranks.items():
+        layer = wrapped.get_submodule("base_model.model." + name)
+        assert layer.r["default"] == r

@@ -38,6 +38,7 @@ class PEFTReport:
     ranks: dict[str, int] = field(default_factory=dict)
     trainable: int = 0
     total: int = 0
+    budget: int | None = None  # the rank budget the ranks were chosen within, if any
 
     @property
     def share(self) -> float:
@@ -47,10 +48,14 @@ class PEFTReport:
     def __str__(self) -> str:
         ranks = sorted(set(self.ranks.values()))
         rank = f", rank {'/'.join(map(str, ranks))}" if ranks else ""
-        return (
+        text = (
             f"{self.method}: {len(self.wrapped)} modules adapted{rank}; {self.trainable:,} of "
             f"{self.total:,} parameters train ({100 * self.share:.2f}%)"
         )
+        if self.budget is not None:
+            chosen = ", ".join(f"{n} {r}" for n, r in self.ranks.items())
+            text += f"; ranks chosen within {self.budget:,} LoRA parameters: {chosen}"
+        return text
 
 
 def _is_linear(m: nn.Module) -> bool:
@@ -150,6 +155,8 @@ def _apply_lora(model: nn.Module, config: PEFTConfig) -> tuple[nn.Module, PEFTRe
 
     targets = resolve_targets(model, config.target_modules)
     ranks = {name: config.rank for name in targets}
+    if config.rank_budget is not None:
+        ranks = select_ranks(model, targets, config.rank_budget)
     for pattern, r in config.rank_of().items():
         hit = [n for n in targets if fnmatchcase(n, pattern) or fnmatchcase(n, "*." + pattern)]
         if not hit:
@@ -157,6 +164,7 @@ def _apply_lora(model: nn.Module, config: PEFTConfig) -> tuple[nn.Module, PEFTRe
         ranks.update(dict.fromkeys(hit, r))
     # peft matches target names by suffix and rank_pattern keys as regexes over names.
     pattern = {re.escape(n): r for n, r in ranks.items() if r != config.rank}
+    chosen = config.rank_budget is not None
     common = dict(target_modules=targets, lora_alpha=config.alpha, lora_dropout=config.dropout)
     if config.method == "qlora_ternary":
         from .packed import pack_model
@@ -200,7 +208,9 @@ def _apply_lora(model: nn.Module, config: PEFTConfig) -> tuple[nn.Module, PEFTRe
         control = AdaLoRAControl(wrapped)
         wrapped.trainer_callbacks = lambda: [control]
     t, n = _count(wrapped)
-    return wrapped, PEFTReport(config.method, targets, ranks, t, n)
+    report = PEFTReport(config.method, targets, ranks, t, n)
+    report.budget = config.rank_budget if chosen else None
+    return wrapped, report
 
 
 ADAPTER_TYPES = {
@@ -272,6 +282,53 @@ def _read_adapter(path: str) -> dict:
         raise BitNetError(
             f"peft.adapter {path!r}: unreadable adapter_model.safetensors: {e}"
         ) from None
+
+
+def _spectrum_source(m: nn.Module) -> torch.Tensor:
+    """What a module's adapter should capture: the weight of a full-precision layer, the
+    quantization residual W - gamma * Q(W) of a quantized one (float32, (out, in))."""
+    w = m.weight.detach().float()
+    spec = m.weight_spec() if hasattr(m, "weight_spec") else None
+    if spec is not None:
+        from ..quant.functional import dequantize
+
+        w = w - dequantize(m.quantized_weight(), torch.float32).reshape(w.shape)
+    return w
+
+
+@torch.no_grad()
+def select_ranks(model: nn.Module, targets: list[str], budget: int) -> dict[str, int]:
+    """Each target's LoRA rank within `budget` trainable parameters (a rank-r adapter on an
+    (out, in) layer costs r * (in + out)). Every module gets rank 1; then, greedily, the next
+    rank goes to the module whose next singular direction holds the largest share of its
+    energy per parameter it costs (singular values of `_spectrum_source`: the weight, or the
+    quantization residual of a ternary layer), until the budget is spent. A direction with
+    no energy is never bought, so a module never gets more rank than its source has."""
+    costs, shares = {}, {}
+    for name in targets:
+        m = model.get_submodule(name)
+        s = torch.linalg.svdvals(_spectrum_source(m)).double() ** 2
+        shares[name] = (s / s.sum().clamp_min(1e-30)).tolist()
+        costs[name] = m.in_features + m.out_features
+    ranks = dict.fromkeys(targets, 1)
+    spent = sum(costs.values())
+    if spent > budget:
+        raise BitNetError(
+            f"peft.rank_budget={budget} is too small: rank 1 on the {len(targets)} targeted "
+            f"modules already needs {spent} parameters"
+        )
+    while True:
+        best, value = None, 0.0
+        for name in targets:
+            r = ranks[name]
+            if r < len(shares[name]) and spent + costs[name] <= budget:
+                v = shares[name][r] / costs[name]
+                if v > value + 1e-15:
+                    best, value = name, v
+        if best is None:
+            return ranks
+        ranks[best] += 1
+        spent += costs[best]
 
 
 def _adapter_file(path: str) -> str:

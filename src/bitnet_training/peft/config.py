@@ -21,6 +21,7 @@ METHOD_KEYS: dict[str, tuple[str, ...]] = {
     "rslora": ("lora", "qlora_ternary"),
     "init": ("lora",),
     "rank_pattern": ("lora", "qlora_ternary"),
+    "rank_budget": ("lora", "qlora_ternary"),
     "bias": ("lora", "qlora_ternary"),
     "packing": ("qlora_ternary",),
     "num_virtual_tokens": ("prefix", "ptuning_v2"),
@@ -61,6 +62,12 @@ class PEFTConfig(Section):
     rank_pattern: list[str] = Field(
         default_factory=list, description="per-module ranks, 'glob=rank' (e.g. q_proj=16)"
     )
+    rank_budget: int | None = Field(
+        None,
+        gt=0,
+        description="choose each module's rank within this many trainable LoRA parameters, "
+        "by singular-value energy (None: rank / rank_pattern)",
+    )
     bias: Literal["none", "all", "lora_only"] = Field(
         "none", description="biases that also train with LoRA (peft's bias option)"
     )
@@ -84,6 +91,12 @@ class PEFTConfig(Section):
     def _check(self):
         if self.method == "adalora" and self.target_rank > self.init_rank:
             raise ConfigError("target_rank", self.target_rank, f"<= init_rank ({self.init_rank})")
+        if self.rank_budget is not None and self.rank != 8:
+            raise ConfigError("rank", self.rank, "its default when rank_budget chooses the ranks")
+        if self.rank_budget is not None and self.rank_pattern:
+            raise ConfigError(
+                "rank_budget", self.rank_budget, "None when rank_pattern is given (choose one)"
+            )
         for item in self.rank_pattern:
             pattern, _, rank = item.rpartition("=")
             if not pattern or not rank.isdigit() or int(rank) < 1:
