@@ -10,6 +10,7 @@ PKG = os.path.join(os.path.dirname(__file__), "..", "src", "bitnet_training")
 LAYERS = {
     "errors": 0,
     "settings": 0,
+    "atomic": 0,
     "callback": 0,
     "quant": 1,
     "data": 1,

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
+from .atomic import atomic_directory
 from .callback import Callback
 from .config import RunConfig, apply_override, config_from_dict, migrate_stored
 from .data import Datasets, build_datasets, build_eval_dataset, tokenizer_for, tokenizer_id
@@ -146,9 +146,7 @@ def save_run_base(path: str, out: str) -> None:
     """Copy what rebuilds a run-of-ours base (its stored run config, and its own base copy)
     into `<out>/base/`, so the new run needs only itself."""
     ckpt = ckpt_io.resolve_checkpoint(path)
-    base = os.path.join(out, "base")
-    tmp = tempfile.mkdtemp(prefix=".base-", dir=out)
-    try:
+    with atomic_directory(os.path.join(out, "base")) as tmp:
         with open(os.path.join(tmp, "run_config.json"), "w") as f:
             json.dump(ckpt_io.read_metadata(ckpt)["run_config"], f, indent=1)
         with open(os.path.join(tmp, "source.json"), "w") as f:
@@ -156,11 +154,6 @@ def save_run_base(path: str, out: str) -> None:
         theirs = os.path.join(os.path.dirname(ckpt), "base")
         if os.path.isdir(theirs):
             shutil.copytree(theirs, os.path.join(tmp, "base"))
-        shutil.rmtree(base, ignore_errors=True)
-        os.replace(tmp, base)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _same_base(run_dir: str, fingerprint: str) -> None:
@@ -443,10 +436,7 @@ def merge_run(path: str, out: str, method: str = "auto", max_batches: int = 8) -
     cfg.peft = PEFTConfig()  # the merged run is a plain (quantized) model
     meta = ckpt_io.read_metadata(ckpt)
     meta.update(run_config=cfg.to_dict(), merged_from=ckpt, merge=report.measured)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".merge-", dir=parent)  # all or nothing: renamed at the end
-    try:
+    with atomic_directory(out) as tmp:  # all or nothing (`out` is absent or empty)
         base = os.path.join(os.path.dirname(ckpt), "base")
         if os.path.isdir(base):
             shutil.copytree(base, os.path.join(tmp, "base"))
@@ -454,12 +444,6 @@ def merge_run(path: str, out: str, method: str = "auto", max_batches: int = 8) -
         keep.update(data={}, rng={}, callbacks=state.get("callbacks", {}))
         written = ckpt_io.save_checkpoint(tmp, int(state["step"]), merged, None, keep, {}, meta)
         ckpt_io.write_pointer(tmp, "latest", os.path.basename(written))
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 

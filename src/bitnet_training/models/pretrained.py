@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..atomic import atomic_directory
 from ..data.hf_tokenizer import PretrainedTokenizer, has_tokenizer_files, require_transformers
 from ..errors import BitNetError
 from ..quant.packing import VALUES_PER_BYTE, unpack_ternary
@@ -440,9 +441,7 @@ def save_base_files(pretrained: Pretrained, run_dir: str) -> str:
                 f"{base!r} already holds another base model (fingerprint {prev}, "
                 f"not {pretrained.fingerprint}): use a new run directory"
             )
-    os.makedirs(run_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".base-", dir=run_dir)
-    try:
+    with atomic_directory(base) as tmp:
         src_dir = pretrained.source if os.path.isdir(pretrained.source) else None
         if src_dir and os.path.isfile(os.path.join(src_dir, "config.json")):
             shutil.copyfile(os.path.join(src_dir, "config.json"), os.path.join(tmp, "config.json"))
@@ -463,12 +462,6 @@ def save_base_files(pretrained: Pretrained, run_dir: str) -> str:
         }
         with open(os.path.join(tmp, "source.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
-        if os.path.isdir(base):
-            shutil.rmtree(base)
-        os.replace(tmp, base)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return base
 
 

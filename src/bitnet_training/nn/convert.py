@@ -48,7 +48,9 @@ def _matches(name: str, patterns) -> str | None:
     return None
 
 
-def _output_head(model: nn.Module):
+def output_head(model: nn.Module) -> nn.Module | None:
+    """What `model.get_output_embeddings()` returns, or None (also when it raises for a
+    model without an output head)."""
     get = getattr(model, "get_output_embeddings", None)
     try:
         return get() if callable(get) else None
@@ -88,7 +90,7 @@ def quantize_model(
             "use BitLinear.from_linear(linear, config) for a bare nn.Linear"
         )
     include, exclude = tuple(include or ()), tuple(exclude or ())
-    head = _output_head(model)
+    head = output_head(model)
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     report = ConversionReport()
     used_includes: set[str] = set()

@@ -21,9 +21,12 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
+from ..atomic import atomic_directory
 from ..callback import Callback
 from ..errors import BitNetError
+from ..nn.convert import output_head
 from .config import PEFTConfig
+from .packed import PackedTernaryLinear
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +63,7 @@ class PEFTReport:
 
 def _is_linear(m: nn.Module) -> bool:
     # nn.Linear and its subclasses (BitLinear), and frozen packed ternary bases.
-    return isinstance(m, nn.Linear) or type(m).__name__ == "PackedTernaryLinear"
-
-
-def _output_head(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_output_embeddings", None)
-    try:
-        return get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        return None
+    return isinstance(m, nn.Linear | PackedTernaryLinear)
 
 
 def resolve_targets(model: nn.Module, patterns: list[str]) -> list[str]:
@@ -76,7 +71,7 @@ def resolve_targets(model: nn.Module, patterns: list[str]) -> list[str]:
     that also match any dotted suffix (`q_proj`, `layers.1.*`), or `all-linear` (every linear
     but the output head, for any model: peft spares the head only for `transformers` models).
     A pattern matching nothing is a one-line error listing the names that exist."""
-    head = _output_head(model)
+    head = output_head(model)
     linears = [(n, m) for n, m in model.named_modules() if _is_linear(m)]
     chosen: list[str] = []
     for p in patterns:
@@ -100,7 +95,7 @@ def _count(model: nn.Module) -> tuple[int, int]:
     seen: set[int] = set()
     trainable = total = 0
     for m in model.modules():
-        if type(m).__name__ == "PackedTernaryLinear":
+        if isinstance(m, PackedTernaryLinear):
             total += m.in_features * m.out_features
     for p in model.parameters():
         if id(p) in seen:
@@ -429,15 +424,10 @@ def save_adapter(model: nn.Module, directory: str) -> str:
     tuning; the same two files with our own `peft_type` (`BITFIT`, `PREFIX_TUNING` on
     `BitNetLM`) for what peft has no format for. Returns `directory`."""
     import json
-    import shutil
-    import tempfile
 
     from safetensors.torch import save_file
 
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".adapter-", dir=parent)
-    try:
+    with atomic_directory(directory) as tmp:
         if hasattr(model, "peft_config") and hasattr(model, "save_pretrained"):
             model.save_pretrained(tmp)
         else:
@@ -452,10 +442,4 @@ def save_adapter(model: nn.Module, directory: str) -> str:
             )
             with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
                 json.dump({"peft_type": kind, "library": "bitnet_training"}, f, indent=1)
-        if os.path.isdir(directory):
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+from abc import ABC, abstractmethod
 from types import SimpleNamespace
 
 import torch
@@ -88,14 +89,15 @@ class PrefixEncoder(nn.Module):
         return [(kv[2 * i], kv[2 * i + 1]) for i in range(self.num_layers)]
 
 
-class _PromptModel(nn.Module):
+class _PromptModel(nn.Module, ABC):
     """What both backends share: counting, the adapter's state and the refusal to merge."""
 
     method: str
     num_virtual_tokens: int
 
+    @abstractmethod
     def _encoder(self) -> nn.Module:
-        raise NotImplementedError
+        """The module holding the trainable prefix (its state is the adapter's)."""
 
     def trainable_parameters(self) -> int:
         """How many parameters train (the prefix encoder's)."""

@@ -8,23 +8,29 @@ bits per byte) unless given others.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 
 from ..errors import BitNetError
 
 
-class Metric:
+class Metric(ABC):
     """Base class of an evaluation metric: `reset()`, then `update(batch, loss, n_targets)`
     per batch (`loss`: the batch's mean loss over its `n_targets` prediction targets, 0-dim
     tensors), then `compute(eval_data) -> {name: value}` with names prefixed `val_`."""
 
-    def reset(self) -> None: ...
+    @abstractmethod
+    def reset(self) -> None:
+        """Forget what earlier evaluations saw."""
 
-    def update(self, batch: dict, loss: torch.Tensor, n_targets: torch.Tensor) -> None: ...
+    @abstractmethod
+    def update(self, batch: dict, loss: torch.Tensor, n_targets: torch.Tensor) -> None:
+        """Take one evaluation batch into account."""
 
+    @abstractmethod
     def compute(self, eval_data) -> dict[str, float]:
-        raise NotImplementedError
+        """The metric's values over the batches seen since `reset`."""
 
 
 class LossMetrics(Metric):

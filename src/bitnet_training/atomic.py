@@ -1,0 +1,27 @@
+"""Writing a directory all or nothing: a temporary sibling renamed into place at the end."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def atomic_directory(final: str) -> Iterator[str]:
+    """Yield a temporary directory beside `final`; when the block completes, it replaces
+    `final` (an existing directory there is removed first); on an error it is deleted and
+    `final` is left as it was."""
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}-", dir=parent)
+    try:
+        yield tmp
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
