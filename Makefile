@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned, so pip never pulls a multi-GB CUDA build to satisfy the range.
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev,hf]"
+	$(BIN)/pip install --quiet -e ".[dev,hf,qlora]"
 	touch $@
 
 # The default run: tiny BitNet b1.58 on the embedded corpus, about 3 minutes on 2 CPU cores.

@@ -85,6 +85,14 @@ class Callback:
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned."""
 
+    def state_tensors(self) -> dict[str, torch.Tensor] | None:
+        """Tensors saved in checkpoints beside `state_dict` (safetensors, exact), for state
+        too large for JSON (e.g. per-parameter statistics); None: nothing to save."""
+        return None
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what `state_tensors` returned (on the CPU; move them where they belong)."""
+
 
 def collect_callbacks(model: nn.Module) -> list[Callback]:
     """The callbacks that the modules of `model` declare through `trainer_callbacks()`, one

@@ -240,9 +240,10 @@ CONDITIONAL_KEYS: list[tuple[str, Any, str]] = [
     ("diagnostics", lambda c: c.quantize, "quantize=true"),
     ("training.optimizer.momentum", lambda c: c.training.optimizer.name == "sgd", "sgd"),
     ("training.optimizer.nesterov", lambda c: c.training.optimizer.name == "sgd", "sgd"),
-    ("training.optimizer.beta1", lambda c: c.training.optimizer.name == "adamw", "adamw"),
-    ("training.optimizer.beta2", lambda c: c.training.optimizer.name == "adamw", "adamw"),
-    ("training.optimizer.eps", lambda c: c.training.optimizer.name == "adamw", "adamw"),
+    *(
+        (f"training.optimizer.{k}", lambda c: c.training.optimizer.name != "sgd", "adamw")
+        for k in ("beta1", "beta2", "eps")
+    ),
     (
         "training.scheduler.t_max",
         lambda c: c.training.scheduler.name in ("linear", "cosine", "two_stage"),
@@ -361,6 +362,13 @@ def _value(cfg: Section, key: str):
     return cfg
 
 
+def _shown(value) -> str:
+    """A value as the user writes it on the command line (true / false / null, lists)."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return repr(value)
+
+
 def refuse_without_effect(data: dict, cfg: RunConfig) -> None:
     """Refuse a key the user wrote (in `data`) with a value other than its default that `cfg`
     would not use (`CONDITIONAL_KEYS`): e.g. `training.optimizer.momentum` with AdamW,
@@ -370,7 +378,7 @@ def refuse_without_effect(data: dict, cfg: RunConfig) -> None:
     for key, applies, when in CONDITIONAL_KEYS:
         if _given(data, key) and not applies(cfg) and _value(cfg, key) != _value(defaults, key):
             raise BitNetError(
-                f"{key}={_value(cfg, key)!r} has no effect here: it applies only with {when}"
+                f"{key}={_shown(_value(cfg, key))} has no effect here: it applies only with {when}"
             )
 
 

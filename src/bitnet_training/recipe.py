@@ -43,6 +43,7 @@ from .nn.subln import insert_subln
 from .optim import build_optimizer
 from .peft import PEFTConfig, PEFTReport, apply_peft, save_adapter
 from .peft.merge import MergeReport, merge_lora
+from .peft.nf4 import nf4_round_trip
 from .peft.packed import PackedTernaryLinear
 from .train import CheckpointIO, ProgressBar, Trainer, TrainResult, list_checkpoints
 from .train import checkpoint as ckpt_io
@@ -198,6 +199,11 @@ def adapters(model: nn.Module, cfg: RunConfig) -> tuple[nn.Module, PEFTReport]:
     a `peft` wrapper around `model`) is what trains."""
     if cfg.peft.method == "qlora_ternary" and not cfg.quantize:
         raise BitNetError("peft.method=qlora_ternary needs quantize=true (a ternary base)")
+    if cfg.peft.method == "qlora" and cfg.quantize:
+        raise BitNetError(
+            "peft.method=qlora needs quantize=false (it stores a full-precision base in NF4); "
+            "for a ternary base use peft.method=qlora_ternary"
+        )
     if cfg.peft.init == "pissa" and cfg.quantize:
         raise BitNetError(
             "peft.init=pissa needs quantize=false: PiSSA moves the principal part of W into the "
@@ -414,15 +420,24 @@ def merge_run(path: str, out: str, method: str = "auto", max_batches: int = 8) -
     """Merge a LoRA run's adapters into its base (`peft.merge.merge_lora`, measured on up to
     `max_batches` held-out batches) and write the merged model to `out` as a full run that
     eval, generate and `model.pretrained` take. A 1.58-bit QLoRA run merges into its unpacked
-    ternary base."""
+    ternary base, a QLoRA run into the full-precision weights its NF4 base dequantizes to."""
     if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out)):
         raise BitNetError(f"merge output {out!r} exists and is not empty: choose another")
     ckpt = ckpt_io.resolve_checkpoint(path)
     stored = (ckpt_io.read_metadata(ckpt).get("run_config") or {}).get("peft") or {}
     if stored.get("method", "none") == "none":
         raise BitNetError(f"{ckpt!r} is not a PEFT run: there is nothing to merge")
-    unpacked = ["peft.method=lora"] if stored.get("method") == "qlora_ternary" else []
-    cfg, model, tokenizer, ckpt = load_run(ckpt, unpacked)
+    # QLoRA bases merge unpacked: a ternary one into its BitLinear layers, an NF4 one into
+    # the full-precision weights NF4 gave back (what the adapters were trained against).
+    unpacked = ["peft.method=lora"] if stored.get("method") in ("qlora", "qlora_ternary") else []
+
+    def build():
+        loaded = load_run(ckpt, unpacked)
+        if stored.get("method") == "qlora":
+            nf4_round_trip(loaded[1], stored.get("double_quant", True))
+        return loaded
+
+    cfg, model, tokenizer, ckpt = build()
     val = build_eval_dataset(cfg.data, tokenizer)
     if val is None:
         raise BitNetError("the run has no validation text to measure the merge on")
@@ -431,7 +446,7 @@ def merge_run(path: str, out: str, method: str = "auto", max_batches: int = 8) -
         default_collate([val[j] for j in range(i, min(i + bs, len(val)))])
         for i in range(0, min(len(val), max_batches * bs), bs)
     ]
-    merged, report = merge_lora(model, lambda: load_run(ckpt, unpacked)[1], batches, method)
+    merged, report = merge_lora(model, lambda: build()[1], batches, method)
     state = ckpt_io.read_state(ckpt)
     cfg.peft = PEFTConfig()  # the merged run is a plain (quantized) model
     meta = ckpt_io.read_metadata(ckpt)

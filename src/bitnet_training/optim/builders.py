@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch import nn
 
@@ -31,7 +33,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(
     model: nn.Module, config: OptimizerConfig, learning_rate: float, callbacks=()
 ) -> torch.optim.Optimizer:
-    """The optimizer `config` names (`torch.optim.AdamW` or `torch.optim.SGD`) over the
+    """The optimizer `config` names (`torch.optim.AdamW`, `torch.optim.SGD`, or bitsandbytes'
+    8-bit / paged AdamW) over the
     trainable parameters of `model` at the peak `learning_rate` (the schedule scales it from
     there). Groups start as `parameter_groups`; then every callback that the model's modules
     declare (`trainer_callbacks()`) may rewrite them through `configure_param_groups`, which
@@ -44,13 +47,39 @@ def build_optimizer(
         groups = cb.configure_param_groups(model, groups)
     if not groups:
         raise BitNetError("the model has no trainable parameters")
+    adam = dict(lr=learning_rate, betas=(config.beta1, config.beta2), eps=config.eps)
     if config.name == "sgd":
         opt = torch.optim.SGD(
             groups, lr=learning_rate, momentum=config.momentum, nesterov=config.nesterov
         )
+    elif config.name == "adamw8bit" or config.paged:
+        opt = _bitsandbytes_adamw(groups, config, adam)
     else:
-        opt = torch.optim.AdamW(
-            groups, lr=learning_rate, betas=(config.beta1, config.beta2), eps=config.eps
-        )
+        opt = torch.optim.AdamW(groups, **adam)
     opt.configured_by = set(shaping)
     return opt
+
+
+def _bitsandbytes_adamw(groups: list[dict], config: OptimizerConfig, adam: dict):
+    """bitsandbytes' AdamW: 8-bit moments (`adamw8bit`: block-wise quantized, dynamic
+    exponent code; tensors under 4,096 elements keep 32-bit moments, as bitsandbytes
+    decides), paged (`paged`: unified memory that moves to the CPU under GPU pressure)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise BitNetError(
+            f"training.optimizer.name={config.name}"
+            + (" with paged=true" if config.paged else "")
+            + " needs bitsandbytes (pip install 'bitnet-training[qlora]')"
+        )
+    if config.paged and not torch.cuda.is_available():
+        raise BitNetError(
+            "training.optimizer.paged=true needs a CUDA GPU: paging moves optimizer states "
+            "between GPU and CPU memory, and this machine has no GPU (turn it off)"
+        )
+    import bitsandbytes as bnb
+
+    eight = config.name == "adamw8bit"
+    if config.paged:
+        cls = bnb.optim.PagedAdamW8bit if eight else bnb.optim.PagedAdamW
+    else:
+        cls = bnb.optim.AdamW8bit
+    return cls(groups, **adam)

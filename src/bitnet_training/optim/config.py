@@ -18,13 +18,22 @@ class OptimizerConfig(Section):
     _shorthand = "name"
     _moved: ClassVar = {"latent_clip": (None, "qat.latent_clip")}
 
-    name: Literal["adamw", "sgd"] = Field("adamw", description="the optimizer")
+    name: Literal["adamw", "adamw8bit", "sgd"] = Field(
+        "adamw",
+        description="the optimizer; adamw8bit: AdamW with 8-bit block-quantized moments "
+        "(bitsandbytes)",
+    )
     weight_decay: float = Field(0.1, ge=0, description="decoupled weight decay of matrices")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW's first-moment decay")
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW's second-moment decay (BitNet)")
     eps: float = Field(1e-8, gt=0, description="AdamW's denominator epsilon")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD's momentum")
     nesterov: bool = Field(False, description="SGD's Nesterov momentum (needs momentum > 0)")
+    paged: bool = Field(
+        False,
+        description="AdamW: page optimizer states out of GPU memory under pressure "
+        "(bitsandbytes; needs a CUDA GPU)",
+    )
 
     @field_validator("name", mode="before")
     @classmethod
@@ -41,6 +50,8 @@ class OptimizerConfig(Section):
     def _check(self):
         if self.nesterov and self.name == "sgd" and self.momentum == 0:
             raise ConfigError("momentum", self.momentum, "> 0 when nesterov is on")
+        if self.paged and self.name == "sgd":
+            raise ConfigError("paged", True, "false with sgd (bitsandbytes pages AdamW's states)")
         return self
 
 

@@ -25,7 +25,7 @@ from ..atomic import atomic_directory
 from ..callback import Callback
 from ..errors import BitNetError
 from ..nn.convert import output_head
-from .config import PEFTConfig
+from .config import LORA_FAMILY, PEFTConfig
 from .packed import PackedTernaryLinear
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def resolve_targets(model: nn.Module, patterns: list[str]) -> list[str]:
 
 def _count(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters; a packed ternary base counts its weights in the total
-    (they are buffers there)."""
+    (they are buffers there), an NF4 base its weights, not its packed bytes."""
     seen: set[int] = set()
     trainable = total = 0
     for m in model.modules():
@@ -101,7 +101,8 @@ def _count(model: nn.Module) -> tuple[int, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        state = getattr(p, "quant_state", None)  # bitsandbytes' packed 4-bit weight
+        total += state.shape.numel() if state is not None else p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return trainable, total
 
@@ -127,7 +128,7 @@ def apply_peft(model: nn.Module, config: PEFTConfig) -> tuple[nn.Module, PEFTRep
         if config.adapter:
             load_bitfit(model, config.adapter)
         return model, report
-    if method in ("lora", "qlora_ternary", "adalora"):
+    if method in LORA_FAMILY:
         return _apply_lora(model, config)
     from .prompt import apply_prompt
 
@@ -165,6 +166,10 @@ def _apply_lora(model: nn.Module, config: PEFTConfig) -> tuple[nn.Module, PEFTRe
         from .packed import pack_model
 
         pack_model(model, config.packing)
+    if config.method == "qlora":
+        from .nf4 import quantize_nf4
+
+        quantize_nf4(model, config.double_quant)
     if config.method == "adalora":
         peft_config = peft.AdaLoraConfig(
             init_r=config.init_rank,
@@ -210,6 +215,7 @@ def _apply_lora(model: nn.Module, config: PEFTConfig) -> tuple[nn.Module, PEFTRe
 
 ADAPTER_TYPES = {
     "lora": "LORA",
+    "qlora": "LORA",
     "qlora_ternary": "LORA",
     "adalora": "ADALORA",
     "bitfit": "BITFIT",
@@ -353,10 +359,15 @@ class AdaLoRAControl(Callback):
     """Drives AdaLoRA (arXiv 2303.10512) under the Trainer: its schedule spans the run's
     optimizer steps, and after every optimizer step (gradients still present) peft's
     `update_and_allocate` updates the sensitivity / uncertainty EMAs and prunes ranks to the
-    budget. Logs the current total rank (`adalora_rank`)."""
+    budget. Logs the current total rank (`adalora_rank`). Checkpoints hold the EMAs (as
+    tensors) and the final rank pattern, so a resumed run is the uninterrupted one."""
 
     def __init__(self, model):
         self.model = model
+
+    @property
+    def _allocator(self):
+        return self.model.base_model.rankallocator
 
     def setup(self, trainer):
         cfg = self.model.peft_config["default"]
@@ -366,14 +377,28 @@ class AdaLoRAControl(Callback):
                 f"in a run of {trainer.total_steps} steps: lower them or train longer"
             )
         cfg.total_step = trainer.total_steps
+        self._allocator.set_total_step(trainer.total_steps)
 
-    def on_train_begin(self, trainer):
-        if trainer.state.step > 0:
-            log.warning(
-                "AdaLoRA resumed at step %d: its importance averages start afresh (they are "
-                "not in checkpoints yet), so the run is not bit-exact to an uninterrupted one",
-                trainer.state.step,
-            )
+    def state_dict(self):
+        return {"rank_pattern": self.model.peft_config["default"].rank_pattern or None}
+
+    def load_state_dict(self, state):
+        if state.get("rank_pattern"):
+            self.model.peft_config["default"].rank_pattern = state["rank_pattern"]
+
+    _EMAS = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+    def state_tensors(self):
+        a = self._allocator
+        return {f"{ema}/{n}": getattr(a, ema)[n] for ema in self._EMAS for n in a.ipt}
+
+    def load_state_tensors(self, tensors):
+        a, params = self._allocator, dict(self.model.base_model.model.named_parameters())
+        for key, t in tensors.items():
+            ema, _, name = key.partition("/")
+            if ema not in self._EMAS or name not in params:
+                raise BitNetError(f"AdaLoRA state {key!r} does not fit this model's adapters")
+            getattr(a, ema)[name] = t.to(params[name].device, params[name].dtype)
 
     def on_optimizer_step(self, trainer):
         self.model.base_model.update_and_allocate(trainer.state.step)

@@ -9,21 +9,25 @@ from pydantic import Field, model_validator
 from ..errors import ConfigError
 from ..settings import Section
 
-PEFTMethod = Literal["none", "lora", "qlora_ternary", "adalora", "bitfit", "prefix", "ptuning_v2"]
+PEFTMethod = Literal[
+    "none", "lora", "qlora", "qlora_ternary", "adalora", "bitfit", "prefix", "ptuning_v2"
+]
 
 # Which keys act for which methods: a key of another method than the chosen one is refused.
-LORA_FAMILY = ("lora", "qlora_ternary", "adalora")
+LORA_FAMILY = ("lora", "qlora", "qlora_ternary", "adalora")
+FIXED_RANK = ("lora", "qlora", "qlora_ternary")  # AdaLoRA sets its ranks itself
 METHOD_KEYS: dict[str, tuple[str, ...]] = {
     "target_modules": (*LORA_FAMILY, "bitfit"),
-    "rank": ("lora", "qlora_ternary"),
+    "rank": FIXED_RANK,
     "alpha": LORA_FAMILY,
     "dropout": LORA_FAMILY,
-    "rslora": ("lora", "qlora_ternary"),
+    "rslora": FIXED_RANK,
     "init": ("lora",),
-    "rank_pattern": ("lora", "qlora_ternary"),
-    "rank_budget": ("lora", "qlora_ternary"),
-    "bias": ("lora", "qlora_ternary"),
+    "rank_pattern": FIXED_RANK,
+    "rank_budget": FIXED_RANK,
+    "bias": FIXED_RANK,
     "packing": ("qlora_ternary",),
+    "double_quant": ("qlora",),
     "num_virtual_tokens": ("prefix", "ptuning_v2"),
     "prefix_projection": ("prefix",),
     "encoder_hidden_size": ("prefix",),
@@ -40,8 +44,9 @@ METHOD_KEYS: dict[str, tuple[str, ...]] = {
 class PEFTConfig(Section):
     """Parameter-efficient fine-tuning: a model transform applied after quantization; the
     base is frozen and only the adapters train. `lora` (and `adalora`) run on `peft`'s
-    engine over full-precision or ternary (`BitLinear`) bases; `qlora_ternary` freezes a
-    ternary base as packed 2-bit codes under LoRA; `bitfit` trains biases only; `prefix` /
+    engine over full-precision or ternary (`BitLinear`) bases; `qlora` freezes a
+    full-precision base in NF4 (bitsandbytes), `qlora_ternary` a ternary base as packed
+    ternary codes, both under LoRA; `bitfit` trains biases only; `prefix` /
     `ptuning_v2` learn per-layer key/value prefixes. Keys of another method are refused."""
 
     _path = "peft"
@@ -73,6 +78,9 @@ class PEFTConfig(Section):
     )
     packing: Literal["2bit", "base3"] = Field(
         "2bit", description="qlora_ternary's frozen base: 2 bits or base-3 (1.6 bits) per weight"
+    )
+    double_quant: bool = Field(
+        True, description="qlora: quantize NF4's block scales too (QLoRA's double quantization)"
     )
     num_virtual_tokens: int = Field(20, gt=0, description="prefix length per layer")
     prefix_projection: bool = Field(False, description="prefix tuning's MLP reparameterization")

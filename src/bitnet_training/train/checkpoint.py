@@ -3,7 +3,7 @@
 Layout of `<output_dir>/checkpoint-<step>/`:
     model.safetensors      model weights (safetensors: tensors only, no code)
     optimizer.pt           optimizer state, `torch.save`d; read back with `weights_only=True`
-    rng.safetensors        torch CPU (and CUDA) generator states
+    rng.safetensors        torch CPU (and CUDA) generator states, and callbacks' tensors
     trainer_state.json     format version, step, data position, callback and scheduler
                            states, grad-scaler state, Python and NumPy RNG states, config
     metadata.json          what the caller passed (the CLI stores the resolved run config)
@@ -319,9 +319,11 @@ class CheckpointIO:
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters and the persistent buffers of `model`, by state-dict name;
     not the buffers a module lists in `frozen_buffers` (a frozen base stored as buffers, such
-    as a packed ternary weight: it is rebuilt from its source, never trained)."""
+    as a packed ternary weight: it is rebuilt from its source, never trained), nor the extra
+    entries a module adds to its state dict (bitsandbytes' NF4 block scales of a frozen
+    weight)."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    params = {n for n, _ in model.named_parameters()}
+    buffers = {n for n, _ in model.named_buffers(remove_duplicate=False)}
     frozen = {
         f"{name}.{b}" if name else b
         for name, m in model.named_modules()
@@ -330,7 +332,7 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {
         k: v.detach().contiguous()
         for k, v in model.state_dict().items()
-        if k in trainable or (k not in params and k not in frozen)
+        if k in trainable or (k in buffers and k not in frozen)
     }
 
 

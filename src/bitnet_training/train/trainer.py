@@ -46,6 +46,10 @@ from .signals import GracefulStop
 
 log = logging.getLogger(__name__)
 
+# Callbacks' tensors (`Callback.state_tensors`) travel in the checkpoint's tensor file of the
+# trainer state (rng.safetensors) under this prefix, then the callback's key.
+CALLBACK_TENSORS = "callback/"
+
 
 def causal_lm_targets(batch: dict) -> torch.Tensor:
     """Prediction targets in a causal-LM batch: labels after the first position that are not
@@ -224,6 +228,13 @@ class Trainer:
         if c.save_best_only and self.eval_data is None:
             raise BitNetError("training.save_best_only needs evaluation data (eval_data)")
         self.model.to(self.device).train()
+        packed = any(getattr(p, "quant_state", None) is not None for p in self.model.parameters())
+        if packed and not getattr(self.checkpoint_io, "trainable_only", False):
+            raise BitNetError(
+                "the model has a 4-bit (bitsandbytes) frozen base, which checkpoints do not hold "
+                "(it is rebuilt from its source): pass checkpoint_io=CheckpointIO("
+                "trainable_only=True) to checkpoint what trains, as PEFT runs do"
+            )
         if self.optimizer is None:
             self.optimizer = build_optimizer(
                 self.model, c.optimizer, c.learning_rate, self.callbacks
@@ -385,7 +396,10 @@ class Trainer:
             s.best_checkpoint = os.path.join(c.output_dir, checkpoint_name(s.step))
         path = os.path.join(c.output_dir, checkpoint_name(s.step))
         if self.is_main or io.sharded:
-            rng_tensors, _ = capture_rng()
+            rng_tensors, _ = capture_rng()  # and the callbacks' tensors, by key
+            for cb in self.callbacks:
+                for name, t in (cb.state_tensors() or {}).items():
+                    rng_tensors[f"{CALLBACK_TENSORS}{cb.key}/{name}"] = t.detach().cpu()
             meta = self.metadata
             args = (c.output_dir, s.step, self.model, self.optimizer, self.state_dict())
             path = io.save(*args, rng_tensors, meta, _before_commit)
@@ -431,7 +445,13 @@ class Trainer:
         best = os.path.join(os.path.dirname(os.path.abspath(ckpt)), best) if best else None
         self.state.best_checkpoint = best if best and os.path.isdir(best) else None
         self.state.last_checkpoint = ckpt
-        restore_rng(io.load_rng(ckpt), {})
+        tensors = io.load_rng(ckpt)
+        for cb in self.callbacks:
+            prefix = f"{CALLBACK_TENSORS}{cb.key}/"
+            mine = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if mine:
+                cb.load_state_tensors(mine)
+        restore_rng({k: v for k, v in tensors.items() if not k.startswith(CALLBACK_TENSORS)}, {})
         log.info("resumed from %s at step %d", ckpt, self.state.step)
         return ckpt
 
