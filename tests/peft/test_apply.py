@@ -43,10 +43,10 @@ class Windows(torch.utils.data.Dataset):
 
 
 def train(model, tmp_path, steps=3, **kw):
-    cfg = TrainingConfig(
-        output_dir=str(tmp_path), max_steps=steps, batch_size=2, mixed_precision="fp32",
-        log_every=1, learning_rate=1e-2, **kw,
-    )  # fmt: skip
+    cfg = TrainingConfig(**{
+        "output_dir": str(tmp_path), "max_steps": steps, "batch_size": 2,
+        "mixed_precision": "fp32", "log_every": 1, "learning_rate": 1e-2, **kw,
+    })  # fmt: skip
     return Trainer(model, cfg, Windows()).train()
 
 
@@ -235,3 +235,39 @@ def test_rank_budget_through_apply_peft_is_reported_and_kept():
     for name, r in report.ranks.items():
         layer = wrapped.get_submodule("base_model.model." + name)
         assert layer.r["default"] == r
+
+
+@pytest.mark.parametrize("method", ["lora", "bitfit", "prefix"])
+def test_a_bfloat16_frozen_base_changes_no_output_under_bf16_autocast(tmp_path, method):
+    def run(base_dtype):
+        cfg = PEFTConfig(method=method, base_dtype=base_dtype)
+        wrapped, report = apply_peft(base(quantized=False), cfg)
+        r = train(wrapped, tmp_path / base_dtype, steps=3, mixed_precision="bf16")
+        return wrapped, report, [h["loss"] for h in r.history if h["kind"] == "train"]
+
+    ref_model, _, ref_losses = run("float32")
+    model, report, losses = run("bfloat16")
+    assert losses == ref_losses  # autocast rounds the weights to bf16 anyway: bit-identical
+    stored = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16]  # fmt: skip
+    assert report.stored == len(stored) > 0 and "stored in bfloat16" in str(report)
+    assert all(not p.requires_grad for m in stored for p in m.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    model.eval()
+    ref_model.eval()
+    x = ids(4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(input_ids=x).logits, ref_model(input_ids=x).logits)
+    with torch.no_grad():  # outside autocast (generation): bf16 matmuls, float32 out
+        out = model(input_ids=x).logits
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, ref_model(input_ids=x).logits, rtol=0.05, atol=0.05)
+
+
+def test_a_bfloat16_base_is_refused_where_it_cannot_apply():
+    from bitnet_training.config import load_config
+
+    with pytest.raises(BitNetError, match="this base is ternary: peft.method=qlora_ternary"):
+        apply_peft(base(quantized=True), PEFTConfig(method="lora", base_dtype="bfloat16"))
+    with pytest.raises(BitNetError, match="peft.base_dtype='bfloat16' has no effect here"):
+        load_config(None, ["peft.method=qlora", "quantize=false", "peft.base_dtype=bfloat16"])

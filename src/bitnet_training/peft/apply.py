@@ -24,6 +24,7 @@ from torch import nn
 from ..atomic import atomic_directory
 from ..callback import Callback
 from ..errors import BitNetError
+from ..nn.bitlinear import BitLinear
 from ..nn.convert import output_head
 from .config import LORA_FAMILY, PEFTConfig
 from .packed import PackedTernaryLinear
@@ -42,6 +43,8 @@ class PEFTReport:
     trainable: int = 0
     total: int = 0
     budget: int | None = None  # the rank budget the ranks were chosen within, if any
+    base_dtype: str = "float32"  # the storage dtype of the frozen linear layers
+    stored: int = 0  # how many frozen linear layers are stored in base_dtype
 
     @property
     def share(self) -> float:
@@ -55,6 +58,8 @@ class PEFTReport:
             f"{self.method}: {len(self.wrapped)} modules adapted{rank}; {self.trainable:,} of "
             f"{self.total:,} parameters train ({100 * self.share:.2f}%)"
         )
+        if self.stored:
+            text += f"; {self.stored} frozen linear layers stored in {self.base_dtype}"
         if self.budget is not None:
             chosen = ", ".join(f"{n} {r}" for n, r in self.ranks.items())
             text += f"; ranks chosen within {self.budget:,} LoRA parameters: {chosen}"
@@ -116,7 +121,16 @@ def apply_peft(model: nn.Module, config: PEFTConfig) -> tuple[nn.Module, PEFTRep
     """Apply `config.method` to `model` and return (the model to train, a report). The base
     is frozen; only the adapters train. LoRA and AdaLoRA return `peft`'s `PeftModel` wrapping
     `model`; BitFit changes `model` in place; `none` returns it untouched (everything
-    trains). `config.adapter` loads an existing adapter (peft's format) to start from."""
+    trains). `config.adapter` loads an existing adapter (peft's format) to start from;
+    `config.base_dtype` stores the frozen linear layers in bfloat16 (`store_frozen_linears`)."""
+    model, report = _apply(model, config)
+    if config.method != "none" and config.base_dtype != "float32":
+        report.base_dtype = config.base_dtype
+        report.stored = store_frozen_linears(model, getattr(torch, config.base_dtype))
+    return model, report
+
+
+def _apply(model: nn.Module, config: PEFTConfig) -> tuple[nn.Module, PEFTReport]:
     method = config.method
     if method == "none":
         t, n = _count(model)
@@ -410,6 +424,47 @@ class AdaLoRAControl(Callback):
             for m in self.model.modules()
             if hasattr(m, "lora_E") and "default" in m.lora_E
         )
+
+
+def _cast_input(module: nn.Module, args: tuple):
+    x = args[0]
+    module._input_dtype = x.dtype
+    if x.dtype != module.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        return (x.to(module.weight.dtype), *args[1:])
+    return None
+
+
+def _cast_output(module: nn.Module, args: tuple, out: torch.Tensor):
+    dtype = module.__dict__.pop("_input_dtype", out.dtype)
+    return out if torch.is_autocast_enabled(out.device.type) else out.to(dtype)
+
+
+@torch.no_grad()
+def store_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the weights (and biases) of every fully frozen `nn.Linear` of `model` (a LoRA
+    layer's base, an untargeted layer, the output head) in `dtype`, in place, and return how
+    many. Under autocast to `dtype` (bf16 mixed precision) they compute exactly as before,
+    since autocast rounds a float32 weight to `dtype` for every matmul anyway: the frozen base
+    takes half the memory at no change in any output. Outside autocast (generation, fp32
+    runs) the layer computes in `dtype` and returns the input's dtype. Layers with a trainable
+    parameter (BitFit's biases) stay as they are. Refused for a quantized base, whose frozen
+    form is `qlora_ternary`'s packed codes."""
+    if any(isinstance(m, BitLinear | PackedTernaryLinear) for m in model.modules()):
+        raise BitNetError(
+            "peft.base_dtype stores a full-precision base's frozen linear layers; this base is "
+            "ternary: peft.method=qlora_ternary stores it in 2 bits per weight instead"
+        )
+    n = 0
+    for m in model.modules():
+        if type(m) is not nn.Linear or any(p.requires_grad for p in m.parameters()):
+            continue
+        m.weight.data = m.weight.data.to(dtype)
+        if m.bias is not None:
+            m.bias.data = m.bias.data.to(dtype)
+        m.register_forward_pre_hook(_cast_input)
+        m.register_forward_hook(_cast_output)
+        n += 1
+    return n
 
 
 # ------------------------------------------------------------------------------ BitFit

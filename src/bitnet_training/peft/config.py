@@ -38,6 +38,7 @@ METHOD_KEYS: dict[str, tuple[str, ...]] = {
     "delta_t": ("adalora",),
     "orth_reg_weight": ("adalora",),
     "adapter": (*LORA_FAMILY, "bitfit", "prefix", "ptuning_v2"),
+    "base_dtype": ("lora", "adalora", "bitfit", "prefix", "ptuning_v2"),
 }
 
 
@@ -94,6 +95,11 @@ class PEFTConfig(Section):
     delta_t: int = Field(1, gt=0, description="AdaLoRA: steps between budget allocations")
     orth_reg_weight: float = Field(0.5, ge=0, description="AdaLoRA's orthogonality penalty")
     adapter: str = Field("", description="start from this adapter directory (peft's format)")
+    base_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="storage of a full-precision base's frozen linear layers (bfloat16: half "
+        "the memory, outputs unchanged under bf16 autocast)",
+    )
 
     @model_validator(mode="after")
     def _check(self):
