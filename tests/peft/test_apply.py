@@ -248,7 +248,8 @@ def test_a_bfloat16_frozen_base_changes_no_output_under_bf16_autocast(tmp_path, 
     ref_model, _, ref_losses = run("float32")
     model, report, losses = run("bfloat16")
     assert losses == ref_losses  # autocast rounds the weights to bf16 anyway: bit-identical
-    stored = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16]  # fmt: skip
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    stored = [m for m in linears if m.weight.dtype == torch.bfloat16]
     assert report.stored == len(stored) > 0 and "stored in bfloat16" in str(report)
     assert all(not p.requires_grad for m in stored for p in m.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -271,3 +272,61 @@ def test_a_bfloat16_base_is_refused_where_it_cannot_apply():
         apply_peft(base(quantized=True), PEFTConfig(method="lora", base_dtype="bfloat16"))
     with pytest.raises(BitNetError, match="peft.base_dtype='bfloat16' has no effect here"):
         load_config(None, ["peft.method=qlora", "quantize=false", "peft.base_dtype=bfloat16"])
+
+
+def llama(quantized=False):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    shape = {k: getattr(CFG, k) for k in ("vocab_size", "hidden_size", "intermediate_size")}
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            **shape,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    ).eval()
+    if quantized:
+        from bitnet_training import quantize_model
+
+        quantize_model(model)
+    return model
+
+
+LLAMA_METHODS = {  # method -> (quantized base, what trains)
+    "lora": (False, ("lora_A", "lora_B")),
+    "adalora": (False, ("lora_A", "lora_B", "lora_E")),
+    "bitfit": (False, ("o_proj.bias",)),
+    "qlora_ternary": (True, ("lora_A", "lora_B")),
+}
+
+
+@pytest.mark.parametrize("method", list(LLAMA_METHODS))
+def test_each_method_on_a_transformers_llama(tmp_path, method):
+    quantized, trains = LLAMA_METHODS[method]
+    x = ids()
+    with torch.no_grad():
+        ref = llama(quantized)(input_ids=x).logits
+    frozen = {k: v.clone() for k, v in llama(quantized).state_dict().items()}
+    extra = {"target_modules": ["o_proj"]} if method == "bitfit" else {}
+    if method == "adalora":
+        extra = {"init_rank": 4, "target_rank": 2, "tinit": 1, "tfinal": 1}
+    wrapped, report = apply_peft(llama(quantized), PEFTConfig(method=method, **extra))
+    names = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert names and all(any(t in n for t in trains) for n in names)
+    assert report.trainable == sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    assert "lm_head" not in " ".join(report.wrapped)
+    with torch.no_grad():  # zero B / zero biases (AdaLoRA: zero E): the base's output
+        torch.testing.assert_close(wrapped(input_ids=x).logits, ref, rtol=1e-6, atol=1e-6)
+    train(wrapped, tmp_path, steps=4)
+    after = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v
+        for k, v in wrapped.state_dict().items()
+        if not any(t in k for t in ("lora_", "ranknum", ".bias"))
+    }
+    packed = method == "qlora_ternary"  # the latent weights became packed codes
+    assert packed or all(torch.equal(after[k], v) for k, v in frozen.items() if k in after)
+    assert packed or sum(k in after for k in frozen) == len(frozen)
+    with torch.no_grad():
+        assert not torch.equal(wrapped(input_ids=x).logits, ref)  # and it learned
