@@ -315,3 +315,15 @@ def test_options_without_effect_are_refused(capsys, tmp_path):
         ],
         "'training.optimizer.latent_clip'",
     )
+
+
+def test_peft_settings_that_cannot_apply(tmp_path, capsys):
+    pytest.importorskip("peft")
+    out = tmp_path / "q"
+    _fails(capsys, ["train", "peft.method=qlora", f"training.output_dir={out}"],
+           "peft.method=qlora needs quantize=false")  # fmt: skip
+    _fails(capsys, ["train", "peft.method=lora", "peft.base_dtype=bfloat16",
+                    f"training.output_dir={out}"], "this base is ternary")  # fmt: skip
+    _fails(capsys, ["train", "training.optimizer.paged=true", "training.device=cpu",
+                    f"training.output_dir={out}"], "paged=true needs a CUDA GPU")  # fmt: skip
+    assert not out.exists()  # nothing written half-way

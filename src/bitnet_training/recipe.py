@@ -47,6 +47,7 @@ from .peft.nf4 import nf4_round_trip
 from .peft.packed import PackedTernaryLinear
 from .train import CheckpointIO, ProgressBar, Trainer, TrainResult, list_checkpoints
 from .train import checkpoint as ckpt_io
+from .train.precision import resolve_device
 
 log = logging.getLogger("bitnet_training")
 
@@ -359,6 +360,12 @@ def prepare(
     check_output_dir(out, resume, overwrite)
     if resume is not None:
         _check_resumable(cfg, out if resume == "latest" else resume)
+    if cfg.training.optimizer.paged and resolve_device(cfg.training.device).type != "cuda":
+        raise BitNetError(
+            "training.optimizer.paged=true needs a CUDA GPU: paging moves optimizer states "
+            f"between GPU and CPU memory, and this run trains on {cfg.training.device} "
+            "(turn it off)"
+        )
     built = build_model(cfg, run_dir=out if resume is not None else None, init=resume is None)
     model, notes, tokenizer = built.model, built.notes, built.tokenizer
     check_vocab(model, tokenizer)
