@@ -15,6 +15,7 @@ LAYERS = {
     "quant": 1,
     "data": 1,
     "optim": 1,
+    "loss": 1,
     "monitoring": 1,
     "nn": 2,
     "models": 3,

@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 
 from .data.config import DataConfig
 from .errors import BitNetError, ConfigError
+from .loss.config import DistillConfig, LossConfig, TeacherConfig
 from .models.config import PRESETS, ModelConfig
 from .nn.qat_callbacks import TrainingStage
 from .peft.config import METHOD_KEYS, PEFTConfig
@@ -56,6 +57,13 @@ class RunConfig(Section):
     qat: QATConfig = Field(default_factory=QATConfig, description="quantization (BitNet b1.58)")
     peft: PEFTConfig = Field(
         default_factory=PEFTConfig, description="parameter-efficient fine-tuning (adapters)"
+    )
+    loss: LossConfig = Field(
+        default_factory=LossConfig,
+        description="the training objective (cross-entropy, distillation)",
+    )
+    teacher: TeacherConfig = Field(
+        default_factory=TeacherConfig, description="the frozen teacher of distillation"
     )
     training: TrainingConfig = Field(
         default_factory=TrainingConfig, description="how the Trainer runs"
@@ -238,6 +246,10 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
 # gives where it would do nothing is refused, so no setting is silently ignored.
 CONDITIONAL_KEYS: list[tuple[str, Any, str]] = [
     ("diagnostics", lambda c: c.quantize, "quantize=true"),
+    *(
+        (f"loss.distill.{k}", lambda c: bool(c.teacher.pretrained), "teacher.pretrained")
+        for k in DistillConfig.model_fields
+    ),
     ("training.optimizer.momentum", lambda c: c.training.optimizer.name == "sgd", "sgd"),
     ("training.optimizer.nesterov", lambda c: c.training.optimizer.name == "sgd", "sgd"),
     *(

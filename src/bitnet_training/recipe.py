@@ -36,6 +36,7 @@ from .data import Datasets, build_datasets, build_eval_dataset, tokenizer_for, t
 from .data.hf_tokenizer import PretrainedTokenizer, has_tokenizer_files
 from .distributed import apply_activation_checkpointing
 from .errors import BitNetError
+from .loss import DistillLoss, LMLoss
 from .models import BitNetLM
 from .models.pretrained import Pretrained, build_from_base, load_pretrained, save_base_files
 from .nn import BitLinear, MultiStage, QuantizationTuner, TernaryDiagnostics, quantize_model
@@ -380,6 +381,9 @@ def prepare(
     data = build_datasets(cfg.data, tokenizer, cfg.training.seed)
     notes.insert(0, _describe(cfg, data, time.perf_counter() - t0))
     optimizer = build_optimizer(model, cfg.training.optimizer, cfg.training.learning_rate)
+    loss_fn = build_loss(cfg, model, tokenizer)
+    if isinstance(loss_fn, DistillLoss):
+        notes.append(f"distillation from {cfg.teacher.pretrained}")
     metadata = {
         "run_config": cfg.to_dict(),
         "data": data.info,
@@ -404,10 +408,43 @@ def prepare(
         build_callbacks(cfg, notes, progress, start),
         metadata,
         optimizer=optimizer,
+        loss_fn=loss_fn,
         # A PEFT run's checkpoints hold what trains (adapters) and the optimizer state of it.
         checkpoint_io=CheckpointIO(trainable_only=cfg.peft.method != "none"),
     )
     return Run(cfg, model, tokenizer, data, trainer, notes)
+
+
+def load_teacher(path: str, tokenizer) -> nn.Module:
+    """The distillation teacher at `path`: a run or checkpoint of ours (its model as trained,
+    quantized or adapted as it was), or anything `load_pretrained` takes. It must use
+    `tokenizer` (the student's) when its own is known. Loading does not touch the global RNG
+    (the student's initialization and data order stay as without a teacher)."""
+    with torch.random.fork_rng(devices=[]):
+        try:
+            if _is_run(path):
+                _, teacher, theirs, _ = load_run(path)
+            else:
+                p = load_pretrained(path)
+                teacher, theirs = p.model, p.tokenizer
+        except BitNetError as e:
+            raise BitNetError(f"teacher.pretrained={path!r}: {e}") from None
+    if theirs is not None and tokenizer_id(theirs) != tokenizer_id(tokenizer):
+        raise BitNetError(
+            f"teacher.pretrained={path!r} uses another tokenizer ({tokenizer_id(theirs)}) than "
+            f"the student ({tokenizer_id(tokenizer)}): distillation needs the same vocabulary"
+        )
+    return teacher
+
+
+def build_loss(cfg: RunConfig, model: nn.Module, tokenizer) -> LMLoss:
+    """The run's `loss_fn`: cross-entropy (`loss.*`), with the distillation terms
+    (`loss.distill.*`) against the frozen teacher when `teacher.pretrained` is set."""
+    if not cfg.teacher.pretrained:
+        return LMLoss(cfg.loss)
+    loss = DistillLoss(load_teacher(cfg.teacher.pretrained, tokenizer), cfg.loss)
+    loss.check_student(model)
+    return loss
 
 
 def train(

@@ -1,0 +1,18 @@
+"""Losses: language modelling (cross-entropy with label smoothing and z-loss, chunked over
+the vocabulary) and distillation from a frozen teacher (logits KL, hidden-state MSE,
+BitDistill's attention relations), each usable as the Trainer's `loss_fn(model, batch)`."""
+
+from .config import DistillConfig, LossConfig, TeacherConfig
+from .distill import DistillLoss, LMLoss, relation_kl
+from .lm import causal_lm_loss, chunked_causal_lm_loss
+
+__all__ = [
+    "DistillConfig",
+    "DistillLoss",
+    "LMLoss",
+    "LossConfig",
+    "TeacherConfig",
+    "causal_lm_loss",
+    "chunked_causal_lm_loss",
+    "relation_kl",
+]
