@@ -327,3 +327,23 @@ def test_peft_settings_that_cannot_apply(tmp_path, capsys):
     _fails(capsys, ["train", "training.optimizer.paged=true", "training.device=cpu",
                     f"training.output_dir={out}"], "paged=true needs a CUDA GPU")  # fmt: skip
     assert not out.exists()  # nothing written half-way
+
+
+def test_distillation_from_a_run_of_ours_and_its_refusals(tmp_path, capsys):
+    data = write_corpus(tmp_path)
+    common = ["--no-progress", *MICRO, *data, "training.max_steps=3", "sample.max_new_tokens=0"]
+    teacher = tmp_path / "teacher"
+    assert main(["train", *common, "quantize=false", f"training.output_dir={teacher}"]) == 0
+    student = tmp_path / "student"
+    code = main(["train", *common, f"teacher.pretrained={teacher}",
+                 "loss.distill.relation_weight=10", f"training.output_dir={student}"])  # fmt: skip
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    rows = [json.loads(x) for x in (student / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"][-1] == 3
+    missing = tmp_path / "nowhere"
+    _fails(capsys, ["train", *common, f"teacher.pretrained={missing}",
+                    f"training.output_dir={tmp_path / 'x'}"], "teacher.pretrained=")  # fmt: skip
+    _fails(capsys, ["train", *common, "model.vocab_size=300", f"teacher.pretrained={teacher}",
+                    f"training.output_dir={tmp_path / 'y'}"], "vocabulary")  # fmt: skip
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
