@@ -16,6 +16,7 @@ LAYERS = {
     "data": 1,
     "optim": 1,
     "loss": 1,
+    "metrics": 1,
     "monitoring": 1,
     "nn": 2,
     "models": 3,

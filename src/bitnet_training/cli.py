@@ -211,7 +211,13 @@ def _print_summary(run: recipe.Run, result) -> None:
 
 # What `eval` overrides may change: the evaluation data and how it is read; anything else
 # (the model, training settings) would be silently ignored, so it is refused.
-EVAL_KEYS = ("data.", "training.batch_size", "training.device", "training.mixed_precision")
+EVAL_KEYS = (
+    "data.",
+    "training.batch_size",
+    "training.device",
+    "training.mixed_precision",
+    "training.metrics",
+)
 
 
 def cmd_eval(args) -> int:
@@ -219,8 +225,9 @@ def cmd_eval(args) -> int:
         key = item.split("=", 1)[0].strip()
         if not key.startswith(EVAL_KEYS):
             raise BitNetError(
-                f"eval takes data.*, training.batch_size, training.device and "
-                f"training.mixed_precision overrides, not {key!r} (it would have no effect)"
+                f"eval takes data.*, training.batch_size, training.device, "
+                f"training.mixed_precision and training.metrics overrides, not {key!r} (it "
+                "would have no effect)"
             )
     cfg, model, tokenizer, ckpt = recipe.load_run(args.checkpoint, args.overrides)
     cfg.training.eval_steps = None  # the whole evaluation set, unless --max-batches
@@ -246,6 +253,10 @@ def cmd_eval(args) -> int:
         f"perplexity   {m['val_perplexity']:.2f}\n"
         f"bits/byte    {m.get('val_bits_per_byte', float('nan')):.4f}\n"
     )
+    shown = {"step", "val_loss", "val_perplexity", "val_bits_per_byte"}
+    for name, value in m.items():  # training.metrics beyond the loss ones
+        if name not in shown:
+            sys.stdout.write(f"{name.removeprefix('val_'):<12} {value:.4f}\n")
     return 0
 
 

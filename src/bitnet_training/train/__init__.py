@@ -1,6 +1,7 @@
 """Training: the `Trainer`, its config, built-in callbacks, evaluation metrics, checkpoints."""
 
 from ..callback import Callback
+from ..metrics import LossMetrics, Metric
 from .callbacks import (
     BestMetric,
     Checkpointing,
@@ -15,7 +16,6 @@ from .callbacks import (
 )
 from .checkpoint import FORMAT_VERSION, CheckpointIO, list_checkpoints, resolve_checkpoint
 from .config import TrainingConfig
-from .evaluation import LossMetrics, Metric
 from .trainer import Trainer, TrainerState, TrainResult, causal_lm_targets, model_loss
 
 __all__ = [

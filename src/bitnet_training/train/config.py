@@ -70,6 +70,11 @@ class TrainingConfig(Section):
     save_best_only: bool = Field(
         False, description="save only when best_metric improves (and at the end)"
     )
+    metrics: list[str] = Field(
+        default_factory=list,
+        description="evaluation metrics beyond loss / perplexity / bits per byte: "
+        "token_accuracy, or names given to register_metric",
+    )
     best_metric: str = Field(
         "val_loss", min_length=1, description="the metric for the best checkpoint and stopping"
     )

@@ -26,6 +26,8 @@ from torch.utils.data import Dataset, IterableDataset, default_collate
 from ..callback import Callback, collect_callbacks, merge_callbacks
 from ..data.sampler import IterableBatches, ResumableBatchSampler
 from ..errors import BitNetError
+from ..metrics import Metric, build_metrics
+from ..nn.convert import output_head
 from ..optim import build_optimizer, clip_gradients
 from .callbacks import (
     BestMetric,
@@ -39,7 +41,6 @@ from .callbacks import (
 )
 from .checkpoint import STATE_FILE, CheckpointIO, checkpoint_name
 from .config import TrainingConfig
-from .evaluation import LossMetrics, Metric
 from .precision import resolve_device, resolve_precision
 from .rng import capture_rng, restore_rng
 from .signals import GracefulStop
@@ -149,7 +150,8 @@ class Trainer:
         optimizer: a `torch.optim.Optimizer` over the parameters to train.
         scheduler: an LR scheduler stepped once per optimizer step.
         loss_fn: `loss_fn(model, batch) -> 0-dim tensor` (default `model_loss`).
-        metrics: evaluation `Metric`s (default `LossMetrics`: loss, perplexity, bits/byte).
+        metrics: evaluation `Metric`s (default: `config.metrics` after `LossMetrics`'s loss,
+            perplexity and bits per byte).
         checkpoint_io: a `CheckpointIO` (how checkpoints are read and written).
         rank, world_size: this process's data-parallel place (default: from
             `torch.distributed` when initialized, else 0 of 1); only rank 0 writes logs.
@@ -182,7 +184,19 @@ class Trainer:
         self.train_data, self.eval_data = train_data, eval_data
         self.metadata, self.count_targets = metadata or {}, count_targets
         self.optimizer, self.loss_fn = optimizer, loss_fn
-        self.metrics = list(metrics) if metrics is not None else [LossMetrics()]
+        if metrics is None:
+            metrics = build_metrics(self.config.metrics)
+        elif self.config.metrics:
+            raise BitNetError(
+                "training.metrics names metrics, and metrics= gives others: use one of the two"
+            )
+        self.metrics = list(metrics)
+        known = {name for m in self.metrics for name in m.names}
+        if known and all(m.names for m in self.metrics) and self.config.best_metric not in known:
+            raise BitNetError(
+                f"training.best_metric={self.config.best_metric!r} is not an evaluation metric "
+                f"of this run; it has {', '.join(sorted(known))}"
+            )
         self.checkpoint_io = checkpoint_io or CheckpointIO()
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank = rank if rank is not None else (torch.distributed.get_rank() if dist else 0)
@@ -529,16 +543,31 @@ class Trainer:
         for m in self.metrics:
             m.reset()
         bs, n_items = self.config.batch_size, len(self.eval_data)
-        for i, start in enumerate(range(0, n_items, bs)):
-            if max_batches is not None and i >= max_batches:
-                break
-            idx = range(start, min(start + bs, n_items))
-            batch = self._to_device(default_collate([self.eval_data[j] for j in idx]))
-            with self._autocast():
-                loss = self.loss_fn(self.model, batch)
-            n = self.count_targets(batch)
-            for m in self.metrics:
-                m.update(batch, loss, n)
+        seen: list[torch.Tensor] = []  # the output head's output of the batch (logits)
+        hook = None
+        if any(m.needs_logits for m in self.metrics):
+            head = output_head(self.model)
+            if head is None:
+                raise BitNetError("a metric needs the logits, but the model has no output head")
+            hook = head.register_forward_hook(lambda _m, _a, out: seen.append(out))
+        try:
+            for i, start in enumerate(range(0, n_items, bs)):
+                if max_batches is not None and i >= max_batches:
+                    break
+                idx = range(start, min(start + bs, n_items))
+                batch = self._to_device(default_collate([self.eval_data[j] for j in idx]))
+                seen.clear()
+                with self._autocast():
+                    loss = self.loss_fn(self.model, batch)
+                n = self.count_targets(batch)
+                for m in self.metrics:
+                    if m.needs_logits:
+                        m.update(batch, loss, n, logits=seen[-1] if seen else None)
+                    else:
+                        m.update(batch, loss, n)
+        finally:
+            if hook is not None:
+                hook.remove()
         self.model.train(was_training)
         metrics = {"step": self.state.step}
         for m in self.metrics:
