@@ -129,10 +129,21 @@ class Checkpointing(Callback):
             trainer.state.should_save = True
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far, MiB: the CUDA caching allocator's peak on a GPU, else the
+    process's peak resident set size (Linux reports it in KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class LogRecords(Callback):
     """Every `log_every` steps (and at the last), turns the steps since the previous record
     into one log record (`step`, `epoch`, mean `loss`, `lr`, `grad_norm`, `tokens_per_s`,
-    `tokens_seen`, `elapsed_s`, `loss_scale` under fp16) and hands it to `trainer.log`."""
+    `tokens_seen`, `elapsed_s`, `peak_mem_mb`, `loss_scale` under fp16) and hands it to
+    `trainer.log`."""
 
     order = 50  # after the schedule and the QAT callbacks have stepped
 
@@ -158,6 +169,7 @@ class LogRecords(Callback):
             "tokens_seen": s.tokens_seen,
             "elapsed_s": now - self.t_start,
         }
+        logs["peak_mem_mb"] = peak_memory_mb(trainer.device)
         if trainer.scaler is not None:
             logs["loss_scale"] = float(trainer.scaler.get_scale())
         self.losses, self.tokens, self.t_last = [], [], now

@@ -70,6 +70,11 @@ class TrainingConfig(Section):
     save_best_only: bool = Field(
         False, description="save only when best_metric improves (and at the end)"
     )
+    profile_steps: list[int] = Field(
+        default_factory=list,
+        description="record these optimizer steps (first to last) with torch.profiler: a "
+        "Chrome / TensorBoard trace under <output_dir>/profile/ and the top operators logged",
+    )
     metrics: list[str] = Field(
         default_factory=list,
         description="evaluation metrics beyond loss / perplexity / bits per byte: "

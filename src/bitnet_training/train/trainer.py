@@ -27,6 +27,7 @@ from ..callback import Callback, collect_callbacks, merge_callbacks
 from ..data.sampler import IterableBatches, ResumableBatchSampler
 from ..errors import BitNetError
 from ..metrics import Metric, build_metrics
+from ..monitoring import Profiling
 from ..nn.convert import output_head
 from ..optim import build_optimizer, clip_gradients
 from .callbacks import (
@@ -95,6 +96,8 @@ def default_callbacks(config: TrainingConfig) -> list[Callback]:
         History(),
         MetricsLogging(),
     ]
+    if config.profile_steps:
+        out.append(Profiling(config.profile_steps))
     if config.early_stopping_patience:
         out.append(
             EarlyStopping(
