@@ -247,6 +247,10 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
 CONDITIONAL_KEYS: list[tuple[str, Any, str]] = [
     ("diagnostics", lambda c: c.quantize, "quantize=true"),
     *(
+        (f"training.{k}", lambda c: c.training.wandb != "off", "training.wandb on")
+        for k in ("wandb_project", "wandb_name")
+    ),
+    *(
         (f"loss.distill.{k}", lambda c: bool(c.teacher.pretrained), "teacher.pretrained")
         for k in DistillConfig.model_fields
     ),

@@ -48,3 +48,19 @@ def test_profile_steps_beyond_the_run_are_refused(tmp_path):
     ):
         Trainer(BitNetLM(CFG), cfg, Data()).train()
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_wandb_offline_writes_its_run_directory_and_a_resume_continues_it(tmp_path):
+    pytest.importorskip("wandb", reason="wandb is in the dev extra; not installed here")
+    cfg = TrainingConfig(output_dir=str(tmp_path), max_steps=4, batch_size=2, save_every=2,
+                         mixed_precision="fp32", log_every=1, wandb="offline")  # fmt: skip
+    Trainer(BitNetLM(CFG), cfg, Data()).train()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    state = json.loads((tmp_path / "checkpoint-00000004" / "trainer_state.json").read_text())
+    run_id = state["callbacks"]["WandbLogging"]["run_id"]
+    assert runs[0].name.endswith(run_id)
+    longer = cfg.model_copy(update={"max_steps": 6})
+    Trainer(BitNetLM(CFG), longer, Data()).train(resume_from="latest")
+    state = json.loads((tmp_path / "checkpoint-00000006" / "trainer_state.json").read_text())
+    assert state["callbacks"]["WandbLogging"]["run_id"] == run_id  # the same W&B run

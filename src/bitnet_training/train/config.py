@@ -70,6 +70,12 @@ class TrainingConfig(Section):
     save_best_only: bool = Field(
         False, description="save only when best_metric improves (and at the end)"
     )
+    wandb: Literal["off", "online", "offline"] = Field(
+        "off",
+        description="log to Weights & Biases: offline writes <output_dir>/wandb/ with no network",
+    )
+    wandb_project: str = Field("bitnet-training", min_length=1, description="the W&B project")
+    wandb_name: str = Field("", description="the W&B run name ('': the output directory's name)")
     profile_steps: list[int] = Field(
         default_factory=list,
         description="record these optimizer steps (first to last) with torch.profiler: a "

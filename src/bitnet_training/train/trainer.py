@@ -27,7 +27,7 @@ from ..callback import Callback, collect_callbacks, merge_callbacks
 from ..data.sampler import IterableBatches, ResumableBatchSampler
 from ..errors import BitNetError
 from ..metrics import Metric, build_metrics
-from ..monitoring import Profiling
+from ..monitoring import Profiling, WandbLogging
 from ..nn.convert import output_head
 from ..optim import build_optimizer, clip_gradients
 from .callbacks import (
@@ -98,6 +98,8 @@ def default_callbacks(config: TrainingConfig) -> list[Callback]:
     ]
     if config.profile_steps:
         out.append(Profiling(config.profile_steps))
+    if config.wandb != "off":
+        out.append(WandbLogging(config.wandb, config.wandb_project, config.wandb_name))
     if config.early_stopping_patience:
         out.append(
             EarlyStopping(
