@@ -1,4 +1,5 @@
-"""Writing a directory all or nothing: a temporary sibling renamed into place at the end."""
+"""Writing a directory or a file all or nothing: a temporary sibling renamed into place at
+the end."""
 
 from __future__ import annotations
 
@@ -24,4 +25,22 @@ def atomic_directory(final: str) -> Iterator[str]:
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_file(final: str) -> Iterator[str]:
+    """Yield a temporary file path beside `final`; when the block completes, it replaces
+    `final`; on an error it is deleted and `final` is left as it was."""
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(final)}-", dir=parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; this is an ordinary file
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
         raise

@@ -136,6 +136,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     mg.add_argument("--max-batches", type=int, default=8, help="held-out batches to measure on")
 
+    pl = sub.add_parser("plot", help="PNG figures of one run, or several compared")
+    pl.add_argument("runs", nargs="+", help="run directories (several: one figure compares them)")
+    pl.add_argument(
+        "--output",
+        "-o",
+        default=None,
+        help="the PNG to write (default: <run>/plots/training.png, or compare.png beside "
+        "the first run for several)",
+    )
+
     g = sub.add_parser("generate", help="continue a prompt with a checkpoint's model")
     g.add_argument("checkpoint", help="a checkpoint directory or a run directory (its latest)")
     g.add_argument("--prompt", default=None, help="text to continue (default: sample.prompt)")
@@ -298,6 +308,23 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from .monitoring.plots import plot_runs
+
+    out = args.output
+    if out is None:
+        first = args.runs[0]
+        out = (
+            os.path.join(first, "plots", "training.png")
+            if len(args.runs) == 1
+            else os.path.join(os.path.dirname(os.path.abspath(first)), "compare.png")
+        )
+    if not out.lower().endswith(".png"):
+        raise BitNetError(f"--output {out!r} must name a .png file")
+    sys.stdout.write(f"wrote        {os.path.abspath(plot_runs(args.runs, out))}\n")
+    return 0
+
+
 def cmd_preprocess(args) -> int:
     if args.tokenizer != "bpe" and (args.vocab_size is not None or args.special_tokens is not None):
         raise BitNetError("--vocab-size and --special-tokens apply to --tokenizer bpe only")
@@ -361,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": cmd_eval,
         "generate": cmd_generate,
         "merge": cmd_merge,
+        "plot": cmd_plot,
         "preprocess": cmd_preprocess,
     }
     try:
