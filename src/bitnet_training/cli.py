@@ -92,6 +92,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="a checkpoint directory or a run directory (its latest)")
     e.add_argument("--max-batches", type=int, default=None, help="evaluate at most N batches")
     e.add_argument(
+        "--generation",
+        default=None,
+        metavar="FILE",
+        help="also score greedy continuations of a JSON lines file of {prompt, reference} "
+        "with BLEU and chrF (sacrebleu)",
+    )
+    e.add_argument(
+        "--max-new-tokens", type=int, default=64, help="--generation: tokens per continuation"
+    )
+    e.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
@@ -239,34 +249,41 @@ def cmd_eval(args) -> int:
                 f"training.mixed_precision and training.metrics overrides, not {key!r} (it "
                 "would have no effect)"
             )
+    if args.max_batches is not None and args.max_batches < 1:
+        raise BitNetError(f"--max-batches={args.max_batches} is invalid: expected an integer >= 1")
     cfg, model, tokenizer, ckpt = recipe.load_run(args.checkpoint, args.overrides)
     cfg.training.eval_steps = None  # the whole evaluation set, unless --max-batches
     val = build_eval_dataset(cfg.data, tokenizer)
-    if val is None:
+    if val is None and not args.generation:
         hint = (
             "the shards have no validation split (preprocess --val-fraction)"
             if cfg.data.source == "shards"
             else "the data has no validation text"
         )
         raise BitNetError(f"nothing to evaluate: {hint}; set data.val_files=FILE[,FILE...]")
-    if args.max_batches is not None and args.max_batches < 1:
-        raise BitNetError(f"--max-batches={args.max_batches} is invalid: expected an integer >= 1")
-    trainer = Trainer(model, cfg.training, None, val)  # loggers stay idle outside train()
-    m = trainer.evaluate(max_batches=args.max_batches)
-    bs = cfg.training.batch_size
-    batches = -(-len(val) // bs)
-    used = min(batches, args.max_batches or batches)
-    sys.stdout.write(
-        f"checkpoint   {ckpt}\n"
-        f"evaluated    {min(len(val), used * bs)} of {len(val)} windows ({used} batches)\n"
-        f"val loss     {m['val_loss']:.4f}\n"
-        f"perplexity   {m['val_perplexity']:.2f}\n"
-        f"bits/byte    {m.get('val_bits_per_byte', float('nan')):.4f}\n"
-    )
-    shown = {"step", "val_loss", "val_perplexity", "val_bits_per_byte"}
-    for name, value in m.items():  # training.metrics beyond the loss ones
-        if name not in shown:
-            sys.stdout.write(f"{name.removeprefix('val_'):<12} {value:.4f}\n")
+    sys.stdout.write(f"checkpoint   {ckpt}\n")
+    if val is not None:
+        trainer = Trainer(model, cfg.training, None, val)  # loggers stay idle outside train()
+        m = trainer.evaluate(max_batches=args.max_batches)
+        bs = cfg.training.batch_size
+        batches = -(-len(val) // bs)
+        used = min(batches, args.max_batches or batches)
+        sys.stdout.write(
+            f"evaluated    {min(len(val), used * bs)} of {len(val)} windows ({used} batches)\n"
+            f"val loss     {m['val_loss']:.4f}\n"
+            f"perplexity   {m['val_perplexity']:.2f}\n"
+            f"bits/byte    {m.get('val_bits_per_byte', float('nan')):.4f}\n"
+        )
+        shown = {"step", "val_loss", "val_perplexity", "val_bits_per_byte"}
+        for name, value in m.items():  # training.metrics beyond the loss ones
+            if name not in shown:
+                sys.stdout.write(f"{name.removeprefix('val_'):<12} {value:.4f}\n")
+    if args.generation:
+        g = recipe.score_generations(model, tokenizer, args.generation, args.max_new_tokens)
+        sys.stdout.write(
+            f"generation   {g['pairs']} prompts of {args.generation}\n"
+            f"bleu         {g['bleu']:.2f}\nchrf         {g['chrf']:.2f}\n"
+        )
     return 0
 
 

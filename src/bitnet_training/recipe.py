@@ -37,6 +37,7 @@ from .data.hf_tokenizer import PretrainedTokenizer, has_tokenizer_files
 from .distributed import apply_activation_checkpointing
 from .errors import BitNetError
 from .loss import DistillLoss, LMLoss
+from .metrics import GenerationScores, read_pairs
 from .models import BitNetLM
 from .models.pretrained import Pretrained, build_from_base, load_pretrained, save_base_files
 from .nn import BitLinear, MultiStage, QuantizationTuner, TernaryDiagnostics, quantize_model
@@ -545,6 +546,20 @@ def restore_quantization(model: nn.Module, cfg: RunConfig, state: dict) -> None:
         m.set_progress(step, state.get("steps_per_epoch", 1))
 
 
+def score_generations(model: nn.Module, tokenizer, path: str, max_new_tokens: int) -> dict:
+    """BLEU and chrF (sacrebleu) of `model`'s greedy continuations of the prompts of JSON
+    lines file `path` against their references, streaming (one pair in memory at a time).
+    A continuation ends at the end-of-text token or `max_new_tokens`; surrounding whitespace
+    is stripped. Returns {"bleu", "chrf", "pairs"}."""
+    if max_new_tokens < 1:
+        raise BitNetError(f"--max-new-tokens={max_new_tokens} is invalid: expected >= 1")
+    scores = GenerationScores()
+    for prompt, reference in read_pairs(path):
+        text = generate_text(model, tokenizer, prompt, max_new_tokens, 0.0, None, 0, True)
+        scores.update(text.strip(), reference.strip())
+    return {**scores.compute(), "pairs": scores.count}
+
+
 def generate_text(
     model: nn.Module,
     tokenizer,
@@ -553,9 +568,11 @@ def generate_text(
     temperature: float,
     top_k: int | None,
     seed: int,
+    continuation_only: bool = False,
 ) -> str:
     """`prompt` continued by `model` (sampling when temperature > 0, else greedy), with
-    `BitNetLM.generate` or a `transformers` model's own `generate`."""
+    `BitNetLM.generate` or a `transformers` model's own `generate`; `continuation_only`:
+    only the new text, up to the end-of-text token."""
     # Training text is documents joined by EOS, so a document starts right after an EOS:
     # prefixing one makes the prompt look like the start of a document.
     ids = torch.tensor([[tokenizer.eos_token_id, *tokenizer.encode(prompt)]])
@@ -589,6 +606,11 @@ def generate_text(
                     pad_token_id=tokenizer.eos_token_id,
                     **sampling,
                 )
+    if continuation_only:
+        new = out[0, ids.shape[1] :].tolist()
+        if tokenizer.eos_token_id in new:
+            new = new[: new.index(tokenizer.eos_token_id)]
+        return tokenizer.decode(new)
     return tokenizer.decode(out[0])
 
 

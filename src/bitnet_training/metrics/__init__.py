@@ -1,5 +1,6 @@
 """Evaluation metrics, computed streaming in the evaluation loop: loss, perplexity and bits
-per byte (`LossMetrics`), token accuracy, and functions users register by name."""
+per byte (`LossMetrics`), token accuracy, functions users register by name, and BLEU / chrF
+of generations (`GenerationScores`)."""
 
 from .base import (
     FunctionMetric,
@@ -9,12 +10,15 @@ from .base import (
     build_metrics,
     register_metric,
 )
+from .generation import GenerationScores, read_pairs
 
 __all__ = [
     "FunctionMetric",
+    "GenerationScores",
     "LossMetrics",
     "Metric",
     "TokenAccuracy",
     "build_metrics",
+    "read_pairs",
     "register_metric",
 ]
