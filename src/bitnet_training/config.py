@@ -246,6 +246,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
 # gives where it would do nothing is refused, so no setting is silently ignored.
 CONDITIONAL_KEYS: list[tuple[str, Any, str]] = [
     ("diagnostics", lambda c: c.quantize, "quantize=true"),
+    ("loss.penalty_params", lambda c: bool(c.loss.l1 or c.loss.l2), "loss.l1 or loss.l2 > 0"),
     *(
         (f"training.{k}", lambda c: c.training.wandb != "off", "training.wandb on")
         for k in ("wandb_project", "wandb_name")

@@ -36,7 +36,7 @@ from .data import Datasets, build_datasets, build_eval_dataset, tokenizer_for, t
 from .data.hf_tokenizer import PretrainedTokenizer, has_tokenizer_files
 from .distributed import apply_activation_checkpointing
 from .errors import BitNetError
-from .loss import DistillLoss, LMLoss
+from .loss import DistillLoss, LMLoss, Penalty
 from .metrics import GenerationScores, read_pairs
 from .models import BitNetLM
 from .models.pretrained import Pretrained, build_from_base, load_pretrained, save_base_files
@@ -322,12 +322,15 @@ def build_callbacks(
     cfg: RunConfig, notes: list[str], progress: bool = True, start: StartRun | None = None
 ) -> list[Callback]:
     """The one place a run's callbacks are assembled: the start of the run, the progress bar,
-    and for quantized runs the stages, the quantization tuner and the ternary diagnostics.
+    the L1 / L2 penalties, and for quantized runs the stages, the quantization tuner and the
+    ternary diagnostics.
     (The QAT step clock, latent clipping and weight-decay groups are declared by the
     quantized layers themselves; the loop's own callbacks are the Trainer's defaults.)"""
     callbacks: list[Callback] = [start or StartRun(notes)]
     if progress:
         callbacks.append(ProgressBar())
+    if cfg.loss.l1 or cfg.loss.l2:
+        callbacks.append(Penalty(cfg.loss.l1, cfg.loss.l2, cfg.loss.penalty_params))
     if cfg.quantize:
         if cfg.stages:
             callbacks.append(MultiStage(cfg.stages, cfg.qat))

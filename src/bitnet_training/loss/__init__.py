@@ -5,12 +5,14 @@ BitDistill's attention relations), each usable as the Trainer's `loss_fn(model, 
 from .config import DistillConfig, LossConfig, TeacherConfig
 from .distill import DistillLoss, LMLoss, relation_kl
 from .lm import causal_lm_loss, chunked_causal_lm_loss
+from .regularization import Penalty
 
 __all__ = [
     "DistillConfig",
     "DistillLoss",
     "LMLoss",
     "LossConfig",
+    "Penalty",
     "TeacherConfig",
     "causal_lm_loss",
     "chunked_causal_lm_loss",

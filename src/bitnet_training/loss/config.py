@@ -61,6 +61,14 @@ class LossConfig(Section):
         description="tokens per chunk of the chunked cross-entropy: the float32 logits never "
         "exist at once (None: plain)",
     )
+    l1: float = Field(0.0, ge=0, description="L1 penalty weight on penalty_params")
+    l2: float = Field(
+        0.0, ge=0, description="L2 penalty weight on penalty_params (coupled; not weight decay)"
+    )
+    penalty_params: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="globs over trainable parameter names that l1 / l2 penalize",
+    )
     distill: DistillConfig = Field(
         default_factory=DistillConfig, description="distillation terms (with teacher.pretrained)"
     )

@@ -65,6 +65,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=False)
         # BitNet 2B4T: normalise the attention output before o_proj quantizes it.
         self.attn_sub_norm = RMSNorm(q_dim, eps=cfg.rms_norm_eps)
+        self.dropout = cfg.attention_dropout
 
     def forward(self, x, cos, sin, past=None):
         b, t, _ = x.shape
@@ -83,7 +84,13 @@ class Attention(nn.Module):
         if t > 1 and s > t:
             mask = torch.ones(t, s, dtype=torch.bool, device=x.device).tril(diagonal=s - t)
         o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal,
+            enable_gqa=self.n_kv != self.n_heads,
         )
         o = o.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.o_proj(self.attn_sub_norm(o)), (k, v)
@@ -112,11 +119,12 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.residual_dropout = nn.Dropout(cfg.residual_dropout)
 
     def forward(self, x, cos, sin, past=None):
         a, present = self.self_attn(self.input_layernorm(x), cos, sin, past)
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), present
+        x = x + self.residual_dropout(a)
+        return x + self.residual_dropout(self.mlp(self.post_attention_layernorm(x))), present
 
 
 class BitNetModel(nn.Module):

@@ -49,6 +49,16 @@ class ModelConfig(Section):
     rope_theta: float = Field(500000.0, gt=0, description="rotary embeddings' base")
     initializer_range: float = Field(0.02, ge=0, description="std of the initial weights")
     tie_word_embeddings: bool = Field(False, description="the LM head shares the embedding")
+    attention_dropout: float = Field(
+        0.0, ge=0, lt=1, description="dropout on the attention probabilities (training only)"
+    )
+    residual_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="dropout on each attention / MLP output before it joins the residual "
+        "stream (training only)",
+    )
     bos_token_id: int | None = Field(None, description="begin-of-sequence id")
     eos_token_id: int | None = Field(None, description="end-of-sequence id")
     pad_token_id: int | None = Field(None, description="padding id")

@@ -191,6 +191,7 @@ def _bitnet_model_config(cfg) -> ModelConfig:
             rope_theta=float(theta),
             initializer_range=float(cfg.initializer_range),
             tie_word_embeddings=bool(cfg.tie_word_embeddings),
+            attention_dropout=float(getattr(cfg, "attention_dropout", 0.0) or 0.0),
             bos_token_id=cfg.bos_token_id,
             eos_token_id=eos,
             pad_token_id=cfg.pad_token_id,
