@@ -263,7 +263,8 @@ def cmd_eval(args) -> int:
         raise BitNetError(f"nothing to evaluate: {hint}; set data.val_files=FILE[,FILE...]")
     sys.stdout.write(f"checkpoint   {ckpt}\n")
     if val is not None:
-        trainer = Trainer(model, cfg.training, None, val)  # loggers stay idle outside train()
+        # loggers stay idle outside train()
+        trainer = Trainer(model, cfg.training, None, val, loss_fn=recipe.eval_loss(cfg))
         m = trainer.evaluate(max_batches=args.max_batches)
         bs = cfg.training.batch_size
         batches = -(-len(val) // bs)

@@ -248,6 +248,14 @@ CONDITIONAL_KEYS: list[tuple[str, Any, str]] = [
     ("diagnostics", lambda c: c.quantize, "quantize=true"),
     ("loss.penalty_params", lambda c: bool(c.loss.l1 or c.loss.l2), "loss.l1 or loss.l2 > 0"),
     *(
+        (f"loss.{k}", lambda c: c.loss.objective == "contrastive", "loss.objective=contrastive")
+        for k in ("temperature", "pooling")
+    ),
+    *(
+        (f"loss.{k}", lambda c: c.loss.objective == "lm", "loss.objective=lm")
+        for k in ("label_smoothing", "z_loss", "chunk_size")
+    ),
+    *(
         (f"training.{k}", lambda c: c.training.wandb != "off", "training.wandb on")
         for k in ("wandb_project", "wandb_name")
     ),

@@ -36,7 +36,7 @@ from .data import Datasets, build_datasets, build_eval_dataset, tokenizer_for, t
 from .data.hf_tokenizer import PretrainedTokenizer, has_tokenizer_files
 from .distributed import apply_activation_checkpointing
 from .errors import BitNetError
-from .loss import DistillLoss, LMLoss, Penalty
+from .loss import ContrastiveLoss, DistillLoss, LMLoss, Penalty
 from .metrics import GenerationScores, read_pairs
 from .models import BitNetLM
 from .models.pretrained import Pretrained, build_from_base, load_pretrained, save_base_files
@@ -441,9 +441,28 @@ def load_teacher(path: str, tokenizer) -> nn.Module:
     return teacher
 
 
+def eval_loss(cfg: RunConfig):
+    """The `loss_fn` that evaluates a run of `cfg`: InfoNCE for contrastive runs, else the
+    plain cross-entropy (what every language-modelling objective is evaluated on)."""
+    if cfg.loss.objective == "contrastive":
+        return ContrastiveLoss(cfg.loss.temperature, cfg.loss.pooling)
+    return LMLoss(cfg.loss)
+
+
 def build_loss(cfg: RunConfig, model: nn.Module, tokenizer) -> LMLoss:
     """The run's `loss_fn`: cross-entropy (`loss.*`), with the distillation terms
-    (`loss.distill.*`) against the frozen teacher when `teacher.pretrained` is set."""
+    (`loss.distill.*`) against the frozen teacher when `teacher.pretrained` is set; or
+    InfoNCE over paired text (`loss.objective=contrastive`, `data.source=pairs`)."""
+    contrastive = cfg.loss.objective == "contrastive"
+    if contrastive != (cfg.data.source == "pairs"):
+        raise BitNetError(
+            "loss.objective=contrastive and data.source=pairs go together (paired text is "
+            f"what InfoNCE contrasts); this run has {cfg.loss.objective} and {cfg.data.source}"
+        )
+    if contrastive:
+        if cfg.teacher.pretrained:
+            raise BitNetError("teacher.pretrained distils a language model: not with contrastive")
+        return ContrastiveLoss(cfg.loss.temperature, cfg.loss.pooling)
     if not cfg.teacher.pretrained:
         return LMLoss(cfg.loss)
     loss = DistillLoss(load_teacher(cfg.teacher.pretrained, tokenizer), cfg.loss)
@@ -742,6 +761,11 @@ def _init_from(model: nn.Module, path: str, tokenizer) -> str:
 def _describe(cfg: RunConfig, data: Datasets, seconds: float) -> str:
     if cfg.data.source == "stream":
         return f"data: streaming {data.info['train_files']} files (read lazily)"
+    if cfg.data.source == "pairs":
+        return (
+            f"data: pairs, {data.info['train_pairs']} training and {data.info['val_pairs']} "
+            f"validation pairs (fingerprint {data.info['fingerprint']}, {seconds:.1f} s)"
+        )
     return (
         f"data: {data.info['source']}, {data.info['train_tokens']} training and "
         f"{data.info['val_tokens']} validation tokens (fingerprint "

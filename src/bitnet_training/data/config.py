@@ -16,12 +16,13 @@ class DataConfig(Section):
 
     _path = "data"
 
-    source: Literal["embedded", "files", "shards", "stream"] = Field(
+    source: Literal["embedded", "files", "shards", "stream", "pairs"] = Field(
         "embedded",
         description="embedded: the corpus shipped with Python; files: train_files (plain "
         "text); shards: shards_dir from `bitnet-train preprocess`; stream: train_files read "
-        "lazily (text, JSON lines, .gz, directories, globs; needs training.max_steps). "
-        "Default: files when train_files is given, else embedded",
+        "lazily (text, JSON lines, .gz, directories, globs; needs training.max_steps); pairs: "
+        "train_files / val_files are JSON lines of {query, positive} (loss.objective="
+        "contrastive). Default: files when train_files is given, else embedded",
     )
     train_files: list[str] = Field(
         default_factory=list,
@@ -63,11 +64,12 @@ class DataConfig(Section):
             raise ConfigError(
                 "shards_dir", self.shards_dir, "a directory written by bitnet-train preprocess"
             )
-        if self.augment.enabled and self.source == "stream":
+        if self.augment.enabled and self.source in ("stream", "pairs"):
             raise ConfigError(
                 "augment",
                 "on",
-                "off with data.source=stream (augmentation applies to embedded, files and shards)",
+                f"off with data.source={self.source} (augmentation applies to embedded, files "
+                "and shards)",
             )
         odd = [f for f in self.train_files if f.endswith(JSON_OR_GZ)]  # val_files may be
         if self.source == "files" and odd:

@@ -10,6 +10,7 @@ from ..errors import BitNetError, ConfigError
 from .augment import AugmentedDataset
 from .corpus import Document, corpus_fingerprint, embedded_corpus, split_documents
 from .dataset import TokenWindowDataset, read_text_files
+from .pairs import PairedTextDataset
 from .preprocess import expand_inputs, iter_documents
 from .shards import ShardDataset, load_index, load_tokenizer
 from .streaming import StreamingTextDataset
@@ -72,7 +73,7 @@ def build_datasets(config: DataConfig, tokenizer, seed: int = 0) -> Datasets:
             f"no files with data.source={config.source} (train on files with "
             "data.source=files or stream)",
         )
-    if config.source in ("files", "stream") and not config.train_files:
+    if config.source in ("files", "stream", "pairs") and not config.train_files:
         raise ConfigError(
             "data.train_files",
             config.train_files,
@@ -107,6 +108,12 @@ def documents_of(paths: list[str], jsonl_field: str = "text") -> list[Document]:
 def build_eval_dataset(config: DataConfig, tokenizer) -> TokenWindowDataset | None:
     """The validation set `config` describes: its `val_files` (any source), else the source's
     own validation split; None when there is none."""
+    if config.source == "pairs":
+        return (
+            PairedTextDataset(config.val_files, tokenizer, config.seq_len)
+            if (config.val_files)
+            else None
+        )
     if config.val_files:
         docs = documents_of(config.val_files, config.jsonl_field)
         val = TokenWindowDataset.from_documents(docs, tokenizer, config.seq_len)
@@ -140,6 +147,11 @@ def _stream_datasets(config: DataConfig, tokenizer, seed: int) -> Datasets:
 
 
 def _build(config: DataConfig, tokenizer, seed: int) -> Datasets:
+    if config.source == "pairs":
+        train = PairedTextDataset(config.train_files, tokenizer, config.seq_len)
+        val = build_eval_dataset(config, tokenizer)
+        info = {"source": "pairs", "fingerprint": train.fingerprint, "train_pairs": len(train)}
+        return Datasets(train, val, {**info, "val_pairs": len(val) if val else 0})
     if config.source == "shards":
         return _shard_datasets(config, seed)
     if config.source == "stream":

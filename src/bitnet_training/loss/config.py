@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from ..errors import ConfigError
@@ -49,6 +51,15 @@ class LossConfig(Section):
 
     _path = "loss"
 
+    objective: Literal["lm", "contrastive"] = Field(
+        "lm",
+        description="lm: next-token cross-entropy; contrastive: InfoNCE over pooled hidden "
+        "states of data.source=pairs",
+    )
+    temperature: float = Field(0.05, gt=0, description="contrastive: the InfoNCE temperature")
+    pooling: Literal["mean", "last"] = Field(
+        "mean", description="contrastive: mean of a text's hidden states, or its last token's"
+    )
     label_smoothing: float = Field(
         0.0, ge=0, lt=1, description="cross-entropy label smoothing (training only)"
     )
