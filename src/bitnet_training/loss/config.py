@@ -33,7 +33,10 @@ class DistillConfig(Section):
         -1, description="the layer whose Q / K / V relations are distilled (-1: the last)"
     )
     relation_heads: int | None = Field(
-        None, gt=0, description="relation heads the width is split into (None: the teacher's)"
+        None,
+        gt=0,
+        description="relation heads each of Q / K / V is split into (None: the teacher's "
+        "attention heads in it)",
     )
 
     @model_validator(mode="after")

@@ -162,12 +162,14 @@ def _recording(modules: list[nn.Module], store: list):
             h.remove()
 
 
-def _num_heads(model: nn.Module) -> int | None:
+def _head_dim(model: nn.Module) -> int | None:
+    """The attention head width of `model`'s config (`head_dim`, else hidden / heads)."""
     for m in (model, getattr(model, "base_model", None), getattr(model, "model", None)):
         cfg = getattr(m, "config", None)
         heads = getattr(cfg, "num_attention_heads", None)
         if isinstance(heads, int):
-            return heads
+            dim = getattr(cfg, "head_dim", None)
+            return dim if isinstance(dim, int) and dim > 0 else cfg.hidden_size // heads
     return None
 
 
@@ -193,11 +195,14 @@ class DistillLoss(LMLoss):
                 "KL needs every logit (set loss.chunk_size=null)"
             )
         self.teacher = teacher.eval().requires_grad_(False)
-        self.heads = d.relation_heads or _num_heads(teacher)
-        if d.relation_weight and self.heads is None:
+        # Relation heads: as many as the teacher has attention heads in each of Q, K and V
+        # (its width over its head width: fewer for K / V under grouped-query attention),
+        # unless set; the student's projection is split into as many.
+        self.heads = d.relation_heads
+        self.head_dim = _head_dim(teacher)
+        if d.relation_weight and self.heads is None and self.head_dim is None:
             raise BitNetError(
-                "the teacher's number of attention heads is unknown: set "
-                "loss.distill.relation_heads"
+                "the teacher's attention head width is unknown: set loss.distill.relation_heads"
             )
         self._teacher_proj = (
             _attention_projections(teacher, d.relation_layer) if d.relation_weight else []
@@ -262,6 +267,9 @@ class DistillLoss(LMLoss):
             mse = F.mse_loss(hs[:, :-1][keep].float(), ht[:, :-1][keep].float())
             total = total + d.hidden_weight * mse
         if d.relation_weight:
-            rel = sum(relation_kl(t, s, self.heads) for t, s in zip(t_rel, s_rel, strict=True))
+            rel = sum(
+                relation_kl(t, s, self.heads or max(1, t.shape[-1] // self.head_dim))
+                for t, s in zip(t_rel, s_rel, strict=True)
+            )
             total = total + d.relation_weight * rel
         return total
