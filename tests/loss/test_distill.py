@@ -123,3 +123,13 @@ def test_bad_settings_are_one_line_errors():
 
     with pytest.raises(BitNetError, match="loss.distill.temperature=2.0 has no effect here"):
         load_config(None, ["loss.distill.temperature=2"])
+
+
+def test_relations_are_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    t, s = torch.randn(2, 16, 8), torch.randn(2, 16, 8)
+    s = t + 0.01 * s  # nearly equal: a small KL that bf16 would round away or below zero
+    exact = relation_kl(t.double(), s.double(), heads=2).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = relation_kl(t, s, heads=2).item()
+    assert got == pytest.approx(exact, rel=1e-3)

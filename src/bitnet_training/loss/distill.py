@@ -124,9 +124,11 @@ def relation_kl(teacher: torch.Tensor, student: torch.Tensor, heads: int) -> tor
         x = x.float().view(b, t, heads, w // heads).transpose(1, 2)
         return torch.log_softmax(x @ x.transpose(-1, -2) / math.sqrt(w // heads), dim=-1)
 
-    lt, ls = log_relations(teacher), log_relations(student)
-    kl = (lt.exp() * (lt - ls)).sum(-1)
-    return kl.mean()
+    # In float32 even under autocast: the term is weighted by up to 1e5, and bf16 relations
+    # would leave it with bf16's rounding (tested).
+    with torch.autocast(teacher.device.type, enabled=False):
+        lt, ls = log_relations(teacher), log_relations(student)
+        return (lt.exp() * (lt - ls)).sum(-1).mean()
 
 
 def _attention_projections(model: nn.Module, layer: int) -> list[nn.Module]:
