@@ -89,3 +89,34 @@ def test_contrastive_training_from_the_cli(tmp_path, capsys):
     assert "val loss" in capsys.readouterr().out
     assert main(["train", *args[1:3], f"training.output_dir={tmp_path / 'x'}"]) == 2
     assert "go together" in capsys.readouterr().err
+
+
+def _rank(rank, world, init, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    q, p = torch.randn(8, 6), torch.randn(8, 6)
+    half = slice(4 * rank, 4 * rank + 4)
+    ql, pl = q[half].clone().requires_grad_(), p[half].clone().requires_grad_()
+    loss = info_nce(ql, pl, 0.1)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "gq": ql.grad, "gp": pl.grad}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_negatives_come_from_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2)
+    torch.manual_seed(0)
+    q = torch.randn(8, 6).requires_grad_()
+    p = torch.randn(8, 6).requires_grad_()
+    full = info_nce(q, p, 0.1)  # one process, the global batch
+    full.backward()
+    r = [torch.load(tmp_path / f"{i}.pt") for i in range(2)]
+    # The ranks' mean loss is the global batch's; each rank's input gradient is the sum over
+    # ranks' losses (the gather's backward), i.e. world size x the global mean's gradient.
+    torch.testing.assert_close((r[0]["loss"] + r[1]["loss"]) / 2, full.detach())
+    torch.testing.assert_close(torch.cat([r[0]["gq"], r[1]["gq"]]) / 2, q.grad)
+    torch.testing.assert_close(torch.cat([r[0]["gp"], r[1]["gp"]]) / 2, p.grad)
