@@ -19,9 +19,12 @@ import logging
 import os
 import sys
 
+import torch
+
 from . import __version__, recipe
 from .config import SampleConfig, load_config
 from .data import PreprocessConfig, build_eval_dataset, preprocess
+from .distributed.ddp import unwrap
 from .errors import BitNetError, ConfigError
 from .train import Trainer
 
@@ -180,15 +183,20 @@ def cmd_train(args) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # its weight-loading bars, too
-    run, result = recipe.train(cfg, args.resume, args.overwrite, progress=not args.no_progress)
-    _print_summary(run, result)
+    try:
+        run, result = recipe.train(cfg, args.resume, args.overwrite, progress=not args.no_progress)
+        if run.trainer.is_main:  # under torchrun, rank 0 speaks for the run
+            _print_summary(run, result)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if result.interrupted:
         return 128 + (result.signal or 2)
     return 0
 
 
 def _print_summary(run: recipe.Run, result) -> None:
-    cfg, data, model, tokenizer = run.config, run.data, run.model, run.tokenizer
+    cfg, data, model, tokenizer = run.config, run.data, unwrap(run.model), run.tokenizer
     m = result.metrics
     lines = ["", "== summary =="]
     name = cfg.model.pretrained or cfg.model_preset

@@ -15,6 +15,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from .data.config import DataConfig
+from .distributed.config import DistributedConfig
 from .errors import BitNetError, ConfigError
 from .loss.config import DistillConfig, LossConfig, TeacherConfig
 from .models.config import PRESETS, ModelConfig
@@ -64,6 +65,9 @@ class RunConfig(Section):
     )
     teacher: TeacherConfig = Field(
         default_factory=TeacherConfig, description="the frozen teacher of distillation"
+    )
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="data parallelism under torchrun"
     )
     training: TrainingConfig = Field(
         default_factory=TrainingConfig, description="how the Trainer runs"

@@ -35,6 +35,7 @@ from .config import RunConfig, apply_override, config_from_dict, migrate_stored
 from .data import Datasets, build_datasets, build_eval_dataset, tokenizer_for, tokenizer_id
 from .data.hf_tokenizer import PretrainedTokenizer, has_tokenizer_files
 from .distributed import apply_activation_checkpointing
+from .distributed.ddp import init_from_env, launched_world_size, unwrap, wrap_ddp
 from .errors import BitNetError
 from .loss import ContrastiveLoss, DistillLoss, LMLoss, Penalty
 from .metrics import GenerationScores, read_pairs
@@ -223,18 +224,53 @@ def apply_transforms(model: nn.Module, cfg: RunConfig) -> tuple[nn.Module, list[
     model, report = adapters(model, cfg)
     if report.method != "none":
         notes.append(f"peft: {report}")
-    notes += parallelize(model, cfg)
-    return model, notes
+    model, more = parallelize(model, cfg)
+    return model, notes + more
 
 
-def parallelize(model: nn.Module, cfg: RunConfig) -> list[str]:
-    """Transform 3, in torchtitan's order: pipeline split and tensor parallel (with the
-    distributed issue), activation checkpointing, FSDP / DDP (with the distributed issue)."""
+def parallelize(model: nn.Module, cfg: RunConfig) -> tuple[nn.Module, list[str]]:
+    """Transform 3, in torchtitan's order: (pipeline split and tensor parallel: not built),
+    activation checkpointing, then data parallelism (`DistributedDataParallel`) when the
+    process group has several ranks. Returns the model to train (possibly wrapped)."""
     notes = []
     if cfg.training.activation_checkpointing:
         n = apply_activation_checkpointing(model)
         notes.append(f"activation checkpointing: {n} blocks")
-    return notes
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    world = torch.distributed.get_world_size() if dist else 1
+    if world > 1:
+        model = wrap_ddp(model, resolve_device(cfg.training.device))
+        t = cfg.training
+        notes.append(
+            f"data parallel: DDP over {world} ranks ({torch.distributed.get_backend()}); global "
+            f"batch {t.batch_size} per rank x {t.gradient_accumulation_steps} accumulation x "
+            f"{world} ranks = {t.batch_size * t.gradient_accumulation_steps * world} sequences"
+        )
+    return model, notes
+
+
+def init_distributed(cfg: RunConfig) -> tuple[int, int]:
+    """Join the process group `torchrun` launched this process into (several processes),
+    with `distributed.backend`; (0, 1) alone. `distributed.strategy=none` with several
+    processes, or `ddp` with one, is refused (they would train apart, or not in parallel)."""
+    launched = launched_world_size()
+    strategy = cfg.distributed.strategy
+    if launched > 1 and strategy == "none":
+        raise BitNetError(
+            f"distributed.strategy=none, but torchrun launched {launched} processes: they "
+            "would each train alone (use ddp, or auto)"
+        )
+    if launched <= 1 and strategy == "ddp":
+        raise BitNetError(
+            "distributed.strategy=ddp needs several processes: launch with torchrun "
+            "--nproc-per-node=N (one process trains alone)"
+        )
+    if launched <= 1 and cfg.distributed.backend != "auto":
+        raise BitNetError(
+            f"distributed.backend={cfg.distributed.backend} acts only under torchrun with "
+            "several processes"
+        )
+    return init_from_env(cfg.distributed.backend, resolve_device(cfg.training.device))
 
 
 @dataclass
@@ -266,8 +302,8 @@ def build_model(cfg: RunConfig, run_dir: str | None = None, init: bool = True) -
     model, report = adapters(model, cfg)
     if report.method != "none":
         notes.append(f"peft: {report}")
-    notes += parallelize(model, cfg)
-    return Built(model, tokenizer, loaded.base, report, notes)
+    model, more = parallelize(model, cfg)
+    return Built(model, tokenizer, loaded.base, report, notes + more)
 
 
 def weight_bits_in_force(model: nn.Module) -> str:
@@ -361,6 +397,7 @@ def prepare(
     resuming), build the data with the model's tokenizer, the model and its transforms,
     the optimizer, the callbacks and the Trainer."""
     _absolute_paths(cfg)
+    init_distributed(cfg)
     out = cfg.training.output_dir
     check_output_dir(out, resume, overwrite)
     if resume is not None:
@@ -373,8 +410,8 @@ def prepare(
         )
     built = build_model(cfg, run_dir=out if resume is not None else None, init=resume is None)
     model, notes, tokenizer = built.model, built.notes, built.tokenizer
-    check_vocab(model, tokenizer)
-    check_seq_len(model, cfg.data.seq_len)
+    check_vocab(unwrap(model), tokenizer)
+    check_seq_len(unwrap(model), cfg.data.seq_len)
     if cfg.data.source == "shards" and cfg.model.pretrained:
         _same_tokenizer(tokenizer_for(cfg.data), tokenizer, cfg.data.shards_dir)
     if resume is not None:
@@ -479,7 +516,7 @@ def train(
     result = run.trainer.train(resume_from=resume)
     if cfg.peft.method != "none" and run.trainer.is_main:
         # The final adapter in peft's format (adapter_config.json + adapter_model.safetensors)
-        save_adapter(run.model, os.path.join(cfg.training.output_dir, "adapter"))
+        save_adapter(unwrap(run.model), os.path.join(cfg.training.output_dir, "adapter"))
     return run, result
 
 

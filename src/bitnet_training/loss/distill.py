@@ -33,6 +33,7 @@ from .lm import causal_lm_loss, chunked_causal_lm_loss
 
 
 def _head(model: nn.Module) -> nn.Module | None:
+    model = getattr(model, "module", model)  # inside DistributedDataParallel
     get = getattr(model, "get_output_embeddings", None)
     try:
         return get() if callable(get) else None

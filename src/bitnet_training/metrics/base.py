@@ -26,6 +26,13 @@ class Metric(ABC):
 
     needs_logits = False
     names: tuple[str, ...] = ()
+    can_sync = False  # whether `sync` sums the state over data-parallel ranks
+
+    def sync(self, sum_over_ranks) -> None:
+        """Replace this metric's accumulated state by its sum over the data-parallel ranks
+        (`sum_over_ranks(tensor) -> tensor`); metrics that implement it set `can_sync`, and
+        the evaluation then shards its batches over the ranks."""
+        raise NotImplementedError
 
     @abstractmethod
     def reset(self) -> None:
@@ -46,6 +53,12 @@ class LossMetrics(Metric):
     bytes per token. Accumulated in float64 on the batches' device (no host sync per batch)."""
 
     names = ("val_loss", "val_perplexity", "val_bits_per_byte")
+    can_sync = True
+
+    def sync(self, sum_over_ranks) -> None:
+        zero = torch.zeros((), dtype=torch.float64)
+        self.nats = sum_over_ranks(zero if self.nats is None else self.nats.double())
+        self.targets = sum_over_ranks(zero if self.targets is None else self.targets.double())
 
     def reset(self) -> None:
         self.nats: torch.Tensor | None = None
@@ -73,6 +86,12 @@ class TokenAccuracy(Metric):
 
     needs_logits = True
     names = ("val_token_accuracy",)
+    can_sync = True
+
+    def sync(self, sum_over_ranks) -> None:
+        zero = torch.zeros((), dtype=torch.float64)
+        self.correct = sum_over_ranks(zero if self.correct is None else self.correct.double())
+        self.total = sum_over_ranks(zero if self.total is None else self.total.double())
 
     def reset(self) -> None:
         self.correct = self.total = None
@@ -106,8 +125,14 @@ class FunctionMetric(Metric):
         self.name, self.fn = name, fn
         self.names = (f"val_{name}",)
 
+    can_sync = True
+
     def reset(self) -> None:
         self.sum, self.count = 0.0, 0.0
+
+    def sync(self, sum_over_ranks) -> None:
+        both = sum_over_ranks(torch.tensor([self.sum, self.count], dtype=torch.float64))
+        self.sum, self.count = float(both[0]), float(both[1])
 
     def update(self, batch, loss, n_targets, logits=None):
         if logits is None:

@@ -162,7 +162,8 @@ class LogRecords(Callback):
         logs = {
             "step": s.step,
             "epoch": trainer.sampler.epoch,
-            "loss": float(torch.stack(self.losses).mean()),  # the only host sync per record
+            # the only host sync per record (and, data-parallel, one all-reduce)
+            "loss": float(trainer.mean_over_ranks(torch.stack(self.losses).mean())),
             "lr": out["lr"],
             "grad_norm": float(out["grad_norm"]),
             "tokens_per_s": float(sum(self.tokens)) / max(now - self.t_last, 1e-9),

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, IterableDataset, default_collate
 
 from ..callback import Callback, collect_callbacks, merge_callbacks
 from ..data.sampler import IterableBatches, ResumableBatchSampler
+from ..distributed.ddp import unwrap
 from ..errors import BitNetError
 from ..metrics import Metric, build_metrics
 from ..monitoring import Profiling, WandbLogging
@@ -221,6 +222,25 @@ class Trainer:
         self.last_step: dict = {}
         self.interrupted = False
         self._stop = GracefulStop()
+
+    @property
+    def data_parallel(self) -> bool:
+        """Whether gradients are averaged over ranks (a process group of several ranks and a
+        model wrapped for it, e.g. `DistributedDataParallel`)."""
+        return self.world_size > 1 and hasattr(self.model, "no_sync")
+
+    def mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        """`value` averaged over the data-parallel ranks (itself in a single process)."""
+        if not self.data_parallel:
+            return value
+        value = value.detach().clone().float()
+        torch.distributed.all_reduce(value)
+        return value / self.world_size
+
+    def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.detach().clone().to(self.device)
+        torch.distributed.all_reduce(value)
+        return value
 
     @property
     def is_main(self) -> bool:
@@ -420,7 +440,7 @@ class Trainer:
                 for name, t in (cb.state_tensors() or {}).items():
                     rng_tensors[f"{CALLBACK_TENSORS}{cb.key}/{name}"] = t.detach().cpu()
             meta = self.metadata
-            args = (c.output_dir, s.step, self.model, self.optimizer, self.state_dict())
+            args = (c.output_dir, s.step, unwrap(self.model), self.optimizer, self.state_dict())
             path = io.save(*args, rng_tensors, meta, _before_commit)
         if self.is_main:
             io.point(c.output_dir, "latest", path)
@@ -438,7 +458,7 @@ class Trainer:
         ckpt = io.resolve(self.config.output_dir if path == "latest" else path)
         st = io.read_state(ckpt)
         try:
-            io.load_model(self.model, ckpt)
+            io.load_model(unwrap(self.model), ckpt)
             opt = io.load_optimizer(ckpt)
             if opt is not None:
                 # The moments come from the checkpoint, the settings (betas, weight decay,
@@ -495,23 +515,45 @@ class Trainer:
 
     def _train_step(self, micro: list[dict]) -> dict:
         """One optimizer step over `micro` batches. The loss is weighted by target tokens
-        across all micro-batches, so k micro-batches of b sequences give the gradient of one
-        batch of k*b; callbacks' auxiliary losses are added once per step. Returns the step's
-        loss, gradient norm before clipping and input tokens, as tensors (no host sync)."""
+        across all micro-batches (and all data-parallel ranks), so k micro-batches of b
+        sequences on W ranks give the gradient of one batch of k*b*W; callbacks' auxiliary
+        losses are added once per step. Only the last micro-batch synchronizes gradients.
+        Returns the step's loss (this rank's share, which averages over the ranks to the
+        step's loss), gradient norm before clipping and input tokens, as tensors."""
         counts = [self.count_targets(b) for b in micro]
-        total = torch.stack(counts).sum().clamp_min(1)
+        total = torch.stack(counts).sum()
+        ntok = torch.tensor(
+            sum(b["input_ids"].numel() if "input_ids" in b else 0 for b in micro),
+            device=total.device,
+        )
+        scale = 1.0
+        if self.data_parallel:
+            # Weight by the targets of every rank: the wrapper (DDP / FSDP) averages the
+            # ranks' gradients, so a rank's share is scaled by the world size. Tokens are
+            # counted over all ranks too (one all-reduce for both).
+            both = torch.stack([total.to(ntok.dtype), ntok])
+            torch.distributed.all_reduce(both)
+            total, ntok = both[0], both[1]
+            scale = float(self.world_size)
+        total = total.clamp_min(1)
         loss_sum = torch.zeros((), device=self.device)
-        for b, n in zip(micro, counts, strict=True):
-            with self._autocast():
-                loss = self.loss_fn(self.model, b)
-            part = loss.float() * (n / total)
-            self._backward(part)
+        for i, (b, n) in enumerate(zip(micro, counts, strict=True)):
+            last = i == len(micro) - 1
+            sync = (
+                self.model.no_sync()
+                if self.data_parallel and not last
+                else contextlib.nullcontext()
+            )
+            with sync:
+                with self._autocast():
+                    loss = self.loss_fn(self.model, b)
+                part = loss.float() * (n * scale / total)
+                if last:  # callbacks' auxiliary losses, once per step, in the same backward
+                    aux = [a for a in (cb.aux_loss(self) for cb in self.callbacks) if a is not None]
+                    if aux:
+                        part = part + torch.stack([a.float() for a in aux]).sum()
+                self._backward(part)
             loss_sum += part.detach()
-        aux = [a for a in (cb.aux_loss(self) for cb in self.callbacks) if a is not None]
-        if aux:
-            extra = torch.stack([a.float() for a in aux]).sum()
-            self._backward(extra)
-            loss_sum += extra.detach()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         self._call("on_after_backward")
@@ -527,8 +569,7 @@ class Trainer:
             self.optimizer.step()
         self._call("on_optimizer_step")
         self.optimizer.zero_grad(set_to_none=True)
-        ntok = sum(b["input_ids"].numel() if "input_ids" in b else 0 for b in micro)
-        return {"loss": loss_sum, "grad_norm": norm, "tokens": torch.tensor(ntok)}
+        return {"loss": loss_sum, "grad_norm": norm, "tokens": ntok}
 
     def log(self, logs: dict) -> None:
         """Hand a log record to every callback's `on_log` (they may add to it)."""
@@ -551,19 +592,25 @@ class Trainer:
         seen: list[torch.Tensor] = []  # the output head's output of the batch (logits)
         hook = None
         if any(m.needs_logits for m in self.metrics):
-            head = output_head(self.model)
+            head = output_head(unwrap(self.model))
             if head is None:
                 raise BitNetError("a metric needs the logits, but the model has no output head")
             hook = head.register_forward_hook(lambda _m, _a, out: seen.append(out))
+        # Data-parallel: each rank evaluates every world_size-th batch and the metrics are
+        # summed over the ranks (metrics that cannot be summed see every batch on every rank).
+        model = unwrap(self.model)  # no wrapper collectives: ranks may see unequal batches
+        shard = self.data_parallel and all(m.can_sync for m in self.metrics)
         try:
             for i, start in enumerate(range(0, n_items, bs)):
                 if max_batches is not None and i >= max_batches:
                     break
+                if shard and i % self.world_size != self.rank:
+                    continue
                 idx = range(start, min(start + bs, n_items))
                 batch = self._to_device(default_collate([self.eval_data[j] for j in idx]))
                 seen.clear()
                 with self._autocast():
-                    loss = self.loss_fn(self.model, batch)
+                    loss = self.loss_fn(model, batch)
                 n = self.count_targets(batch)
                 for m in self.metrics:
                     if m.needs_logits:
@@ -574,6 +621,9 @@ class Trainer:
             if hook is not None:
                 hook.remove()
         self.model.train(was_training)
+        if shard:
+            for m in self.metrics:
+                m.sync(self._sum_over_ranks)
         metrics = {"step": self.state.step}
         for m in self.metrics:
             metrics.update(m.compute(self.eval_data))

@@ -1,0 +1,77 @@
+"""Data parallelism on `torch.distributed`: joining the process group `torchrun` describes,
+and wrapping the model in `DistributedDataParallel`.
+
+`torchrun --nproc-per-node=N -m bitnet_training train ...` (or the `bitnet-train` script)
+sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; `init_from_env` joins that
+group (a single process without them stays alone). The backend: `nccl` on GPUs, `gloo` on
+CPUs, `mpi` where torch was built with it; `auto` picks nccl or gloo.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from ..errors import BitNetError
+
+
+def launched_world_size() -> int:
+    """WORLD_SIZE as `torchrun` set it (1 when not launched by it)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise BitNetError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """`auto` -> nccl on a CUDA device, else gloo; a backend torch lacks is a one-line error."""
+    if backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    available = {
+        "nccl": torch.distributed.is_nccl_available(),
+        "gloo": torch.distributed.is_gloo_available(),
+        "mpi": torch.distributed.is_mpi_available(),
+    }
+    if backend not in available:
+        raise BitNetError(
+            f"distributed.backend={backend!r} is invalid: expected auto, nccl, gloo or mpi"
+        )
+    if not available[backend]:
+        raise BitNetError(
+            f"distributed.backend={backend} is not available in this torch build "
+            f"({torch.__version__}): use auto"
+            + (" (mpi needs torch built from source with MPI)" if backend == "mpi" else "")
+        )
+    if backend == "nccl" and device.type != "cuda":
+        raise BitNetError("distributed.backend=nccl needs CUDA devices: use gloo on CPUs")
+    return backend
+
+
+def init_from_env(backend: str, device: torch.device) -> tuple[int, int]:
+    """Join the process group torchrun's environment describes, once; returns (rank, world
+    size), (0, 1) for a process not launched by torchrun. On CUDA each process takes the GPU
+    of its LOCAL_RANK."""
+    world = launched_world_size()
+    if world <= 1:
+        return 0, 1
+    dist = torch.distributed
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(resolve_backend(backend, device))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` on `device`, wrapped in `DistributedDataParallel` (gradients averaged over the
+    ranks in the backward). Parameters that do not train are left out of the reduction."""
+    model.to(device)
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a `DistributedDataParallel` wrapper (else `model`)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

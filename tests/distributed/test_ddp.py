@@ -1,0 +1,73 @@
+"""Data parallelism under torchrun (gloo, 2 CPU processes): DP=2 with batch b trains as one
+process with batch 2b, only rank 0 writes, evaluation is reduced over the ranks, and the
+checkpoint is an ordinary one; strategy and backend settings that cannot act are refused."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bitnet_training.cli import main
+
+COMMON = [
+    "--no-progress", "data.seq_len=32", "model.hidden_size=64", "model.intermediate_size=128",
+    "model.num_hidden_layers=1", "model.num_attention_heads=2", "model.num_key_value_heads=1",
+    "training.mixed_precision=fp32", "training.max_steps=4", "training.log_every=1",
+    "training.eval_every=2", "sample.max_new_tokens=0", "training.gradient_clip_norm=null",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    import random
+
+    d = tmp_path_factory.mktemp("ddp")
+    rng = random.Random(0)
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "ternary"]
+    docs = [" ".join(rng.choice(words) for _ in range(60)) for _ in range(80)]
+    (d / "t.txt").write_text("\n\n".join(docs[:70]))
+    (d / "v.txt").write_text("\n\n".join(docs[70:]))
+    return d
+
+
+def rows(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_ranks_train_as_one_process_with_the_global_batch(tmp_path, text):
+    data = [f"data.train_files={text / 't.txt'}", f"data.val_files={text / 'v.txt'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+           "--standalone", "-m", "bitnet_training", "train", *COMMON, *data,
+           "training.batch_size=2", f"training.output_dir={tmp_path / 'dp2'}"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("== summary ==") == 1  # rank 0 speaks for the run
+    assert "global batch 2 per rank x 1 accumulation x 2 ranks = 4 sequences" in done.stderr
+    one = tmp_path / "dp1"
+    assert main(["train", *COMMON, *data, "training.batch_size=4",
+                 f"training.output_dir={one}"]) == 0  # fmt: skip
+    two, single = rows(tmp_path / "dp2"), rows(one)
+    assert len(two) == len(single)  # one writer, the same records
+    for a, b in zip(two, single, strict=True):
+        assert a["kind"] == b["kind"] and a["step"] == b["step"]
+        key = "loss" if a["kind"] == "train" else "val_loss"
+        assert a[key] == pytest.approx(b[key], rel=1e-5)  # float32 reduction order only
+        if a["kind"] == "train":
+            assert a["tokens_seen"] == b["tokens_seen"]
+    # the checkpoint is an ordinary one: a single process evaluates it
+    assert main(["eval", str(tmp_path / "dp2")]) == 0
+
+
+def test_settings_that_cannot_act_alone_are_refused(tmp_path, capsys, text):
+    base = [*COMMON, f"data.train_files={text / 't.txt'}", f"training.output_dir={tmp_path}"]
+    for extra, message in [
+        ("distributed.strategy=ddp", "needs several processes: launch with torchrun"),
+        ("distributed.backend=gloo", "acts only under torchrun"),
+        ("distributed.strategy=fsdp", "expected auto, none or ddp"),
+    ]:
+        assert main(["train", *base, extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
