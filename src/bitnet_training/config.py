@@ -250,6 +250,14 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
 # gives where it would do nothing is refused, so no setting is silently ignored.
 CONDITIONAL_KEYS: list[tuple[str, Any, str]] = [
     ("diagnostics", lambda c: c.quantize, "quantize=true"),
+    *(
+        (
+            f"distributed.{k}",
+            lambda c: c.distributed.gradient_compression == "powersgd",
+            "distributed.gradient_compression=powersgd",
+        )
+        for k in ("powersgd_rank", "powersgd_start_step")
+    ),
     ("loss.penalty_params", lambda c: bool(c.loss.l1 or c.loss.l2), "loss.l1 or loss.l2 > 0"),
     *(
         (f"loss.{k}", lambda c: c.loss.objective == "contrastive", "loss.objective=contrastive")

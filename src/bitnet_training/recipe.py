@@ -239,7 +239,16 @@ def parallelize(model: nn.Module, cfg: RunConfig) -> tuple[nn.Module, list[str]]
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     world = torch.distributed.get_world_size() if dist else 1
     if world > 1:
-        model = wrap_ddp(model, resolve_device(cfg.training.device))
+        d = cfg.distributed
+        model = wrap_ddp(
+            model,
+            resolve_device(cfg.training.device),
+            d.gradient_compression,
+            d.powersgd_rank,
+            d.powersgd_start_step,
+        )
+        if d.gradient_compression != "none":
+            notes.append(f"gradient compression: {d.gradient_compression}")
         t = cfg.training
         notes.append(
             f"data parallel: DDP over {world} ranks ({torch.distributed.get_backend()}); global "
@@ -264,6 +273,11 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int]:
         raise BitNetError(
             "distributed.strategy=ddp needs several processes: launch with torchrun "
             "--nproc-per-node=N (one process trains alone)"
+        )
+    if launched <= 1 and cfg.distributed.gradient_compression != "none":
+        raise BitNetError(
+            f"distributed.gradient_compression={cfg.distributed.gradient_compression} acts "
+            "only under torchrun with several processes"
         )
     if launched <= 1 and cfg.distributed.backend != "auto":
         raise BitNetError(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from ..errors import ConfigError
 from ..settings import Section
 
 
@@ -25,3 +26,20 @@ class DistributedConfig(Section):
     backend: Literal["auto", "nccl", "gloo", "mpi"] = Field(
         "auto", description="the process group's backend (auto: nccl on GPUs, gloo on CPUs)"
     )
+    gradient_compression: Literal["none", "fp16", "bf16", "powersgd"] = Field(
+        "none",
+        description="DDP's gradient all-reduce in fp16 or bf16 (half the bytes), or PowerSGD "
+        "(low-rank, with error feedback)",
+    )
+    powersgd_rank: int = Field(4, gt=0, description="PowerSGD's matrix approximation rank")
+    powersgd_start_step: int = Field(
+        10, ge=2, description="PowerSGD: plain all-reduce before this step (its warm-up)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.strategy == "none" and self.gradient_compression != "none":
+            raise ConfigError(
+                "gradient_compression", self.gradient_compression, "none with strategy none"
+            )
+        return self

@@ -64,12 +64,58 @@ def init_from_env(backend: str, device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+def wrap_ddp(
+    model: nn.Module,
+    device: torch.device,
+    compression: str = "none",
+    powersgd_rank: int = 4,
+    powersgd_start_step: int = 10,
+) -> nn.Module:
     """`model` on `device`, wrapped in `DistributedDataParallel` (gradients averaged over the
-    ranks in the backward). Parameters that do not train are left out of the reduction."""
+    ranks in the backward). Parameters that do not train are left out of the reduction.
+    `compression`: the gradient all-reduce in `fp16` (torch's hook) or `bf16` (ours:
+    torch's refuses any backend but NCCL / XCCL; gloo sums bf16 too) or `powersgd`
+    (torch's PowerSGD hook: rank
+    `powersgd_rank` factors with error feedback, plain all-reduce before
+    `powersgd_start_step`)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
     model.to(device)
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if compression == "fp16":
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif compression == "bf16":
+        ddp.register_comm_hook(None, bf16_allreduce_hook)
+    elif compression == "powersgd":
+        state = powerSGD_hook.PowerSGDState(
+            process_group=None,
+            matrix_approximation_rank=powersgd_rank,
+            start_powerSGD_iter=powersgd_start_step,
+        )
+        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    elif compression != "none":
+        raise BitNetError(
+            f"gradient_compression={compression!r} is invalid: expected none, fp16, bf16 or "
+            "powersgd"
+        )
+    return ddp
+
+
+def bf16_allreduce_hook(process_group, bucket):
+    """DDP communication hook: the bucket's gradients averaged in bf16 (half the bytes of
+    float32), cast back into the bucket. What torch's `bf16_compress_hook` does, on any
+    backend that sums bf16 (gloo and NCCL do)."""
+    group = process_group if process_group is not None else torch.distributed.group.WORLD
+    buffer = bucket.buffer()
+    compressed = buffer.to(torch.bfloat16).div_(group.size())
+    fut = torch.distributed.all_reduce(compressed, group=group, async_op=True).get_future()
+
+    def decompress(f):
+        buffer.copy_(f.value()[0])
+        return buffer
+
+    return fut.then(decompress)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
