@@ -347,3 +347,29 @@ def test_distillation_from_a_run_of_ours_and_its_refusals(tmp_path, capsys):
     _fails(capsys, ["train", *common, "model.vocab_size=300", f"teacher.pretrained={teacher}",
                     f"training.output_dir={tmp_path / 'y'}"], "vocabulary")  # fmt: skip
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_review_findings_are_refused_up_front(tmp_path, capsys):
+    pytest.importorskip("peft")
+    data = write_corpus(tmp_path)
+    common = ["--no-progress", *MICRO, *data, "training.max_steps=2", "sample.max_new_tokens=0"]
+    base = tmp_path / "base"
+    assert main(["train", *common, "quantize=false", f"training.output_dir={base}"]) == 0
+    lora = tmp_path / "lora"
+    shared = ["--no-progress", *data, "data.seq_len=32", "training.batch_size=4",
+              "training.mixed_precision=fp32", "sample.max_new_tokens=0",
+              "training.max_steps=2"]  # fmt: skip
+    peft_args = [*shared, "quantize=false", f"model.pretrained={base}", "peft.method=lora"]
+    assert main(["train", *peft_args, f"training.output_dir={lora}"]) == 0
+    # resuming with other adapter settings: refused (the adapters were trained with these)
+    _fails(capsys, ["train", "--resume", *peft_args, "peft.alpha=32", "training.max_steps=3",
+                    f"training.output_dir={lora}"], "was trained with peft.alpha=16.0")  # fmt: skip
+    # refit has nothing to re-fit on a full-precision base
+    _fails(capsys, ["merge", lora, "-o", tmp_path / "m", "--method", "refit"],
+           "re-fits a ternary layer's scale")  # fmt: skip
+    assert not (tmp_path / "m").exists()
+    # the run-of-ours base changed under the PEFT run: refused, not silently used
+    capsys.readouterr()
+    assert main(["train", *common, "quantize=false", "training.seed=7", "--overwrite",
+                 f"training.output_dir={base}"]) == 0  # fmt: skip
+    _fails(capsys, ["eval", lora], "the base model changed since this run started")

@@ -26,6 +26,7 @@ from .config import SampleConfig, load_config
 from .data import PreprocessConfig, build_eval_dataset, preprocess
 from .distributed.ddp import unwrap
 from .errors import BitNetError, ConfigError
+from .metrics import read_pairs
 from .train import Trainer
 
 log = logging.getLogger("bitnet_training")
@@ -208,8 +209,13 @@ def _print_summary(run: recipe.Run, result) -> None:
         + (" - interrupted" if result.interrupted else "")
     )
     if m.get("train_loss") is not None:
-        lines.append(f"train loss   {m['train_loss']:.4f}")
-    if "val_loss" in m:
+        extra = cfg.teacher.pretrained or cfg.loss.l1 or cfg.loss.l2 or cfg.loss.z_loss
+        extra = extra or cfg.loss.label_smoothing
+        note = " (the training objective: its extra terms included)" if extra else ""
+        lines.append(f"train loss   {m['train_loss']:.4f}{note}")
+    if "val_loss" in m and cfg.loss.objective == "contrastive":
+        lines.append(f"val loss     {m['val_loss']:.4f} (InfoNCE)")
+    elif "val_loss" in m:
         lines.append(
             f"val loss     {m['val_loss']:.4f}   perplexity {m['val_perplexity']:.2f}"
             f"   bits/byte {m.get('val_bits_per_byte', float('nan')):.3f}"
@@ -259,7 +265,13 @@ def cmd_eval(args) -> int:
             )
     if args.max_batches is not None and args.max_batches < 1:
         raise BitNetError(f"--max-batches={args.max_batches} is invalid: expected an integer >= 1")
+    if args.generation:  # checked before the (possibly long) evaluation, one line at a time
+        for _ in read_pairs(args.generation):
+            pass
     cfg, model, tokenizer, ckpt = recipe.load_run(args.checkpoint, args.overrides)
+    contrastive = cfg.loss.objective == "contrastive"
+    if args.generation and contrastive:
+        raise BitNetError("--generation scores a language model; this run is contrastive")
     cfg.training.eval_steps = None  # the whole evaluation set, unless --max-batches
     val = build_eval_dataset(cfg.data, tokenizer)
     if val is None and not args.generation:
@@ -277,12 +289,18 @@ def cmd_eval(args) -> int:
         bs = cfg.training.batch_size
         batches = -(-len(val) // bs)
         used = min(batches, args.max_batches or batches)
+        what = "pairs" if contrastive else "windows"
         sys.stdout.write(
-            f"evaluated    {min(len(val), used * bs)} of {len(val)} windows ({used} batches)\n"
-            f"val loss     {m['val_loss']:.4f}\n"
-            f"perplexity   {m['val_perplexity']:.2f}\n"
-            f"bits/byte    {m.get('val_bits_per_byte', float('nan')):.4f}\n"
+            f"evaluated    {min(len(val), used * bs)} of {len(val)} {what} ({used} batches)\n"
         )
+        if contrastive:
+            sys.stdout.write(f"val loss     {m['val_loss']:.4f} (InfoNCE)\n")
+        else:
+            sys.stdout.write(
+                f"val loss     {m['val_loss']:.4f}\n"
+                f"perplexity   {m['val_perplexity']:.2f}\n"
+                f"bits/byte    {m.get('val_bits_per_byte', float('nan')):.4f}\n"
+            )
         shown = {"step", "val_loss", "val_perplexity", "val_bits_per_byte"}
         for name, value in m.items():  # training.metrics beyond the loss ones
             if name not in shown:

@@ -40,7 +40,13 @@ from .errors import BitNetError
 from .loss import ContrastiveLoss, DistillLoss, LMLoss, Penalty
 from .metrics import GenerationScores, read_pairs
 from .models import BitNetLM
-from .models.pretrained import Pretrained, build_from_base, load_pretrained, save_base_files
+from .models.pretrained import (
+    Pretrained,
+    build_from_base,
+    fingerprint,
+    load_pretrained,
+    save_base_files,
+)
 from .nn import BitLinear, MultiStage, QuantizationTuner, TernaryDiagnostics, quantize_model
 from .nn.subln import insert_subln
 from .optim import build_optimizer
@@ -66,6 +72,7 @@ class Loaded:
     tokenizer: object | None = None
     base: Pretrained | None = None
     notes: list[str] = field(default_factory=list)
+    fingerprint: str | None = None  # of the base's weights (a pretrained model or a run's)
 
 
 def load_model(cfg: RunConfig, run_dir: str | None = None) -> Loaded:
@@ -97,7 +104,7 @@ def load_model(cfg: RunConfig, run_dir: str | None = None) -> Loaded:
     p = load_pretrained(src, requantizable=cfg.quantize)
     n = sum(q.numel() for q in p.model.parameters())
     note = f"model: {p.kind} {p.source} ({n / 1e6:.2f} M parameters, base {p.fingerprint})"
-    return Loaded(p.model, p.tokenizer, p, [note])
+    return Loaded(p.model, p.tokenizer, p, [note], p.fingerprint)
 
 
 def _is_run(path: str) -> bool:
@@ -132,7 +139,13 @@ def _load_our_run(path: str) -> Loaded:
     _plain_linears(loaded.model)
     loaded.notes = [f"model: the weights of {ckpt}"]
     loaded.base = None
+    loaded.fingerprint = _run_fingerprint(ckpt)
     return loaded
+
+
+def _run_fingerprint(ckpt: str) -> str:
+    """The fingerprint of a checkpoint's weights, as a pretrained base's is made."""
+    return fingerprint([os.path.join(ckpt, ckpt_io.MODEL_FILE)])
 
 
 def _rebuild_our_run(base_dir: str) -> Loaded:
@@ -155,7 +168,8 @@ def save_run_base(path: str, out: str) -> None:
         with open(os.path.join(tmp, "run_config.json"), "w") as f:
             json.dump(ckpt_io.read_metadata(ckpt)["run_config"], f, indent=1)
         with open(os.path.join(tmp, "source.json"), "w") as f:
-            json.dump({"kind": "run", "source": ckpt}, f, indent=1)
+            info = {"kind": "run", "source": ckpt, "fingerprint": _run_fingerprint(ckpt)}
+            json.dump(info, f, indent=1)
         theirs = os.path.join(os.path.dirname(ckpt), "base")
         if os.path.isdir(theirs):
             shutil.copytree(theirs, os.path.join(tmp, "base"))
@@ -306,8 +320,8 @@ def build_model(cfg: RunConfig, run_dir: str | None = None, init: bool = True) -
     evaluated or merged (the run's `base/` copy holds the architecture, not the weights)."""
     peft_run = cfg.peft.method != "none"
     loaded = load_model(cfg, None if peft_run else run_dir)
-    if peft_run and run_dir and loaded.base is not None:
-        _same_base(run_dir, loaded.base.fingerprint)
+    if peft_run and run_dir and loaded.fingerprint is not None:
+        _same_base(run_dir, loaded.fingerprint)
     model, notes = loaded.model, loaded.notes
     tokenizer = loaded.tokenizer or tokenizer_for(cfg.data)
     notes += quantize(model, cfg)
@@ -325,8 +339,10 @@ def weight_bits_in_force(model: nn.Module) -> str:
     activations`, with lambda when progressive quantization has not finished, or `full
     precision` when nothing is quantized."""
     layers = [m for m in model.modules() if isinstance(m, BitLinear | PackedTernaryLinear)]
+    nf4 = sum(1 for m in model.modules() if getattr(m, "quant_state", None) is not None)
     if not layers:
-        return "full precision (no quantized layers)"
+        # bitsandbytes' 4-bit weights carry a quant_state (a QLoRA base)
+        return f"NF4 frozen base in {nf4} layers" if nf4 else "full precision (no quantized layers)"
     kinds = set()
     for m in layers:
         if isinstance(m, PackedTernaryLinear):  # a frozen packed ternary base
@@ -419,8 +435,8 @@ def prepare(
     if cfg.training.optimizer.paged and resolve_device(cfg.training.device).type != "cuda":
         raise BitNetError(
             "training.optimizer.paged=true needs a CUDA GPU: paging moves optimizer states "
-            f"between GPU and CPU memory, and this run trains on {cfg.training.device} "
-            "(turn it off)"
+            "between GPU and CPU memory, and this run trains on "
+            f"{resolve_device(cfg.training.device).type} (turn it off)"
         )
     built = build_model(cfg, run_dir=out if resume is not None else None, init=resume is None)
     model, notes, tokenizer = built.model, built.notes, built.tokenizer
@@ -505,6 +521,20 @@ def build_loss(cfg: RunConfig, model: nn.Module, tokenizer) -> LMLoss:
     (`loss.distill.*`) against the frozen teacher when `teacher.pretrained` is set; or
     InfoNCE over paired text (`loss.objective=contrastive`, `data.source=pairs`)."""
     contrastive = cfg.loss.objective == "contrastive"
+    if "token_accuracy" in cfg.training.metrics and (contrastive or cfg.loss.chunk_size):
+        raise BitNetError(
+            "training.metrics token_accuracy needs next-token logits: "
+            + (
+                "a contrastive run has none"
+                if contrastive
+                else "loss.chunk_size never makes them all (set loss.chunk_size=null)"
+            )
+        )
+    if contrastive and cfg.training.batch_size * launched_world_size() < 2:
+        raise BitNetError(
+            "loss.objective=contrastive needs training.batch_size >= 2: the batch's other "
+            "pairs are each pair's negatives"
+        )
     if contrastive != (cfg.data.source == "pairs"):
         raise BitNetError(
             "loss.objective=contrastive and data.source=pairs go together (paired text is "
@@ -752,6 +782,35 @@ def _check_resumable(cfg: RunConfig, path: str) -> None:
         )
     if old.get("qat") != cfg.to_dict()["qat"] and cfg.quantize:
         log.warning("resuming with QAT settings that differ from the checkpoint's")
+    ours = cfg.to_dict()
+    for section in ("peft", "loss", "teacher"):
+        theirs = _flat(old.get(section) or {})
+        changed = {k: v for k, v in _flat(ours[section]).items() if k in theirs and theirs[k] != v}
+        for key, value in changed.items():
+            if section == "peft":  # the adapters' shape and scaling: they were trained so
+                raise BitNetError(
+                    f"checkpoint {ckpt!r} was trained with peft.{key}={theirs[key]!r}; this run "
+                    f"has {value!r}: resume with the run's peft settings"
+                )
+            log.warning(
+                "resuming with %s.%s=%r (the checkpoint's was %r): it applies from the saved "
+                "step on",
+                section,
+                key,
+                value,
+                theirs[key],
+            )
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """A nested config mapping as {dotted key: value}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def check_output_dir(out: str, resume: str | None, overwrite: bool) -> None:

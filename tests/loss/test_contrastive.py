@@ -89,6 +89,10 @@ def test_contrastive_training_from_the_cli(tmp_path, capsys):
     assert "val loss" in capsys.readouterr().out
     assert main(["train", *args[1:3], f"training.output_dir={tmp_path / 'x'}"]) == 2
     assert "go together" in capsys.readouterr().err
+    one = [a for a in args if not a.startswith("training.batch_size")] + ["training.batch_size=1"]
+    assert main([*one[:-2], f"training.output_dir={tmp_path / 'y'}", one[-1]]) == 2
+    assert "needs training.batch_size >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
 
 
 def _rank(rank, world, init, out):

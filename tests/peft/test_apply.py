@@ -202,6 +202,9 @@ def test_adapters_that_do_not_fit_are_refused(tmp_path):
         apply_peft(base(), PEFTConfig(method="lora", target_modules=["q_proj"], adapter=out))
     with pytest.raises(BitNetError, match="adapts other modules"):
         apply_peft(base(), PEFTConfig(method="lora", rank=4, adapter=out))  # all-linear here
+    with pytest.raises(BitNetError, match="peft.rank_budget has no effect with peft.adapter"):
+        apply_peft(base(), PEFTConfig(method="lora", target_modules=["q_proj"], rank_budget=500,
+                                      adapter=out))  # fmt: skip
     with pytest.raises(BitNetError, match="is a LORA adapter; peft.method=adalora needs"):
         apply_peft(base(), PEFTConfig(method="adalora", adapter=out))
     junk = tmp_path / "junk"

@@ -42,7 +42,6 @@ def test_metrics_named_in_the_config_are_computed_and_can_be_best(tmp_path):
     cfg = TrainingConfig(
         output_dir=str(tmp_path), max_steps=2, batch_size=2, mixed_precision="fp32",
         metrics=["token_accuracy", "top1_hits"], best_metric="val_token_accuracy",
-        best_mode="max",
     )  # fmt: skip
     trainer = Trainer(model, cfg, Data(), Data())
     m = trainer.evaluate()
@@ -59,6 +58,8 @@ def test_metrics_named_in_the_config_are_computed_and_can_be_best(tmp_path):
     result = Trainer(model, cfg.model_copy(update={"output_dir": str(tmp_path / "b")}),
                      Data(), Data()).train()  # fmt: skip
     assert result.best_checkpoint is not None
+    assert TrainingConfig(best_metric="val_token_accuracy").best_direction == "max"  # auto
+    assert TrainingConfig().best_direction == "min"
 
 
 def test_unknown_metrics_and_bad_best_metric_are_one_line_errors(tmp_path):

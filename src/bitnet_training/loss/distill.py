@@ -93,10 +93,16 @@ class LMLoss:
         if c.chunk_size is None:
             return causal_lm_loss(_logits(model(**inputs)), labels, **kw)
         head = _head(model)
-        if type(head) is not nn.Linear:
+        if head is None:
             raise BitNetError(
-                "loss.chunk_size needs a plain nn.Linear output head (this model's is "
-                f"{type(head).__name__}): set loss.chunk_size=null"
+                "loss.chunk_size needs the model's output head, which this model does not "
+                "expose (a prefix / P-tuning wrapper?): set loss.chunk_size=null"
+            )
+        if type(head) is not nn.Linear:
+            kind = f"{type(head).__module__}.{type(head).__name__}"
+            raise BitNetError(
+                f"loss.chunk_size needs a plain nn.Linear output head; this model's is {kind} "
+                "(an adapted or quantized head): set loss.chunk_size=null"
             )
         with _head_swapped(model, head):
             hidden = _logits(model(**inputs))

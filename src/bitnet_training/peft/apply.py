@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
@@ -276,6 +277,13 @@ def _check_lora_adapter(config: PEFTConfig, targets: list[str]) -> None:
             + (f", e.g. not {missing[0]}" if missing else "")
             + ")"
         )
+    default = PEFTConfig()
+    for key in ("rank_budget", "rank_pattern", "rslora", "dropout", "init", "bias"):
+        if getattr(config, key) != getattr(default, key):
+            raise BitNetError(
+                f"peft.{key} has no effect with peft.adapter: the adapter decides its ranks, "
+                f"scaling, dropout and initialization (drop peft.{key})"
+            )
     checks = [("alpha", cfg.get("lora_alpha"), config.alpha)]
     if config.method != "adalora":
         checks.append(("rank", cfg.get("r"), config.rank))
@@ -365,7 +373,9 @@ def _load_peft_adapter(model: nn.Module, path: str, packed: bool = False) -> nn.
             kw["config"] = register_with_peft(peft.LoraConfig.from_pretrained(path))
         return peft.PeftModel.from_pretrained(model, path, is_trainable=True, **kw)
     except (ValueError, KeyError, RuntimeError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's load_state_dict error starts with a header line; the detail follows it.
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        first = next((ln for ln in lines if not ln.startswith("Error(s)")), type(e).__name__)
         raise BitNetError(f"peft.adapter {path!r} does not fit this model: {first}") from None
 
 
@@ -490,7 +500,10 @@ def load_bitfit(model: nn.Module, path: str) -> None:
     params = dict(model.named_parameters())
     bad = [k for k in biases if k not in params or params[k].shape != biases[k].shape]
     if bad:
-        raise BitNetError(f"peft.adapter {path!r} does not fit this model: {bad[0]}")
+        raise BitNetError(
+            f"peft.adapter {path!r} does not fit this model: it has a bias {bad[0]} that "
+            "peft.target_modules does not give this model (or of another shape)"
+        )
     with torch.no_grad():
         for k, v in biases.items():
             params[k].copy_(v)
@@ -509,7 +522,11 @@ def save_adapter(model: nn.Module, directory: str) -> str:
 
     with atomic_directory(directory) as tmp:
         if hasattr(model, "peft_config") and hasattr(model, "save_pretrained"):
-            model.save_pretrained(tmp)
+            with warnings.catch_warnings():
+                # AdaLoRA prunes some modules to rank 0, whose empty tensors peft takes for
+                # unsharded FSDP / ZeRO-3 shards and warns about: they are what it pruned.
+                warnings.filterwarnings("ignore", message=".*have invalid shape.*")
+                model.save_pretrained(tmp)
         else:
             if hasattr(model, "adapter_state_dict"):
                 state, kind = model.adapter_state_dict(), "PREFIX_TUNING"

@@ -109,6 +109,11 @@ def merge_lora(
         reference = [model(**b).logits.double() for b in batches]
     unmerged = _measure(model, batches, reference)["loss"]
     ternary = any(isinstance(m, BitLinear) for m in model.modules())
+    if method == "refit" and not ternary:
+        raise BitNetError(
+            "merge method refit re-fits a ternary layer's scale; this base is full precision, "
+            "where the merge is exact (use auto or requantize)"
+        )
     methods = ["requantize", "refit"] if method == "auto" and ternary else [method]
     if not ternary and method == "auto":
         methods = ["requantize"]

@@ -133,6 +133,14 @@ class _PromptModel(nn.Module, ABC):
                 )
         enc.load_state_dict(state)
 
+    @abstractmethod
+    def base(self) -> nn.Module:
+        """The frozen model the prefix feeds."""
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The frozen base's output head (what metrics capture the logits from)."""
+        return self.base().get_output_embeddings()
+
     def merge(self) -> None:
         """Always refused: a prefix adds attention positions, it is no weight delta."""
         raise BitNetError(
@@ -156,6 +164,9 @@ class BitNetPromptModel(_PromptModel):
         self.base_model, self.prefix_encoder, self.method = base, encoder, method
         self.num_virtual_tokens = encoder.num_virtual_tokens
         self.config = base.config
+
+    def base(self) -> nn.Module:
+        return self.base_model
 
     def _encoder(self) -> PrefixEncoder:
         return self.prefix_encoder
@@ -227,6 +238,9 @@ class PeftPromptModel(_PromptModel):
         self.peft_model, self.method = peft_model, method
         self.num_virtual_tokens = num_virtual_tokens
         self.config = peft_model.get_base_model().config
+
+    def base(self) -> nn.Module:
+        return self.peft_model.get_base_model()
 
     def _encoder(self) -> nn.Module:
         return self.peft_model.prompt_encoder[self.peft_model.active_adapter]

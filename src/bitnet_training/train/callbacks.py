@@ -215,7 +215,7 @@ class BestMetric(Callback):
                 f"here: expected one of {', '.join(k for k in metrics if k != 'step')}"
             )
         v = float(metrics[c.best_metric])
-        if _improved(v, s.best_metric, c.best_mode, 0.0):
+        if _improved(v, s.best_metric, c.best_direction, 0.0):
             s.best_metric, s.best_step = v, s.step
 
 
@@ -244,24 +244,31 @@ class MetricsLogging(Callback):
         self.log_every, self.tensorboard = log_every, tensorboard
         self.jsonl: JsonlWriter | None = None
         self.tb: TensorBoardWriter | None = None
+        self.out: str | None = None
 
     def on_train_begin(self, trainer):
-        if not trainer.is_main:
-            return  # only rank 0 writes
-        out = trainer.config.output_dir
-        self.jsonl = JsonlWriter(os.path.join(out, "metrics.jsonl"))
-        if self.tensorboard and TensorBoardWriter.available():
-            self.tb = TensorBoardWriter(os.path.join(out, "tensorboard"))
+        # The files open with the first record, so a run refused in its first step (a loss
+        # or metric that cannot apply) leaves no log files behind.
+        self.out = trainer.config.output_dir if trainer.is_main else None  # rank 0 writes
+
+    def _writers(self) -> bool:
+        if self.out is None:
+            return False  # not training (a stand-alone evaluate), or not rank 0
+        if self.jsonl is None:
+            self.jsonl = JsonlWriter(os.path.join(self.out, "metrics.jsonl"))
+            if self.tensorboard and TensorBoardWriter.available():
+                self.tb = TensorBoardWriter(os.path.join(self.out, "tensorboard"))
+        return True
 
     def on_log(self, trainer, logs):
-        if self.jsonl is None or (self.log_every and logs["step"] % self.log_every):
-            return  # not training (a stand-alone evaluate), or thinned out
+        if (self.log_every and logs["step"] % self.log_every) or not self._writers():
+            return  # thinned out, or nothing to write to
         self.jsonl.write({"kind": "train", **logs})
         if self.tb:
             self.tb.write(logs, logs["step"], "train/")
 
     def on_evaluate(self, trainer, metrics):
-        if self.jsonl is None:
+        if not self._writers():
             return
         self.jsonl.write({"kind": "eval", **metrics})
         if self.tb:
@@ -271,7 +278,7 @@ class MetricsLogging(Callback):
         for w in (self.jsonl, self.tb):
             if w is not None:
                 w.close()
-        self.jsonl = self.tb = None
+        self.jsonl = self.tb = self.out = None
 
 
 class ProgressBar(Callback):

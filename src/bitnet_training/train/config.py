@@ -89,7 +89,11 @@ class TrainingConfig(Section):
     best_metric: str = Field(
         "val_loss", min_length=1, description="the metric for the best checkpoint and stopping"
     )
-    best_mode: Literal["min", "max"] = Field("min", description="whether lower or higher wins")
+    best_mode: Literal["auto", "min", "max"] = Field(
+        "auto",
+        description="whether lower or higher wins (auto: higher for accuracy, BLEU and chrF, "
+        "lower otherwise)",
+    )
     early_stopping_patience: int | None = Field(
         None, gt=0, description="stop after N evaluations without improvement (None: never)"
     )
@@ -113,3 +117,11 @@ class TrainingConfig(Section):
     @classmethod
     def _on_off(cls, v):
         return ("fp32", "auto")[v] if isinstance(v, bool) else v  # true / false: auto / fp32
+
+    @property
+    def best_direction(self) -> str:
+        """`best_mode` resolved: "max" or "min"."""
+        if self.best_mode != "auto":
+            return self.best_mode
+        higher = ("accuracy", "bleu", "chrf")
+        return "max" if any(h in self.best_metric for h in higher) else "min"

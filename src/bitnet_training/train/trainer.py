@@ -107,7 +107,7 @@ def default_callbacks(config: TrainingConfig) -> list[Callback]:
                 config.early_stopping_patience,
                 config.best_metric,
                 config.early_stopping_min_delta,
-                config.best_mode,
+                config.best_direction,
             )
         )
     return out
@@ -475,6 +475,8 @@ class Trainer:
                     g.update(kept)
             self.load_state_dict(st)
         except BitNetError as e:
+            if ckpt in str(e):  # the message names the checkpoint already
+                raise
             raise BitNetError(f"checkpoint {ckpt!r}: {e}") from None
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise BitNetError(
@@ -523,7 +525,8 @@ class Trainer:
         counts = [self.count_targets(b) for b in micro]
         total = torch.stack(counts).sum()
         ntok = torch.tensor(
-            sum(b["input_ids"].numel() if "input_ids" in b else 0 for b in micro),
+            # token ids of every text in the batch (input_ids; query_ids and positive_ids)
+            sum(v.numel() for b in micro for k, v in b.items() if k.endswith("_ids")),
             device=total.device,
         )
         scale = 1.0
