@@ -41,7 +41,8 @@ def test_two_ranks_train_as_one_process_with_the_global_batch(tmp_path, text):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
            "--standalone", "-m", "bitnet_training", "train", *COMMON, *data,
-           "training.batch_size=2", f"training.output_dir={tmp_path / 'dp2'}"]  # fmt: skip
+           "training.batch_size=2", "training.save_every=2",
+           f"training.output_dir={tmp_path / 'dp2'}"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("== summary ==") == 1  # rank 0 speaks for the run
@@ -57,8 +58,22 @@ def test_two_ranks_train_as_one_process_with_the_global_batch(tmp_path, text):
         assert a[key] == pytest.approx(b[key], rel=1e-5)  # float32 reduction order only
         if a["kind"] == "train":
             assert a["tokens_seen"] == b["tokens_seen"]
-    # the checkpoint is an ordinary one: a single process evaluates it
+    # the checkpoint is an ordinary one: a single process evaluates it ...
     assert main(["eval", str(tmp_path / "dp2")]) == 0
+    # ... and resumes it with the same global batch (4 = 2 x 2 ranks = 4 x 1 rank)
+    import shutil
+
+    again = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "dp2", again)
+    shutil.rmtree(again / "checkpoint-00000004")
+    (again / "latest").write_text("checkpoint-00000002\n")
+    kept = [r for r in rows(again) if r["step"] <= 2]
+    (again / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    assert main(["train", "--resume", *COMMON, *data, "training.batch_size=4",
+                 "training.save_every=2", f"training.output_dir={again}"]) == 0  # fmt: skip
+    for a, b in zip(rows(again), single, strict=True):
+        key = "loss" if a["kind"] == "train" else "val_loss"
+        assert a["step"] == b["step"] and a[key] == pytest.approx(b[key], rel=1e-5)
 
 
 def test_settings_that_cannot_act_alone_are_refused(tmp_path, capsys, text):

@@ -337,6 +337,7 @@ class Trainer:
             "tokens_seen": s.tokens_seen,
             "total_steps": self.total_steps,
             "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.world_size,
             "best_metric": s.best_metric,
             "best_step": s.best_step,
             "best_checkpoint": s.best_checkpoint and os.path.basename(s.best_checkpoint),
@@ -376,7 +377,18 @@ class Trainer:
                 f"this run's is {ours}): resuming needs the same data"
             )
         old = st.get("config") or {}
-        for key in ("batch_size", "gradient_accumulation_steps", "seed"):
+        # The data position counts global batches: another world size resumes exactly when
+        # batch_size x ranks (the sequences of one micro-step) stays the same.
+        theirs = old.get("batch_size", self.config.batch_size) * st.get("world_size", 1)
+        ours = self.config.batch_size * self.world_size
+        if theirs != ours:
+            raise BitNetError(
+                f"the checkpoint was trained with training.batch_size={old.get('batch_size')} "
+                f"on {st.get('world_size', 1)} rank(s) ({theirs} sequences per micro-step); "
+                f"this run has {self.config.batch_size} on {self.world_size} ({ours}): the "
+                "saved data position needs the same global batch to resume"
+            )
+        for key in ("gradient_accumulation_steps", "seed"):
             if key in old and old[key] != getattr(self.config, key):
                 raise BitNetError(
                     f"the checkpoint was trained with training.{key}={old[key]!r}, this run has "
