@@ -125,6 +125,7 @@ def _compressed(rank, world, init, out, compression):
     grads = sum(p.numel() * 4 for p in model.parameters())  # what a float32 all-reduce sends
     result = {"losses": losses, "bytes": sum(sent), "float32": grads}
     torch.save(result, f"{out}/{compression}-{rank}.pt")
+    dist.barrier()  # no rank tears down while another still talks
     dist.destroy_process_group()
 
 

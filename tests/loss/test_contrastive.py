@@ -106,6 +106,7 @@ def _rank(rank, world, init, out):
     loss = info_nce(ql, pl, 0.1)
     loss.backward()
     torch.save({"loss": loss.detach(), "gq": ql.grad, "gp": pl.grad}, f"{out}/{rank}.pt")
+    dist.barrier()  # no rank tears down while another still talks
     dist.destroy_process_group()
 
 
