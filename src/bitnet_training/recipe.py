@@ -242,7 +242,9 @@ def apply_transforms(model: nn.Module, cfg: RunConfig) -> tuple[nn.Module, list[
     return model, notes + more
 
 
-def parallelize(model: nn.Module, cfg: RunConfig) -> tuple[nn.Module, list[str]]:
+def parallelize(
+    model: nn.Module, cfg: RunConfig, data_parallel: bool = True
+) -> tuple[nn.Module, list[str]]:
     """Transform 3, in torchtitan's order: (pipeline split and tensor parallel: not built),
     activation checkpointing, then data parallelism (`DistributedDataParallel`) when the
     process group has several ranks. Returns the model to train (possibly wrapped)."""
@@ -252,7 +254,7 @@ def parallelize(model: nn.Module, cfg: RunConfig) -> tuple[nn.Module, list[str]]
         notes.append(f"activation checkpointing: {n} blocks")
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     world = torch.distributed.get_world_size() if dist else 1
-    if world > 1:
+    if world > 1 and data_parallel:
         d = cfg.distributed
         model = wrap_ddp(
             model,
@@ -313,11 +315,15 @@ class Built:
     notes: list[str]
 
 
-def build_model(cfg: RunConfig, run_dir: str | None = None, init: bool = True) -> Built:
+def build_model(
+    cfg: RunConfig, run_dir: str | None = None, init: bool = True, train: bool = False
+) -> Built:
     """Steps 1 and 2: load the model, quantize it, load `init_from`'s weights (when `init`),
-    apply the adapters. A PEFT run's checkpoints hold only its adapters, so its base (with
-    `init_from`) is loaded again from its source, weights and all, when it is resumed,
-    evaluated or merged (the run's `base/` copy holds the architecture, not the weights)."""
+    apply the adapters, then the parallel layout (data parallelism only when `train`: a model
+    loaded to evaluate, generate, merge or teach is not wrapped). A PEFT run's checkpoints
+    hold only its adapters, so its base (with `init_from`) is loaded again from its source,
+    weights and all, when it is resumed, evaluated or merged (the run's `base/` copy holds
+    the architecture, not the weights)."""
     peft_run = cfg.peft.method != "none"
     loaded = load_model(cfg, None if peft_run else run_dir)
     if peft_run and run_dir and loaded.fingerprint is not None:
@@ -330,7 +336,7 @@ def build_model(cfg: RunConfig, run_dir: str | None = None, init: bool = True) -
     model, report = adapters(model, cfg)
     if report.method != "none":
         notes.append(f"peft: {report}")
-    model, more = parallelize(model, cfg)
+    model, more = parallelize(model, cfg, data_parallel=train)
     return Built(model, tokenizer, loaded.base, report, notes + more)
 
 
@@ -438,7 +444,8 @@ def prepare(
             "between GPU and CPU memory, and this run trains on "
             f"{resolve_device(cfg.training.device).type} (turn it off)"
         )
-    built = build_model(cfg, run_dir=out if resume is not None else None, init=resume is None)
+    run_dir = out if resume is not None else None
+    built = build_model(cfg, run_dir=run_dir, init=resume is None, train=True)
     model, notes, tokenizer = built.model, built.notes, built.tokenizer
     check_vocab(unwrap(model), tokenizer)
     check_seq_len(unwrap(model), cfg.data.seq_len)

@@ -58,6 +58,13 @@ def test_two_ranks_train_as_one_process_with_the_global_batch(tmp_path, text):
         assert a[key] == pytest.approx(b[key], rel=1e-5)  # float32 reduction order only
         if a["kind"] == "train":
             assert a["tokens_seen"] == b["tokens_seen"]
+    # adapters and a distillation teacher (a replica per rank, never wrapped) under DDP
+    both = [*cmd[:-3], "training.batch_size=2", "peft.method=lora",
+            f"teacher.pretrained={one}", "loss.distill.relation_weight=10",
+            f"training.output_dir={tmp_path / 'kd'}"]  # fmt: skip
+    done = subprocess.run(both, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "kd" / "adapter" / "adapter_model.safetensors").is_file()
     # the checkpoint is an ordinary one: a single process evaluates it ...
     assert main(["eval", str(tmp_path / "dp2")]) == 0
     # ... and resumes it with the same global batch (4 = 2 x 2 ranks = 4 x 1 rank)
