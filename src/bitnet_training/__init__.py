@@ -1,8 +1,10 @@
 """bitnet-training: quantization-aware training of BitNet (1-bit / 1.58-bit) models on PyTorch."""
 
 from .errors import BitNetError, ConfigError
+from .loss import ContrastiveLoss, DistillLoss, LMLoss, LossConfig
 from .models import BitNetLM, ModelConfig
 from .nn import BitLinear, ConversionReport, RMSNorm, quantize_model
+from .peft import PEFTConfig, apply_peft
 from .quant import FakeQuantize, QATConfig, QuantSpec
 from .train import Callback, Trainer, TrainingCallbacks, TrainingConfig, TrainResult
 
@@ -14,9 +16,14 @@ __all__ = [
     "BitNetLM",
     "Callback",
     "ConfigError",
+    "ContrastiveLoss",
     "ConversionReport",
+    "DistillLoss",
     "FakeQuantize",
+    "LMLoss",
+    "LossConfig",
     "ModelConfig",
+    "PEFTConfig",
     "QATConfig",
     "QuantSpec",
     "RMSNorm",
@@ -24,5 +31,6 @@ __all__ = [
     "Trainer",
     "TrainingCallbacks",
     "TrainingConfig",
+    "apply_peft",
     "quantize_model",
 ]
