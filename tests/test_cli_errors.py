@@ -373,3 +373,14 @@ def test_review_findings_are_refused_up_front(tmp_path, capsys):
     assert main(["train", *common, "quantize=false", "training.seed=7", "--overwrite",
                  f"training.output_dir={base}"]) == 0  # fmt: skip
     _fails(capsys, ["eval", lora], "the base model changed since this run started")
+
+
+def test_a_validation_split_that_finds_nothing_to_split_says_so(tmp_path, capsys, caplog):
+    caplog.set_level("WARNING")
+    one = tmp_path / "one.txt"
+    one.write_text("a single paragraph of text, one document, " * 40)
+    args = ["train", "--no-progress", *MICRO, f"data.train_files={one}",
+            "data.val_fraction=0.5", "training.max_steps=1", "sample.max_new_tokens=0",
+            f"training.output_dir={tmp_path / 'r'}"]  # fmt: skip
+    assert main(args) == 0
+    assert "data.val_fraction=0.5 left no validation text" in caplog.text

@@ -458,6 +458,12 @@ def prepare(
     t0 = time.perf_counter()
     data = build_datasets(cfg.data, tokenizer, cfg.training.seed)
     notes.insert(0, _describe(cfg, data, time.perf_counter() - t0))
+    if cfg.data.source == "files" and data.val is None and cfg.data.val_fraction > 0:
+        log.warning(
+            "data.val_fraction=%g left no validation text: the training files hold too few "
+            "documents to split (documents are split whole); set data.val_files",
+            cfg.data.val_fraction,
+        )
     optimizer = build_optimizer(model, cfg.training.optimizer, cfg.training.learning_rate)
     loss_fn = build_loss(cfg, model, tokenizer)
     if isinstance(loss_fn, DistillLoss):
