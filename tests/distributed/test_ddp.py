@@ -149,3 +149,44 @@ def test_gradient_compression_trains_and_sends_fewer_bytes(tmp_path):
         sent[c], full = r["bytes"], r["float32"]
     assert sent["fp16"] == sent["bf16"] == full // 2  # the buckets hold every gradient
     assert 0 < sent["powersgd"] < sent["fp16"]
+
+
+KILLER = """
+import os, signal
+from bitnet_training.train.trainer import Trainer
+
+_step = Trainer._train_step
+
+def _train_step(self, micro):
+    out = _step(self, micro)
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if first_attempt and self.rank == 1 and self.state.step == 2:  # step 3 is under way
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+
+Trainer._train_step = _train_step
+"""
+
+
+def test_a_killed_worker_is_restarted_and_the_run_resumes_by_itself(tmp_path, text):
+    # rank 1 dies (SIGKILL) in step 3 of the first attempt, after the checkpoint of step 2;
+    # torchrun restarts the group, which resumes from that checkpoint with no --resume
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILLER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(hook)}
+    data = [f"data.train_files={text / 't.txt'}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "--max-restarts=1", "-m", "bitnet_training", "train", *COMMON, *data,
+           "training.batch_size=2", "training.save_every=2", "--overwrite",
+           f"training.output_dir={tmp_path / 'elastic'}"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "torchrun restart 1: resuming from the latest checkpoint" in done.stderr
+    env.pop("PYTHONPATH")
+    plain = [*cmd[:5], *cmd[6:-1], f"training.output_dir={tmp_path / 'plain'}"]
+    done = subprocess.run(plain, capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = [r["loss"] for r in rows(tmp_path / "elastic") if r["kind"] == "train"]
+    b = [r["loss"] for r in rows(tmp_path / "plain") if r["kind"] == "train"]
+    assert a[-2:] == b[-2:]  # steps 3 and 4 after the restart equal the uninterrupted run's
