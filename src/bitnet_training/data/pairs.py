@@ -12,6 +12,28 @@ import torch
 from ..errors import BitNetError
 
 
+def read_string_records(path: str, what: str, keys: tuple[str, ...], nonempty: bool = False):
+    """Yield, one line at a time, the values of `keys` (strings; non-empty with `nonempty`)
+    of each object in JSON lines file `path`. A missing file, a line that is not JSON or
+    lacks a key is a one-line error naming `what`, the path and the line; an empty file
+    yields nothing."""
+    if not os.path.isfile(path):
+        raise BitNetError(f"{what} {path!r} does not exist")
+    need = ("non-empty " if nonempty else "") + "string " + " and ".join(map(repr, keys))
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (ValueError, UnicodeDecodeError):
+                raise BitNetError(f"{what} {path!r}: line {i} is not JSON") from None
+            values = tuple(row.get(k) for k in keys) if isinstance(row, dict) else (None,)
+            if not all(isinstance(v, str) and (v or not nonempty) for v in values):
+                raise BitNetError(f"{what} {path!r}: line {i} needs {need}")
+            yield values
+
+
 class PairedTextDataset(torch.utils.data.Dataset):
     """(query, positive) pairs from JSON lines files of {"query": ..., "positive": ...},
     tokenized with `tokenizer` and cut / right-padded to `seq_len` tokens; items are
@@ -25,29 +47,13 @@ class PairedTextDataset(torch.utils.data.Dataset):
         pad = getattr(tokenizer, "eos_token_id", 0) or 0
         self.pad = pad
         for path in paths:
-            if not os.path.isfile(path):
-                raise BitNetError(f"paired text file {path!r} does not exist")
-            with open(path, encoding="utf-8") as f:
-                for i, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except (ValueError, UnicodeDecodeError):
-                        raise BitNetError(f"{path}: line {i} is not JSON") from None
-                    if not (
-                        isinstance(row, dict)
-                        and isinstance(row.get("query"), str)
-                        and isinstance(row.get("positive"), str)
-                        and row["query"]
-                        and row["positive"]
-                    ):
-                        raise BitNetError(
-                            f"{path}: line {i} needs non-empty string 'query' and 'positive'"
-                        )
-                    digest.update(line.encode())
-                    enc = [tokenizer.encode(row[k])[:seq_len] for k in ("query", "positive")]
-                    self.rows.append((enc[0], enc[1]))
+            for query, positive in read_string_records(
+                path, "paired text file", ("query", "positive"), nonempty=True
+            ):
+                digest.update(json.dumps([query, positive]).encode())
+                self.rows.append(
+                    (tokenizer.encode(query)[:seq_len], tokenizer.encode(positive)[:seq_len])
+                )
         if len(self.rows) < 2:
             raise BitNetError(
                 f"paired text {', '.join(paths)} has {len(self.rows)} pairs: contrastive "

@@ -28,17 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BitNetError
+from ..nn.convert import output_head
 from .config import DistillConfig, LossConfig
 from .lm import causal_lm_loss, chunked_causal_lm_loss
 
 
 def _head(model: nn.Module) -> nn.Module | None:
-    model = getattr(model, "module", model)  # inside DistributedDataParallel
-    get = getattr(model, "get_output_embeddings", None)
-    try:
-        return get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        return None
+    return output_head(getattr(model, "module", model))  # inside DistributedDataParallel
 
 
 def _logits(out) -> torch.Tensor:

@@ -10,9 +10,8 @@ sacrebleu's (BLEU with 13a tokenization and exponential smoothing; chrF with n =
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
 
+from ..data.pairs import read_string_records
 from ..errors import BitNetError
 
 
@@ -49,26 +48,9 @@ class GenerationScores:
 def read_pairs(path: str):
     """Yield (prompt, reference) from a JSON-lines file of {"prompt": ..., "reference": ...}
     objects, one line at a time. A missing, empty or malformed file is a one-line error."""
-    if not os.path.isfile(path):
-        raise BitNetError(f"generation file {path!r} does not exist")
     n = 0
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except (ValueError, UnicodeDecodeError):
-                raise BitNetError(f"generation file {path!r}: line {i} is not JSON") from None
-            if not (
-                isinstance(row, dict)
-                and isinstance(row.get("prompt"), str)
-                and isinstance(row.get("reference"), str)
-            ):
-                raise BitNetError(
-                    f"generation file {path!r}: line {i} needs string 'prompt' and 'reference'"
-                )
-            n += 1
-            yield row["prompt"], row["reference"]
+    for prompt, reference in read_string_records(path, "generation file", ("prompt", "reference")):
+        n += 1
+        yield prompt, reference
     if n == 0:
         raise BitNetError(f"generation file {path!r} has no prompt / reference pairs")
