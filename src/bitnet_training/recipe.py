@@ -568,14 +568,7 @@ def train(
     cfg: RunConfig, resume: str | None = None, overwrite: bool = False, progress: bool = True
 ) -> tuple[Run, TrainResult]:
     """`prepare` the run and train it (from checkpoint `resume`, "latest" for the output
-    directory's newest). Returns the run and the `TrainResult`. When torchrun restarts a
-    failed group (`--max-restarts`), the restarted run resumes from the latest checkpoint by
-    itself (and `overwrite`, which applied to the first attempt, no longer does)."""
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    out = os.path.abspath(cfg.training.output_dir)
-    if restart > 0 and resume is None and list_checkpoints(out):
-        log.warning("torchrun restart %d: resuming from the latest checkpoint of %s", restart, out)
-        resume, overwrite = "latest", False
+    directory's newest). Returns the run and the `TrainResult`."""
     run = prepare(cfg, resume, overwrite, progress)
     result = run.trainer.train(resume_from=resume)
     if cfg.peft.method != "none" and run.trainer.is_main:
