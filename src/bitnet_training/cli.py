@@ -24,7 +24,7 @@ import torch
 from . import __version__, recipe
 from .config import SampleConfig, load_config
 from .data import PreprocessConfig, build_eval_dataset, preprocess
-from .distributed.ddp import unwrap
+from .distributed.wrappers import gathers_in_forward, unwrap
 from .errors import BitNetError, ConfigError
 from .metrics import read_pairs
 from .train import Trainer
@@ -186,8 +186,10 @@ def cmd_train(args) -> int:
         hf_logging.disable_progress_bar()  # its weight-loading bars, too
     try:
         run, result = recipe.train(cfg, args.resume, args.overwrite, progress=not args.no_progress)
+        # An FSDP model's forward is a collective: every rank generates the sample together.
+        sample = _sample(run, result) if gathers_in_forward(run.model) else None
         if run.trainer.is_main:  # under torchrun, rank 0 speaks for the run
-            _print_summary(run, result)
+            _print_summary(run, result, sample)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -196,8 +198,8 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _print_summary(run: recipe.Run, result) -> None:
-    cfg, data, model, tokenizer = run.config, run.data, unwrap(run.model), run.tokenizer
+def _print_summary(run: recipe.Run, result, sample: str | None = None) -> None:
+    cfg, data, model = run.config, run.data, unwrap(run.model)
     m = result.metrics
     lines = ["", "== summary =="]
     name = cfg.model.pretrained or cfg.model_preset
@@ -234,13 +236,22 @@ def _print_summary(run: recipe.Run, result) -> None:
             f"best         {result.best_checkpoint} ({cfg.training.best_metric} "
             f"{result.best_metric:.4f})"
         )
-    s = cfg.sample
-    if s.max_new_tokens and not result.interrupted:
-        text = recipe.generate_text(
-            model.cpu(), tokenizer, s.prompt, s.max_new_tokens, s.temperature, s.top_k, s.seed
-        )
+    text = sample if sample is not None else _sample(run, result)
+    if text is not None:
         lines.append(f"sample       {text!r}")
     sys.stdout.write("\n".join(lines) + "\n")
+
+
+def _sample(run: recipe.Run, result) -> str | None:
+    """The end-of-run sample text (None when `sample.max_new_tokens=0` or interrupted)."""
+    s, model = run.config.sample, unwrap(run.model)
+    if not s.max_new_tokens or result.interrupted:
+        return None
+    if not gathers_in_forward(model):
+        model = model.cpu()  # generation is sequential: the CPU does it as well as any
+    return recipe.generate_text(
+        model, run.tokenizer, s.prompt, s.max_new_tokens, s.temperature, s.top_k, s.seed
+    )
 
 
 # What `eval` overrides may change: the evaluation data and how it is read; anything else

@@ -35,7 +35,9 @@ from .config import RunConfig, apply_override, config_from_dict, migrate_stored
 from .data import Datasets, build_datasets, build_eval_dataset, tokenizer_for, tokenizer_id
 from .data.hf_tokenizer import PretrainedTokenizer, has_tokenizer_files
 from .distributed import apply_activation_checkpointing
-from .distributed.ddp import init_from_env, launched_world_size, unwrap, wrap_ddp
+from .distributed.ddp import init_from_env, launched_world_size, wrap_ddp
+from .distributed.fsdp import apply_fsdp
+from .distributed.wrappers import unwrap
 from .errors import BitNetError
 from .loss import ContrastiveLoss, DistillLoss, LMLoss, Penalty
 from .metrics import GenerationScores, read_pairs
@@ -57,6 +59,7 @@ from .peft.packed import PackedTernaryLinear
 from .train import CheckpointIO, ProgressBar, Trainer, TrainResult, list_checkpoints
 from .train import checkpoint as ckpt_io
 from .train.precision import resolve_device
+from .train.sharded import SHARDED_DIR, is_dtensor_model, is_sharded
 
 log = logging.getLogger("bitnet_training")
 
@@ -135,7 +138,7 @@ def _load_our_run(path: str) -> Loaded:
         )
     loaded = load_model(old, run_dir=os.path.dirname(ckpt))
     quantize(loaded.model, old)
-    ckpt_io.load_model_weights(loaded.model, ckpt)
+    CheckpointIO().load_model(loaded.model, ckpt)
     _plain_linears(loaded.model)
     loaded.notes = [f"model: the weights of {ckpt}"]
     loaded.base = None
@@ -144,7 +147,11 @@ def _load_our_run(path: str) -> Loaded:
 
 
 def _run_fingerprint(ckpt: str) -> str:
-    """The fingerprint of a checkpoint's weights, as a pretrained base's is made."""
+    """The fingerprint of a checkpoint's weights (its single file, or its shards), as a
+    pretrained base's is made."""
+    if is_sharded(ckpt):
+        shards = os.path.join(ckpt, SHARDED_DIR)
+        return fingerprint(sorted(os.path.join(shards, f) for f in os.listdir(shards)))
     return fingerprint([os.path.join(ckpt, ckpt_io.MODEL_FILE)])
 
 
@@ -246,8 +253,9 @@ def parallelize(
     model: nn.Module, cfg: RunConfig, data_parallel: bool = True
 ) -> tuple[nn.Module, list[str]]:
     """Transform 3, in torchtitan's order: (pipeline split and tensor parallel: not built),
-    activation checkpointing, then data parallelism (`DistributedDataParallel`) when the
-    process group has several ranks. Returns the model to train (possibly wrapped)."""
+    activation checkpointing, then data parallelism when the process group has several
+    ranks: `DistributedDataParallel`, or FSDP2 with `distributed.strategy=fsdp`. Returns the
+    model to train (possibly wrapped)."""
     notes = []
     if cfg.training.activation_checkpointing:
         n = apply_activation_checkpointing(model)
@@ -255,20 +263,31 @@ def parallelize(
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     world = torch.distributed.get_world_size() if dist else 1
     if world > 1 and data_parallel:
-        d = cfg.distributed
-        model = wrap_ddp(
-            model,
-            resolve_device(cfg.training.device),
-            d.gradient_compression,
-            d.powersgd_rank,
-            d.powersgd_start_step,
-        )
-        if d.gradient_compression != "none":
-            notes.append(f"gradient compression: {d.gradient_compression}")
-        t = cfg.training
+        d, t = cfg.distributed, cfg.training
+        device = resolve_device(t.device)
+        if d.strategy == "fsdp":
+            model = apply_fsdp(
+                model,
+                device,
+                d.fsdp_param_dtype,
+                d.fsdp_reduce_dtype,
+                d.fsdp_reshard_after_forward,
+                d.fsdp_cpu_offload,
+            )
+            how = (
+                f"FSDP2 over {world} ranks, parameters gathered in {d.fsdp_param_dtype}, "
+                f"gradients reduced in {d.fsdp_reduce_dtype}"
+            )
+        else:
+            model = wrap_ddp(
+                model, device, d.gradient_compression, d.powersgd_rank, d.powersgd_start_step
+            )
+            how = f"DDP over {world} ranks"
+            if d.gradient_compression != "none":
+                notes.append(f"gradient compression: {d.gradient_compression}")
         notes.append(
-            f"data parallel: DDP over {world} ranks ({torch.distributed.get_backend()}); global "
-            f"batch {t.batch_size} per rank x {t.gradient_accumulation_steps} accumulation x "
+            f"data parallel: {how} ({torch.distributed.get_backend()}); global batch "
+            f"{t.batch_size} per rank x {t.gradient_accumulation_steps} accumulation x "
             f"{world} ranks = {t.batch_size * t.gradient_accumulation_steps * world} sequences"
         )
     return model, notes
@@ -285,9 +304,9 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int]:
             f"distributed.strategy=none, but torchrun launched {launched} processes: they "
             "would each train alone (use ddp, or auto)"
         )
-    if launched <= 1 and strategy == "ddp":
+    if launched <= 1 and strategy in ("ddp", "fsdp"):
         raise BitNetError(
-            "distributed.strategy=ddp needs several processes: launch with torchrun "
+            f"distributed.strategy={strategy} needs several processes: launch with torchrun "
             "--nproc-per-node=N (one process trains alone)"
         )
     if launched <= 1 and cfg.distributed.gradient_compression != "none":
@@ -494,7 +513,9 @@ def prepare(
         optimizer=optimizer,
         loss_fn=loss_fn,
         # A PEFT run's checkpoints hold what trains (adapters) and the optimizer state of it.
-        checkpoint_io=CheckpointIO(trainable_only=cfg.peft.method != "none"),
+        checkpoint_io=CheckpointIO(
+            trainable_only=cfg.peft.method != "none", sharded=is_dtensor_model(model)
+        ),
     )
     return Run(cfg, model, tokenizer, data, trainer, notes)
 
@@ -875,7 +896,7 @@ def _init_from(model: nn.Module, path: str, tokenizer) -> str:
     afresh: a full-precision checkpoint has none."""
     init = ckpt_io.resolve_checkpoint(path)
     check_tokenizer(init, tokenizer)
-    ckpt_io.load_model_weights(
+    CheckpointIO().load_model(
         model, init, may_miss=lambda k: "act_observer." in k or "act_scale" in k
     )
     return f"init: weights from {init}"

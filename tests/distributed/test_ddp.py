@@ -88,9 +88,12 @@ def test_settings_that_cannot_act_alone_are_refused(tmp_path, capsys, text):
     for extra, message in [
         ("distributed.strategy=ddp", "needs several processes: launch with torchrun"),
         ("distributed.backend=gloo", "acts only under torchrun"),
-        ("distributed.strategy=fsdp", "expected auto, none or ddp"),
+        ("distributed.strategy=fsdp", "strategy=fsdp needs several processes"),
+        ("distributed.strategy=tp", "expected one of auto, none, ddp, fsdp"),
+        ("distributed.fsdp_param_dtype=bfloat16", "set only with strategy fsdp"),
+        ("distributed.strategy=fsdp distributed.gradient_compression=fp16", "fsdp_reduce_dtype"),
     ]:
-        assert main(["train", *base, extra]) == 2
+        assert main(["train", *base, *extra.split()]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
 

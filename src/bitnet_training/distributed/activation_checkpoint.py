@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import BitNetError
 
 
-def _blocks(model: nn.Module) -> list[nn.Module]:
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of `model`: the `ModuleList` named `layers` (or `h`, `blocks`)
     with the most parameters, found through wrappers such as peft's."""
     candidates = [
@@ -40,7 +40,7 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
     """Checkpoint every transformer block of `model` in place (its parameter names and state
     dict are unchanged: the block's `forward` is wrapped, not the block). Returns the number
     of blocks; a model without recognizable blocks is a one-line error."""
-    blocks = _blocks(model)
+    blocks = transformer_blocks(model)
     if not blocks:
         raise BitNetError(
             "training.activation_checkpointing: the model has no transformer blocks (a "

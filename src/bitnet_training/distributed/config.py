@@ -13,15 +13,17 @@ from ..settings import Section
 class DistributedConfig(Section):
     """Data parallelism under `torchrun --nproc-per-node=N` (one process alone ignores
     nothing: strategy and backend only act with several processes, and a single process
-    asked for `ddp` says so). `training.batch_size` is per rank; the global batch is
-    batch_size x gradient_accumulation_steps x ranks."""
+    asked for `ddp` or `fsdp` says so). `training.batch_size` is per rank; the global batch
+    is batch_size x gradient_accumulation_steps x ranks."""
 
     _path = "distributed"
 
-    strategy: Literal["auto", "none", "ddp"] = Field(
+    strategy: Literal["auto", "none", "ddp", "fsdp"] = Field(
         "auto",
         description="auto: ddp when launched with several processes; ddp: "
-        "DistributedDataParallel (FSDP, tensor and pipeline parallelism are not built yet)",
+        "DistributedDataParallel (a replica per rank); fsdp: FSDP2, parameters, gradients "
+        "and optimizer states sharded over the ranks, sharded checkpoints (tensor and "
+        "pipeline parallelism are not built yet)",
     )
     backend: Literal["auto", "nccl", "gloo", "mpi"] = Field(
         "auto", description="the process group's backend (auto: nccl on GPUs, gloo on CPUs)"
@@ -29,11 +31,30 @@ class DistributedConfig(Section):
     gradient_compression: Literal["none", "fp16", "bf16", "powersgd"] = Field(
         "none",
         description="DDP's gradient all-reduce in fp16 or bf16 (half the bytes), or PowerSGD "
-        "(low-rank, with error feedback)",
+        "(low-rank, with error feedback); with fsdp use fsdp_reduce_dtype",
     )
     powersgd_rank: int = Field(4, gt=0, description="PowerSGD's matrix approximation rank")
     powersgd_start_step: int = Field(
         10, ge=2, description="PowerSGD: plain all-reduce before this step (its warm-up)"
+    )
+    fsdp_param_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="fsdp: the dtype parameters are all-gathered and computed in (bfloat16 "
+        "halves the all-gather; the sharded master weights stay float32)",
+    )
+    fsdp_reduce_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="fsdp: the dtype gradients are reduce-scattered in"
+    )
+    fsdp_reshard_after_forward: bool = Field(
+        True,
+        description="fsdp: free each block's gathered parameters after its forward and gather "
+        "them again for the backward (ZeRO-3; false keeps them, as ZeRO-2: more memory, "
+        "less traffic)",
+    )
+    fsdp_cpu_offload: bool = Field(
+        False,
+        description="fsdp: keep the sharded parameters, gradients and optimizer step on the "
+        "CPU (for GPUs short of memory; on a CPU run it changes nothing and is refused)",
     )
 
     @model_validator(mode="after")
@@ -41,5 +62,25 @@ class DistributedConfig(Section):
         if self.strategy == "none" and self.gradient_compression != "none":
             raise ConfigError(
                 "gradient_compression", self.gradient_compression, "none with strategy none"
+            )
+        if self.strategy == "fsdp" and self.gradient_compression != "none":
+            raise ConfigError(
+                "gradient_compression",
+                self.gradient_compression,
+                "none with strategy fsdp (its reduce-scatter dtype is fsdp_reduce_dtype)",
+            )
+        fsdp_set = [
+            name
+            for name in (
+                "fsdp_param_dtype",
+                "fsdp_reduce_dtype",
+                "fsdp_reshard_after_forward",
+                "fsdp_cpu_offload",
+            )
+            if getattr(self, name) != type(self).model_fields[name].default
+        ]
+        if fsdp_set and self.strategy != "fsdp":
+            raise ConfigError(
+                fsdp_set[0], getattr(self, fsdp_set[0]), "set only with strategy fsdp"
             )
         return self

@@ -116,8 +116,3 @@ def bf16_allreduce_hook(process_group, bucket):
         return buffer
 
     return fut.then(decompress)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a `DistributedDataParallel` wrapper (else `model`)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -211,6 +211,9 @@ class BitLinear(nn.Linear):
                 self.in_features, device=self.weight.device, dtype=self.weight.dtype
             )
         self._cache = None
+        # False where the weight's storage is refilled without a version bump (FSDP2's
+        # all-gather), so the cache key could not see new values.
+        self.cache_weight = True
         # Progressive quantization state, set per step by `set_progress` (a QATControl
         # callback calls it): blend strengths lambda and the weight bit width of the stage.
         self.weight_blend = 1.0
@@ -325,6 +328,7 @@ class BitLinear(nn.Linear):
             return w.detach().to(dt), None, None, None, None
         cacheable = (
             self.config.cache_quantized_weight
+            and self.cache_weight
             and not torch.compiler.is_compiling()
             and not w.is_inference()  # no version counter to key the cache on
         )

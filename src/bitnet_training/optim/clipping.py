@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
@@ -26,13 +25,26 @@ def adaptive_clip_grad_(
     for p in params:
         if p.grad is None:
             continue
-        w_norm = _unitwise_norm(p.detach().float()).clamp_(min=eps)
-        g = p.grad
+        w, g = p.detach(), p.grad
+        local = g  # what is scaled in place
+        if _is_dtensor(g):
+            # FSDP shards dim 0, so a matrix's rows (its units) are whole on each rank: work
+            # on the local rows; a vector is one unit, gathered whole (it is small).
+            if g.ndim > 1:
+                w, g = w.to_local(), g.to_local()
+                local = g
+            else:
+                w, local, g = w.full_tensor(), g.to_local(), g.full_tensor()
+        w_norm = _unitwise_norm(w.float()).clamp_(min=eps)
         g_norm = _unitwise_norm(g.float())
         max_norm = w_norm * clip_factor
         # Where the ratio is within bounds the factor is 1; 1e-6 guards against 0 / 0.
         factor = torch.where(g_norm > max_norm, max_norm / g_norm.clamp(min=1e-6), 1.0)
-        g.mul_(factor.to(g.dtype))
+        local.mul_(factor.to(local.dtype))
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "full_tensor")  # a DTensor (FSDP2 / tensor parallel shards)
 
 
 def clip_gradients(
@@ -49,4 +61,10 @@ def clip_gradients(
         adaptive_clip_grad_(params, agc_clip_factor, agc_eps)
     if max_value is not None:
         torch.nn.utils.clip_grad_value_(params, max_value)
-    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if _is_dtensor(norm):  # the norm of sharded gradients: a partial sum until reduced
+        norm = norm.full_tensor()
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm

@@ -14,7 +14,8 @@ from .callbacks import (
     ProgressBar,
     TrainingCallbacks,
 )
-from .checkpoint import FORMAT_VERSION, CheckpointIO, list_checkpoints, resolve_checkpoint
+from .checkpoint import FORMAT_VERSION, list_checkpoints, resolve_checkpoint
+from .checkpoint_io import CheckpointIO
 from .config import TrainingConfig
 from .trainer import Trainer, TrainerState, TrainResult, causal_lm_targets, model_loss
 

@@ -99,24 +99,53 @@ def save_checkpoint(
     the rename. `trainable_only` stores only the trainable parameters and the buffers.
     """
     os.makedirs(output_dir, exist_ok=True)
-    final = os.path.join(output_dir, checkpoint_name(step))
-    tmp = tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=output_dir)
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
-    try:
+
+    def write(tmp: str) -> None:
         if trainable_only:
             save_file(trainable_state(model), os.path.join(tmp, MODEL_FILE))
         else:
             save_model(model, os.path.join(tmp, MODEL_FILE))
         if optimizer is not None:
             torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
-        save_file({k: v.contiguous() for k, v in rng.items()}, os.path.join(tmp, RNG_FILE))
-        _write_json(os.path.join(tmp, STATE_FILE), {**state, "format_version": FORMAT_VERSION})
-        _write_json(os.path.join(tmp, METADATA_FILE), metadata or {})
-        for fname in os.listdir(tmp):  # torch.save and safetensors do not fsync
-            with open(os.path.join(tmp, fname), "rb+") as f:
-                os.fsync(f.fileno())
-        if _before_commit is not None:
-            _before_commit(tmp)
+        write_trainer_files(tmp, state, rng, metadata)
+
+    return commit_checkpoint(output_dir, step, write, new_temp_dir(output_dir), _before_commit)
+
+
+def new_temp_dir(output_dir: str) -> str:
+    """A fresh hidden directory under `output_dir` to write a checkpoint into."""
+    tmp = tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=output_dir)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
+    return tmp
+
+
+def write_trainer_files(tmp: str, state: dict, rng: dict, metadata: dict | None) -> None:
+    """The files every checkpoint format shares: RNG tensors, trainer state, metadata."""
+    save_file({k: v.contiguous() for k, v in rng.items()}, os.path.join(tmp, RNG_FILE))
+    _write_json(os.path.join(tmp, STATE_FILE), {**state, "format_version": FORMAT_VERSION})
+    _write_json(os.path.join(tmp, METADATA_FILE), metadata or {})
+
+
+def commit_checkpoint(
+    output_dir: str,
+    step: int,
+    write: Callable[[str], None],
+    tmp: str,
+    before_commit: Callable[[str], None] | None = None,
+) -> str:
+    """`write(tmp)` the rest of checkpoint `step` into temporary directory `tmp`, sync every
+    file, and rename `tmp` to `checkpoint-<step>` (replacing one of the same step only once
+    the new one is complete); on any error `tmp` is removed. Returns the final path."""
+    final = os.path.join(output_dir, checkpoint_name(step))
+    try:
+        write(tmp)
+        for root, _, files in os.walk(tmp):  # torch.save and safetensors do not fsync
+            for fname in files:
+                with open(os.path.join(root, fname), "rb+") as f:
+                    os.fsync(f.fileno())
+            _fsync_dir(root)
+        if before_commit is not None:
+            before_commit(tmp)
         if os.path.exists(final):  # same step saved twice: swap, never leave neither
             trash = tempfile.mkdtemp(prefix=".trash-", dir=output_dir)
             os.replace(final, os.path.join(trash, "old"))
@@ -262,58 +291,6 @@ def prune_checkpoints(output_dir: str, keep: int | None, protect: set[str]) -> l
         deleted.append(path)
         excess -= 1
     return deleted
-
-
-class CheckpointIO:
-    """How the `Trainer` reads and writes checkpoints: one directory per step, as laid out
-    above. A sharded format (each rank writing its own shards, e.g. FSDP's distributed
-    checkpoints) implements the same methods and sets `sharded = True`, so every rank calls
-    `save`; otherwise only rank 0 does.
-
-    `trainable_only`: `model.safetensors` holds only the parameters that train (and the
-    buffers), as parameter-efficient fine-tuning wants: adapters of a few MB beside a frozen
-    base that is rebuilt from its source. Loading then checks that every trainable parameter
-    is in the file and fills only those."""
-
-    sharded = False
-
-    def __init__(self, trainable_only: bool = False):
-        self.trainable_only = trainable_only
-
-    def save(self, output_dir, step, model, optimizer, state, rng, metadata, before_commit=None):
-        """Write checkpoint `step` atomically; returns its path."""
-        return save_checkpoint(
-            output_dir, step, model, optimizer, state, rng, metadata, before_commit,
-            trainable_only=self.trainable_only,
-        )  # fmt: skip
-
-    def resolve(self, path: str) -> str:
-        return resolve_checkpoint(path)
-
-    def read_state(self, ckpt: str) -> dict:
-        return read_state(ckpt)
-
-    def read_metadata(self, ckpt: str) -> dict:
-        return read_metadata(ckpt)
-
-    def load_model(self, model: torch.nn.Module, ckpt: str, may_miss=None) -> None:
-        if self.trainable_only:
-            load_trainable_weights(model, ckpt)
-        else:
-            load_model_weights(model, ckpt, may_miss)
-
-    def load_optimizer(self, ckpt: str) -> dict | None:
-        return load_optimizer_state(ckpt)
-
-    def load_rng(self, ckpt: str) -> dict[str, torch.Tensor]:
-        return load_rng(ckpt)
-
-    def point(self, output_dir: str, name: str, ckpt: str) -> None:
-        """Move pointer `name` (`latest`, `best`) to checkpoint `ckpt`."""
-        write_pointer(output_dir, name, os.path.basename(ckpt))
-
-    def prune(self, output_dir: str, keep: int | None, protect: set[str]) -> list[str]:
-        return prune_checkpoints(output_dir, keep, protect)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, IterableDataset, default_collate
 
 from ..callback import Callback, collect_callbacks, merge_callbacks
 from ..data.sampler import IterableBatches, ResumableBatchSampler
-from ..distributed.ddp import unwrap
+from ..distributed.wrappers import averages_gradients, gathers_in_forward, no_gradient_sync, unwrap
 from ..errors import BitNetError
 from ..metrics import Metric, build_metrics
 from ..monitoring import Profiling, WandbLogging
@@ -41,7 +41,8 @@ from .callbacks import (
     MetricsLogging,
     PeriodicEvaluation,
 )
-from .checkpoint import STATE_FILE, CheckpointIO, checkpoint_name
+from .checkpoint import STATE_FILE, checkpoint_name
+from .checkpoint_io import CheckpointIO
 from .config import TrainingConfig
 from .precision import resolve_device, resolve_precision
 from .rng import capture_rng, restore_rng
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 # Callbacks' tensors (`Callback.state_tensors`) travel in the checkpoint's tensor file of the
 # trainer state (rng.safetensors) under this prefix, then the callback's key.
 CALLBACK_TENSORS = "callback/"
+# Under data parallelism, rank r > 0's generator states are stored under this prefix, then r.
+RANK_RNG = "rank"
 
 
 def causal_lm_targets(batch: dict) -> torch.Tensor:
@@ -226,8 +229,8 @@ class Trainer:
     @property
     def data_parallel(self) -> bool:
         """Whether gradients are averaged over ranks (a process group of several ranks and a
-        model wrapped for it, e.g. `DistributedDataParallel`)."""
-        return self.world_size > 1 and hasattr(self.model, "no_sync")
+        model that averages them: `DistributedDataParallel` or FSDP2)."""
+        return self.world_size > 1 and averages_gradients(self.model)
 
     def mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         """`value` averaged over the data-parallel ranks (itself in a single process)."""
@@ -446,14 +449,21 @@ class Trainer:
         if s.best_step == s.step and s.best_metric is not None:
             s.best_checkpoint = os.path.join(c.output_dir, checkpoint_name(s.step))
         path = os.path.join(c.output_dir, checkpoint_name(s.step))
+        rng_tensors, state = capture_rng()[0], self.state_dict()
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            # Every rank's generators (ranks draw apart: dropout, noise, augmentation);
+            # rank 0's keep the plain names, so another world size can fall back on them.
+            ranks = [None] * self.world_size
+            torch.distributed.all_gather_object(ranks, (rng_tensors, state["rng"]))
+            for r, (tensors, _) in enumerate(ranks[1:], 1):
+                rng_tensors.update({f"{RANK_RNG}{r}/{k}": v for k, v in tensors.items()})
+            state["rank_rng"] = [j for _, j in ranks]
         if self.is_main or io.sharded:
-            rng_tensors, _ = capture_rng()  # and the callbacks' tensors, by key
-            for cb in self.callbacks:
+            for cb in self.callbacks:  # the callbacks' tensors, by key
                 for name, t in (cb.state_tensors() or {}).items():
                     rng_tensors[f"{CALLBACK_TENSORS}{cb.key}/{name}"] = t.detach().cpu()
-            meta = self.metadata
-            args = (c.output_dir, s.step, unwrap(self.model), self.optimizer, self.state_dict())
-            path = io.save(*args, rng_tensors, meta, _before_commit)
+            args = (c.output_dir, s.step, unwrap(self.model), self.optimizer, state)
+            path = io.save(*args, rng_tensors, self.metadata, _before_commit)
         if self.is_main:
             io.point(c.output_dir, "latest", path)
             if s.best_step == s.step and s.best_metric is not None:
@@ -471,18 +481,13 @@ class Trainer:
         st = io.read_state(ckpt)
         try:
             io.load_model(unwrap(self.model), ckpt)
-            opt = io.load_optimizer(ckpt)
-            if opt is not None:
-                # The moments come from the checkpoint, the settings (betas, weight decay,
-                # momentum, ...) from this run's config: a changed one takes effect.
-                settings = [
-                    {k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
-                    for g in self.optimizer.param_groups
-                ]
-                try:
-                    self.optimizer.load_state_dict(opt)
-                except (ValueError, KeyError) as e:
-                    raise BitNetError(f"optimizer state does not fit: {e}") from None
+            # The moments come from the checkpoint, the settings (betas, weight decay,
+            # momentum, ...) from this run's config: a changed one takes effect.
+            settings = [
+                {k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+                for g in self.optimizer.param_groups
+            ]
+            if io.load_optimizer(ckpt, unwrap(self.model), self.optimizer):
                 for g, kept in zip(self.optimizer.param_groups, settings, strict=True):
                     g.update(kept)
             self.load_state_dict(st)
@@ -504,7 +509,15 @@ class Trainer:
             mine = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             if mine:
                 cb.load_state_tensors(mine)
-        restore_rng({k: v for k, v in tensors.items() if not k.startswith(CALLBACK_TENSORS)}, {})
+        mine = f"{RANK_RNG}{self.rank}/"
+        if self.rank and st.get("world_size") == self.world_size and st.get("rank_rng"):
+            restore_rng(
+                {k[len(mine) :]: v for k, v in tensors.items() if k.startswith(mine)},
+                st["rank_rng"][self.rank],
+            )
+        else:  # rank 0, or a single rank's checkpoint, or another world size: rank 0's
+            plain = (CALLBACK_TENSORS, RANK_RNG)
+            restore_rng({k: v for k, v in tensors.items() if not k.startswith(plain)}, {})
         log.info("resumed from %s at step %d", ckpt, self.state.step)
         return ckpt
 
@@ -555,7 +568,7 @@ class Trainer:
         for i, (b, n) in enumerate(zip(micro, counts, strict=True)):
             last = i == len(micro) - 1
             sync = (
-                self.model.no_sync()
+                no_gradient_sync(self.model)
                 if self.data_parallel and not last
                 else contextlib.nullcontext()
             )
@@ -613,19 +626,28 @@ class Trainer:
             hook = head.register_forward_hook(lambda _m, _a, out: seen.append(out))
         # Data-parallel: each rank evaluates every world_size-th batch and the metrics are
         # summed over the ranks (metrics that cannot be summed see every batch on every rank).
-        model = unwrap(self.model)  # no wrapper collectives: ranks may see unequal batches
+        # A DDP model is unwrapped (its forward would sync buffers); an FSDP one all-gathers in
+        # its forward, so every rank runs as many forwards, the last ones on a spare batch.
+        model = unwrap(self.model)
         shard = self.data_parallel and all(m.can_sync for m in self.metrics)
+        starts: list[int | None] = list(range(0, n_items, bs))
+        if max_batches is not None:
+            starts = starts[:max_batches]
+        if shard:
+            rounds = -(-len(starts) // self.world_size)
+            starts = starts[self.rank :: self.world_size]
+            if gathers_in_forward(model):
+                starts += [None] * (rounds - len(starts))
         try:
-            for i, start in enumerate(range(0, n_items, bs)):
-                if max_batches is not None and i >= max_batches:
-                    break
-                if shard and i % self.world_size != self.rank:
-                    continue
-                idx = range(start, min(start + bs, n_items))
+            for start in starts:
+                first = start if start is not None else 0
+                idx = range(first, min(first + bs, n_items))
                 batch = self._to_device(default_collate([self.eval_data[j] for j in idx]))
                 seen.clear()
                 with self._autocast():
                     loss = self.loss_fn(model, batch)
+                if start is None:
+                    continue  # a spare forward: counted by no metric
                 n = self.count_targets(batch)
                 for m in self.metrics:
                     if m.needs_logits:

@@ -1,0 +1,59 @@
+"""What the Trainer asks of a data-parallel model, whichever wrapper made it: the module
+inside, whether it averages gradients over ranks, how to skip that average on the micro-steps
+of gradient accumulation, and whether its forward itself communicates."""
+
+from __future__ import annotations
+
+import contextlib
+
+from torch import nn
+
+
+def _fsdp_module():
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return None
+    return FSDPModule
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    """Whether `model` was sharded with FSDP2's `fully_shard`."""
+    cls = _fsdp_module()
+    return cls is not None and isinstance(model, cls)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a `DistributedDataParallel` wrapper (else `model`: FSDP2 shards a
+    module in place, it does not wrap it)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def averages_gradients(model: nn.Module) -> bool:
+    """Whether `model`'s backward averages gradients over the data-parallel ranks (DDP's
+    all-reduce, FSDP2's reduce-scatter)."""
+    return isinstance(model, nn.parallel.DistributedDataParallel) or is_fsdp(model)
+
+
+def gathers_in_forward(model: nn.Module) -> bool:
+    """Whether `model`'s forward is a collective (FSDP2 all-gathers each block's parameters):
+    then every rank must run the same number of forwards, in evaluation and generation too."""
+    return is_fsdp(model)
+
+
+@contextlib.contextmanager
+def no_gradient_sync(model: nn.Module):
+    """Within, backward passes accumulate local gradients without averaging them over the
+    ranks (the micro-steps of gradient accumulation); the next backward outside averages
+    everything accumulated."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif is_fsdp(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
