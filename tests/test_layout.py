@@ -25,6 +25,7 @@ LAYERS = {
     "train": 4,
     "config": 5,
     "recipe": 6,
+    "consolidate": 6.5,
     "cli": 7,
     "__main__": 8,
     "__init__": 8,

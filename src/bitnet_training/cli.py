@@ -5,6 +5,7 @@
     bitnet-train eval CKPT [key=value ...]
     bitnet-train generate CKPT --prompt TEXT [--max-new-tokens N] [--temperature T] ...
     bitnet-train merge RUN -o DIR [--method auto|requantize|refit]
+    bitnet-train consolidate CKPT -o DIR      (sharded FSDP checkpoint -> single files)
 
 The CLI owns the terminal: progress on stderr, the summary on stdout. Errors the user can fix
 print one line and exit with status 2; an interrupted run exits with 128 + the signal number
@@ -24,7 +25,7 @@ import torch
 from . import __version__, recipe
 from .config import SampleConfig, load_config
 from .data import PreprocessConfig, build_eval_dataset, preprocess
-from .distributed.wrappers import gathers_in_forward, unwrap
+from .distributed.wrappers import gathered_root, gathers_in_forward, unwrap
 from .errors import BitNetError, ConfigError
 from .metrics import read_pairs
 from .train import Trainer
@@ -58,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(
         dest="command",
         required=True,
-        metavar="{train,eval,generate,merge,preprocess}",
+        metavar="{train,eval,generate,merge,consolidate,plot,preprocess}",
         parser_class=_Parser,
     )
 
@@ -138,6 +139,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     pp.add_argument("--overwrite", action="store_true", help="replace an existing output")
     pp.add_argument("--no-progress", action="store_true")
+
+    cs = sub.add_parser("consolidate", help="turn a sharded (FSDP) checkpoint into single files")
+    cs.add_argument("checkpoint", help="a sharded checkpoint, or a run (its latest)")
+    cs.add_argument("--output", "-o", required=True, help="the new run directory")
 
     mg = sub.add_parser("merge", help="merge a LoRA run's adapters into its base")
     mg.add_argument("run", help="a PEFT (LoRA / AdaLoRA / 1.58-bit QLoRA) run or checkpoint")
@@ -249,9 +254,10 @@ def _sample(run: recipe.Run, result) -> str | None:
         return None
     if not gathers_in_forward(model):
         model = model.cpu()  # generation is sequential: the CPU does it as well as any
-    return recipe.generate_text(
-        model, run.tokenizer, s.prompt, s.max_new_tokens, s.temperature, s.top_k, s.seed
-    )
+    with gathered_root(model):
+        return recipe.generate_text(
+            model, run.tokenizer, s.prompt, s.max_new_tokens, s.temperature, s.top_k, s.seed
+        )
 
 
 # What `eval` overrides may change: the evaluation data and how it is read; anything else
@@ -363,6 +369,14 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_consolidate(args) -> int:
+    from .consolidate import consolidate_checkpoint
+
+    written = consolidate_checkpoint(args.checkpoint, args.output)
+    sys.stdout.write(f"consolidated {os.path.abspath(written)}\n")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from .monitoring.plots import plot_runs
 
@@ -443,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": cmd_eval,
         "generate": cmd_generate,
         "merge": cmd_merge,
+        "consolidate": cmd_consolidate,
         "plot": cmd_plot,
         "preprocess": cmd_preprocess,
     }

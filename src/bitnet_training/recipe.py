@@ -37,7 +37,7 @@ from .data.hf_tokenizer import PretrainedTokenizer, has_tokenizer_files
 from .distributed import apply_activation_checkpointing
 from .distributed.ddp import init_from_env, launched_world_size, wrap_ddp
 from .distributed.fsdp import apply_fsdp
-from .distributed.wrappers import unwrap
+from .distributed.wrappers import full_state_dict, unwrap
 from .errors import BitNetError
 from .loss import ContrastiveLoss, DistillLoss, LMLoss, Penalty
 from .metrics import GenerationScores, read_pairs
@@ -266,6 +266,17 @@ def parallelize(
         d, t = cfg.distributed, cfg.training
         device = resolve_device(t.device)
         if d.strategy == "fsdp":
+            why = {
+                "prefix": "its virtual-token encoder lives outside the sharded blocks",
+                "ptuning_v2": "its virtual-token encoder lives outside the sharded blocks",
+                "qlora": "bitsandbytes' NF4 weights carry their quantization state beside the "
+                "tensor, which FSDP2's shards do not; qlora_ternary shards",
+            }.get(cfg.peft.method)
+            if why:
+                raise BitNetError(
+                    f"peft.method={cfg.peft.method} is not built for distributed.strategy=fsdp "
+                    f"({why}): use ddp"
+                )
             model = apply_fsdp(
                 model,
                 device,
@@ -274,10 +285,12 @@ def parallelize(
                 d.fsdp_reshard_after_forward,
                 d.fsdp_cpu_offload,
             )
-            how = (
-                f"FSDP2 over {world} ranks, parameters gathered in {d.fsdp_param_dtype}, "
-                f"gradients reduced in {d.fsdp_reduce_dtype}"
-            )
+            how = f"FSDP2 over {world} ranks"
+            if d.fsdp_param_dtype != "auto" or d.fsdp_reduce_dtype != "auto":
+                how += (
+                    f", parameters gathered in {d.fsdp_param_dtype}, gradients reduced in "
+                    f"{d.fsdp_reduce_dtype}"
+                )
         else:
             model = wrap_ddp(
                 model, device, d.gradient_compression, d.powersgd_rank, d.powersgd_start_step
@@ -592,9 +605,12 @@ def train(
     directory's newest). Returns the run and the `TrainResult`."""
     run = prepare(cfg, resume, overwrite, progress)
     result = run.trainer.train(resume_from=resume)
-    if cfg.peft.method != "none" and run.trainer.is_main:
+    if cfg.peft.method != "none":
         # The final adapter in peft's format (adapter_config.json + adapter_model.safetensors)
-        save_adapter(unwrap(run.model), os.path.join(cfg.training.output_dir, "adapter"))
+        whole = full_state_dict(run.model)  # gathered from FSDP shards: every rank calls
+        if run.trainer.is_main:
+            out = os.path.join(cfg.training.output_dir, "adapter")
+            save_adapter(unwrap(run.model), out, state_dict=whole)
     return run, result
 
 

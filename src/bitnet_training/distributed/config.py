@@ -37,13 +37,14 @@ class DistributedConfig(Section):
     powersgd_start_step: int = Field(
         10, ge=2, description="PowerSGD: plain all-reduce before this step (its warm-up)"
     )
-    fsdp_param_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32",
-        description="fsdp: the dtype parameters are all-gathered and computed in (bfloat16 "
-        "halves the all-gather; the sharded master weights stay float32)",
+    fsdp_param_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="fsdp: the dtype parameters are all-gathered and computed in (auto: their "
+        "own; bfloat16 halves the all-gather, the sharded master weights keep theirs)",
     )
-    fsdp_reduce_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="fsdp: the dtype gradients are reduce-scattered in"
+    fsdp_reduce_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="fsdp: the dtype gradients are reduce-scattered in (auto: the parameters' own)",
     )
     fsdp_reshard_after_forward: bool = Field(
         True,

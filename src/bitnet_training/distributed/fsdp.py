@@ -24,21 +24,22 @@ from ..errors import BitNetError
 from ..nn.bitlinear import BitLinear
 from .activation_checkpoint import transformer_blocks
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def apply_fsdp(
     model: nn.Module,
     device: torch.device,
-    param_dtype: str = "float32",
-    reduce_dtype: str = "float32",
+    param_dtype: str = "auto",
+    reduce_dtype: str = "auto",
     reshard_after_forward: bool = True,
     cpu_offload: bool = False,
 ) -> nn.Module:
     """Shard `model` (moved to `device`) over the default process group with FSDP2, one unit
     per transformer block plus the root; returns the same module. `param_dtype`: the dtype
-    parameters are gathered and computed in (the shards stay in their own dtype, float32 as
-    a rule); `reduce_dtype`: the dtype gradients are reduce-scattered in; `cpu_offload`: keep
+    parameters are gathered and computed in (`auto`: their own; the shards keep their own
+    dtype); `reduce_dtype`: the dtype gradients are reduce-scattered in (`auto`: the
+    parameters'); `cpu_offload`: keep
     shards, gradients and the optimizer step on the CPU (GPUs only). A model without
     recognizable blocks is sharded as one unit."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard

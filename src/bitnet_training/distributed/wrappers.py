@@ -57,3 +57,30 @@ def no_gradient_sync(model: nn.Module):
             model.set_requires_gradient_sync(True)
     else:
         yield
+
+
+def full_state_dict(model: nn.Module) -> dict | None:
+    """`model`'s whole state dict on rank 0 (on the CPU; the other ranks get an empty dict),
+    gathered from FSDP shards: a collective every rank calls. None for a model that is not
+    sharded (its own `state_dict()` is whole)."""
+    if not is_fsdp(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+@contextlib.contextmanager
+def gathered_root(model: nn.Module):
+    """Within, an FSDP model's root parameters (embeddings, final norm, head) stay gathered,
+    so code that calls its submodules directly (generation loops) finds them whole; every
+    rank must enter it and run the same forwards."""
+    if not is_fsdp(model):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()

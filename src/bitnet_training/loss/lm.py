@@ -67,7 +67,8 @@ def causal_lm_loss(
             "(batch, seq)"
         )
     targets = _shift(labels)
-    flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    flat = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays
+    flat = flat.reshape(-1, logits.shape[-1])
     n = (targets != ignore_index).sum().clamp_min(1)
     return _token_losses(flat, targets, ignore_index, label_smoothing, z_loss) / n
 

@@ -224,9 +224,11 @@ class BitNetLM(nn.Module):
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
-            # Next-token prediction: position i predicts labels[i + 1]; computed in fp32.
+            # Next-token prediction: position i predicts labels[i + 1]; computed in fp32 at
+            # least (a float64 model keeps float64).
+            wide = torch.promote_types(logits.dtype, torch.float32)
             loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                logits[:, :-1].to(wide).reshape(-1, logits.shape[-1]),
                 labels[:, 1:].reshape(-1),
                 ignore_index=-100,
             )

@@ -510,12 +510,13 @@ def load_bitfit(model: nn.Module, path: str) -> None:
 
 
 # ------------------------------------------------------------------------- saving
-def save_adapter(model: nn.Module, directory: str) -> str:
+def save_adapter(model: nn.Module, directory: str, state_dict: dict | None = None) -> str:
     """Write what trains in `model` as an adapter directory, atomically: peft's format
     (`adapter_config.json` + `adapter_model.safetensors`, loadable with
     `peft.PeftModel.from_pretrained` onto the same base) for LoRA / AdaLoRA / peft's prefix
     tuning; the same two files with our own `peft_type` (`BITFIT`, `PREFIX_TUNING` on
-    `BitNetLM`) for what peft has no format for. Returns `directory`."""
+    `BitNetLM`) for what peft has no format for. `state_dict`: the model's whole state dict,
+    when its own parameters are shards (FSDP). Returns `directory`."""
     import json
 
     from safetensors.torch import save_file
@@ -526,13 +527,15 @@ def save_adapter(model: nn.Module, directory: str) -> str:
                 # AdaLoRA prunes some modules to rank 0, whose empty tensors peft takes for
                 # unsharded FSDP / ZeRO-3 shards and warns about: they are what it pruned.
                 warnings.filterwarnings("ignore", message=".*have invalid shape.*")
-                model.save_pretrained(tmp)
+                model.save_pretrained(tmp, state_dict=state_dict)
         else:
             if hasattr(model, "adapter_state_dict"):
                 state, kind = model.adapter_state_dict(), "PREFIX_TUNING"
             else:
                 kind = "BITFIT"
-                state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+                whole = state_dict if state_dict is not None else dict(model.named_parameters())
+                trains = [n for n, p in model.named_parameters() if p.requires_grad]
+                state = {n: whole[n].detach() for n in trains}
             save_file(
                 {k: v.contiguous() for k, v in state.items()},
                 os.path.join(tmp, "adapter_model.safetensors"),

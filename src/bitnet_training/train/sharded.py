@@ -17,7 +17,9 @@ with `full_state_dict`).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 
 import torch
 from safetensors import SafetensorError
@@ -33,6 +35,15 @@ from .checkpoint import (
 )
 
 SHARDED_DIR = "sharded"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """DCP warns that it loads in a single process when no process group exists: that is
+    what a single-process reader (eval, consolidate) means."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        yield
 
 
 def _dist() -> bool:
@@ -87,7 +98,8 @@ def save_sharded_checkpoint(
     if optimizer is not None:
         tensors["optimizer"] = get_optimizer_state_dict(model, optimizer)
     try:
-        dcp.save(tensors, checkpoint_id=os.path.join(tmp, SHARDED_DIR), no_dist=not dist)
+        with _quiet():
+            dcp.save(tensors, checkpoint_id=os.path.join(tmp, SHARDED_DIR), no_dist=not dist)
     except BaseException:
         if rank == 0:
             import shutil
@@ -148,7 +160,10 @@ def load_sharded_model(
     _check_keys(ckpt, set(sd), stored, may_miss)
     sd = {k: v for k, v in sd.items() if k in stored}
     try:
-        dcp.load({"model": sd}, checkpoint_id=os.path.join(ckpt, SHARDED_DIR), no_dist=not _dist())
+        with _quiet():
+            dcp.load(
+                {"model": sd}, checkpoint_id=os.path.join(ckpt, SHARDED_DIR), no_dist=not _dist()
+            )
     except Exception as e:
         first = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
         raise BitNetError(f"checkpoint {ckpt!r} does not fit this model: {first}") from None
@@ -170,9 +185,9 @@ def load_sharded_optimizer(
         return False
     osd = get_optimizer_state_dict(model, optimizer)
     try:
-        dcp.load(
-            {"optimizer": osd}, checkpoint_id=os.path.join(ckpt, SHARDED_DIR), no_dist=not _dist()
-        )
+        with _quiet():
+            path = os.path.join(ckpt, SHARDED_DIR)
+            dcp.load({"optimizer": osd}, checkpoint_id=path, no_dist=not _dist())
     except Exception as e:
         first = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
         raise BitNetError(f"optimizer state does not fit: {first}") from None

@@ -236,7 +236,8 @@ class Trainer:
         """`value` averaged over the data-parallel ranks (itself in a single process)."""
         if not self.data_parallel:
             return value
-        value = value.detach().clone().float()
+        value = value.detach().clone()
+        value = value.to(torch.promote_types(value.dtype, torch.float32))
         torch.distributed.all_reduce(value)
         return value / self.world_size
 
@@ -575,13 +576,14 @@ class Trainer:
             with sync:
                 with self._autocast():
                     loss = self.loss_fn(self.model, b)
-                part = loss.float() * (n * scale / total)
+                wide = torch.promote_types(loss.dtype, torch.float32)  # float64 stays
+                part = loss.to(wide) * (n * scale / total)
                 if last:  # callbacks' auxiliary losses, once per step, in the same backward
                     aux = [a for a in (cb.aux_loss(self) for cb in self.callbacks) if a is not None]
                     if aux:
-                        part = part + torch.stack([a.float() for a in aux]).sum()
+                        part = part + torch.stack([a.to(wide) for a in aux]).sum()
                 self._backward(part)
-            loss_sum += part.detach()
+            loss_sum = loss_sum + part.detach()  # float64 when the model is
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         self._call("on_after_backward")
