@@ -1,5 +1,9 @@
 """Stop a run cleanly on SIGINT / SIGTERM: the first signal asks for a checkpoint and a stop,
-a second one exits at once."""
+a second one exits at once. In a run of several processes SIGTERM is left to kill at once:
+torchrun's agent sends it to the surviving workers when one dies, and a checkpoint then
+would be a collective with a dead rank (a hang, or a checkpoint missing a rank's part); the
+restart resumes from the last complete checkpoint. SIGINT (Ctrl-C) still saves: the ranks
+agree on the step to stop after (the Trainer's per-step all-reduce carries the request)."""
 
 from __future__ import annotations
 
@@ -17,11 +21,10 @@ class GracefulStop:
     thread, where Python cannot install handlers, it does nothing. Handlers are restored on
     exit."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
+    def __init__(self, catch_sigterm: bool = True):
         self.received: int | None = None
         self._old: dict = {}
+        self.signals = (signal.SIGINT, signal.SIGTERM) if catch_sigterm else (signal.SIGINT,)
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
@@ -31,13 +34,14 @@ class GracefulStop:
             signal.Signals(signum).name,
         )
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if signal.SIGTERM in self.signals:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def __enter__(self) -> GracefulStop:
         self.received = None
         if threading.current_thread() is threading.main_thread():
-            self._old = {s: signal.getsignal(s) for s in self.SIGNALS}
-            for s in self.SIGNALS:
+            self._old = {s: signal.getsignal(s) for s in self.signals}
+            for s in self.signals:
                 signal.signal(s, self._handle)
         return self
 

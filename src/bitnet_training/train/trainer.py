@@ -224,7 +224,9 @@ class Trainer:
         self.history: list[dict] = []
         self.last_step: dict = {}
         self.interrupted = False
-        self._stop = GracefulStop()
+        # Several processes: SIGTERM kills at once (see signals.py), Ctrl-C stops together.
+        self._stop = GracefulStop(catch_sigterm=self.world_size == 1)
+        self._ranks_stopping = False
 
     @property
     def data_parallel(self) -> bool:
@@ -541,6 +543,13 @@ class Trainer:
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
+    def _stopping(self) -> bool:
+        """Whether a signal asked to stop: on any rank, as the last step's all-reduce told,
+        under data parallelism (every rank stops after the same step); else on this one."""
+        if self.data_parallel:
+            return self._ranks_stopping
+        return self._stop.received is not None
+
     def _train_step(self, micro: list[dict]) -> dict:
         """One optimizer step over `micro` batches. The loss is weighted by target tokens
         across all micro-batches (and all data-parallel ranks), so k micro-batches of b
@@ -560,9 +569,12 @@ class Trainer:
             # Weight by the targets of every rank: the wrapper (DDP / FSDP) averages the
             # ranks' gradients, so a rank's share is scaled by the world size. Tokens are
             # counted over all ranks too (one all-reduce for both).
-            both = torch.stack([total.to(ntok.dtype), ntok])
+            # A stop requested on any rank (Ctrl-C) rides along, so all stop after one step.
+            stop = torch.tensor(int(self._stop.received is not None), device=ntok.device)
+            both = torch.stack([total.to(ntok.dtype), ntok, stop.to(ntok.dtype)])
             torch.distributed.all_reduce(both)
             total, ntok = both[0], both[1]
+            self._ranks_stopping = bool(both[2])
             scale = float(self.world_size)
         total = total.clamp_min(1)
         loss_sum = torch.zeros((), device=self.device)
@@ -686,7 +698,7 @@ class Trainer:
         with self._stop:
             self._call("on_train_begin")
             t_start, batches = time.perf_counter(), iter(self.sampler)
-            while s.step < self.total_steps and not s.should_stop and not self._stop.received:
+            while s.step < self.total_steps and not s.should_stop and not self._stopping():
                 self._call("on_step_begin")
                 lr = self.optimizer.param_groups[0]["lr"]  # as the callbacks set it
                 micro = [self._next_batch(batches) for _ in range(c.gradient_accumulation_steps)]
@@ -697,7 +709,7 @@ class Trainer:
                 if s.should_save:
                     s.should_save = False
                     self.save_checkpoint()
-            self.interrupted = self._stop.received is not None
+            self.interrupted = self._stopping()
             self._call("on_train_loop_end")
             final = not c.save_best_only or s.best_step == s.step or self.interrupted
             saved = s.last_checkpoint and os.path.basename(s.last_checkpoint) == (

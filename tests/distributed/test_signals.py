@@ -1,0 +1,81 @@
+"""Signals under torchrun (gloo, 2 CPU processes): Ctrl-C (SIGINT) on one rank stops every
+rank after the same step with a complete final checkpoint; SIGTERM, as torchrun's agent sends
+it to the surviving workers when one dies, ends them at once without starting a collective
+save, leaving the last complete checkpoint for the restart."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bitnet_training.cli import main
+
+ARGS = [
+    "--no-progress", "data.seq_len=32", "model.hidden_size=32", "model.intermediate_size=64",
+    "model.num_hidden_layers=1", "model.num_attention_heads=2", "model.num_key_value_heads=1",
+    "training.mixed_precision=fp32", "training.max_steps=100000", "training.log_every=1",
+    "training.save_every=3", "training.batch_size=2", "sample.max_new_tokens=0",
+]  # fmt: skip
+
+
+def workers(parent: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def start(tmp_path, name):
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog"]
+    text = "\n\n".join(" ".join(words[(i * 5 + j) % 9] for j in range(50)) for i in range(40))
+    (tmp_path / "t.txt").write_text(text)
+    (tmp_path / "v.txt").write_text(text[:1500])
+    out = tmp_path / name
+    data = [f"data.train_files={tmp_path / 't.txt'}", f"data.val_files={tmp_path / 'v.txt'}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+           "-m", "bitnet_training", "train", *ARGS, *data, f"training.output_dir={out}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint-00000006").is_dir():  # training is under way
+        assert agent.poll() is None, agent.communicate()[1].decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.2)
+    pids = workers(agent.pid)
+    assert len(pids) == 2
+    return agent, pids, out
+
+
+def finish(agent):
+    try:
+        return agent.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        agent.kill()
+        pytest.fail("the workers did not stop within 60 s")
+
+
+def test_ctrl_c_on_one_rank_stops_all_after_the_same_step_and_saves(tmp_path):
+    agent, pids, out = start(tmp_path, "int")
+    os.kill(pids[1], signal.SIGINT)  # one rank only: the other learns it at the next step
+    _, err = finish(agent)
+    latest = (out / "latest").read_text().strip()
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert latest == f"checkpoint-{steps[-1]:08d}"  # saved at the last step trained
+    state = json.loads((out / latest / "trainer_state.json").read_text())
+    assert state["step"] == steps[-1]
+    assert "SIGINT received" in err.decode()
+    assert main(["eval", str(out)]) == 0
+
+
+def test_sigterm_under_torchrun_exits_at_once_without_saving(tmp_path):
+    agent, pids, out = start(tmp_path, "term")
+    for pid in pids:  # what torchrun's agent does to the survivors of a failed worker
+        os.kill(pid, signal.SIGTERM)
+    t0 = time.monotonic()
+    finish(agent)
+    assert time.monotonic() - t0 < 30
+    latest = (out / "latest").read_text().strip()
+    assert (out / latest / "trainer_state.json").is_file()  # a complete checkpoint
+    assert main(["eval", str(out)]) == 0  # which the restart resumes from
