@@ -34,8 +34,9 @@ def start(tmp_path, name):
     (tmp_path / "v.txt").write_text(text[:1500])
     out = tmp_path / name
     data = [f"data.train_files={tmp_path / 't.txt'}", f"data.val_files={tmp_path / 'v.txt'}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
-           "-m", "bitnet_training", "train", *ARGS, *data, f"training.output_dir={out}"]  # fmt: skip
+    run = ["-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone"]
+    cmd = [sys.executable, *run, "-m", "bitnet_training", "train", *ARGS, *data]
+    cmd.append(f"training.output_dir={out}")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 120
