@@ -152,3 +152,34 @@ def test_gradient_compression_trains_and_sends_fewer_bytes(tmp_path):
         sent[c], full = r["bytes"], r["float32"]
     assert sent["fp16"] == sent["bf16"] == full // 2  # the buckets hold every gradient
     assert 0 < sent["powersgd"] < sent["fp16"]
+
+
+def test_two_nodes_on_loopback_train_as_one_process(tmp_path, text):
+    """Two torchrun launches (one process each) meet by c10d rendezvous, as two machines
+    would; their run equals one process with the global batch."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = [f"data.train_files={text / 't.txt'}", f"data.val_files={text / 'v.txt'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = []
+    for rank in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+               "--nproc-per-node=1", f"--node-rank={rank}", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=bitnet-test",
+               "-m", "bitnet_training", "train", *COMMON, *data, "training.batch_size=2",
+               f"training.output_dir={tmp_path / 'nodes'}"]  # fmt: skip
+        nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=env))  # fmt: skip
+    outs = [n.communicate(timeout=180) for n in nodes]
+    for n, (_, err) in zip(nodes, outs, strict=True):
+        assert n.returncode == 0, err[-3000:]
+    assert sum(out.count("== summary ==") for out, _ in outs) == 1
+    one = tmp_path / "one"
+    assert main(["train", *COMMON, *data, "training.batch_size=4",
+                 f"training.output_dir={one}"]) == 0  # fmt: skip
+    for a, b in zip(rows(tmp_path / "nodes"), rows(one), strict=True):
+        key = "loss" if a["kind"] == "train" else "val_loss"
+        assert a["step"] == b["step"] and a[key] == pytest.approx(b[key], rel=1e-5)
