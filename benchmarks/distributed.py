@@ -1,15 +1,17 @@
-"""Data parallelism on CPU: bytes communicated and step time, DDP with each gradient
-compression, 2 processes against 1.
+"""Data parallelism on CPU: bytes communicated, step time and model-state memory per rank,
+DDP with each gradient compression and FSDP2, 2 processes against 1.
 
 Every variant trains the same `tiny` BitNetLM (ternary QAT, bf16 autocast) on the same
 random token batches: one process with a batch of 2b, or two gloo processes with b each (the
 same global batch), wrapped by `distributed.ddp.wrap_ddp` with gradient compression none /
 fp16 / bf16 / powersgd. Bytes are what rank 0 hands to the all-reduce per step (counted by
 wrapping `torch.distributed.all_reduce`; without a hook DDP all-reduces every gradient in
-float32, counted as the gradients' bytes). Step time is the median of the timed steps; the
-two processes share this machine's cores, so 2 processes on 2 cores are not expected to be
-faster than 1 with both: this measures the cost of the communication, not scaling. Never
-asserts anything: it prints a table.
+float32, counted as the gradients' bytes; FSDP's all-gathers and reduce-scatters are counted
+by their inputs). Memory is what a rank holds of the model's state after a step: its
+parameters (or shards), gradients and AdamW moments, counted from the tensors. Step time is
+the median of the timed steps; the two processes share this machine's cores, so 2 processes
+on 2 cores are not expected to be faster than 1 with both: this measures the cost of the
+communication, not scaling. Never asserts anything: it prints a table.
 
     python benchmarks/distributed.py
 """
@@ -30,8 +32,14 @@ import torch.multiprocessing as mp
 
 from bitnet_training import BitNetLM, ModelConfig
 from bitnet_training.distributed.ddp import wrap_ddp
+from bitnet_training.distributed.fsdp import apply_fsdp
 
-VARIANTS = ("none", "fp16", "bf16", "powersgd")
+VARIANTS = ("none", "fp16", "bf16", "powersgd", "fsdp")
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
 
 
 def _run(rank: int, world: int, init: str, out: str, args) -> None:
@@ -45,10 +53,22 @@ def _run(rank: int, world: int, init: str, out: str, args) -> None:
         sent.append(tensor.numel() * tensor.element_size())
         return real(tensor, *a, **kw)
 
+    def counting_collective(real_fn):
+        def fn(out, inp, *a, **kw):
+            sent.append(inp.numel() * inp.element_size())
+            return real_fn(out, inp, *a, **kw)
+
+        return fn
+
+    gather, scatter = dist.all_gather_into_tensor, dist.reduce_scatter_tensor
     dist.all_reduce = counting
+    dist.all_gather_into_tensor = counting_collective(gather)
+    dist.reduce_scatter_tensor = counting_collective(scatter)
     torch.manual_seed(0)
     model = BitNetLM.bitnet(ModelConfig.preset("tiny"))
-    if world > 1:
+    if world > 1 and args.compression == "fsdp":
+        model = apply_fsdp(model, torch.device("cpu"))
+    elif world > 1:
         model = wrap_ddp(model, torch.device("cpu"), args.compression, 4, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     b = args.batch // world
@@ -62,15 +82,19 @@ def _run(rank: int, world: int, init: str, out: str, args) -> None:
             loss = model(x, labels=x).loss
         loss.backward()
         opt.step()
+        held = sum(_local_bytes(p) for p in model.parameters())
+        held += sum(_local_bytes(p.grad) for p in model.parameters() if p.grad is not None)
+        held += sum(_local_bytes(v) for st in opt.state.values() for v in st.values() if v.dim())
         opt.zero_grad(set_to_none=True)
         if step >= 3:  # after PowerSGD's warm-up (start step 2) and the first steps' setup
             times.append(time.perf_counter() - t)
             per_step.append(sum(sent))
-    dist.all_reduce = real
+    dist.all_reduce, dist.all_gather_into_tensor, dist.reduce_scatter_tensor = real, gather, scatter
     grads = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
     if rank == 0:
         hooked = world > 1 and args.compression != "none"
         result = {
+            "held_mb": held / 2**20,
             "step_s": statistics.median(times),
             "bytes": statistics.median(per_step) if hooked else (grads if world > 1 else 0),
         }
@@ -106,19 +130,22 @@ def main() -> None:
         f"shared by the processes, torch {torch.__version__}\n"
     )
     print(
-        "| processes | gradient compression | bytes sent per step (rank 0) | vs float32 | step s |"
+        "| processes | layout | bytes sent per step (rank 0) | vs DDP float32 | "
+        "model state per rank MiB | step s |"
     )
-    print("|---:|---|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|")
     args.compression = "none"
     one = measure(1, args)
-    print(f"| 1 | - | 0 | - | {one['step_s']:.3f} |", flush=True)
+    print(f"| 1 | - | 0 | - | {one['held_mb']:.1f} | {one['step_s']:.3f} |", flush=True)
     full = None
     for c in VARIANTS:
         args.compression = c
         r = measure(2, args)
         full = full or r["bytes"]
+        name = "FSDP2" if c == "fsdp" else f"DDP, {c}"
         print(
-            f"| 2 | {c} | {r['bytes']:,.0f} | {r['bytes'] / full:.3f} | {r['step_s']:.3f} |",
+            f"| 2 | {name} | {r['bytes']:,.0f} | {r['bytes'] / full:.3f} | "
+            f"{r['held_mb']:.1f} | {r['step_s']:.3f} |",
             flush=True,
         )
 
