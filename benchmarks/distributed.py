@@ -7,11 +7,12 @@ same global batch), wrapped by `distributed.ddp.wrap_ddp` with gradient compress
 fp16 / bf16 / powersgd. Bytes are what rank 0 hands to the all-reduce per step (counted by
 wrapping `torch.distributed.all_reduce`; without a hook DDP all-reduces every gradient in
 float32, counted as the gradients' bytes; FSDP's all-gathers and reduce-scatters are counted
-by their inputs). Memory is what a rank holds of the model's state after a step: its
-parameters (or shards), gradients and AdamW moments, counted from the tensors. Step time is
-the median of the timed steps; the two processes share this machine's cores, so 2 processes
-on 2 cores are not expected to be faster than 1 with both: this measures the cost of the
-communication, not scaling. Never asserts anything: it prints a table.
+by their inputs, a rank's shard and the full gradients). Memory is what a rank holds of the
+model's state after a step: its parameters (or shards), gradients and AdamW moments, counted
+from the tensors. Step time is the median of the timed steps; the two processes share this
+machine's cores, so 2 processes on 2 cores are not expected to be faster than 1 with both:
+this measures the cost of the communication, not scaling. Never asserts anything: it prints
+a table.
 
     python benchmarks/distributed.py
 """
@@ -60,10 +61,11 @@ def _run(rank: int, world: int, init: str, out: str, args) -> None:
 
         return fn
 
-    gather, scatter = dist.all_gather_into_tensor, dist.reduce_scatter_tensor
+    # FSDP2 calls all_gather_single / reduce_scatter_single (torch 2.13)
+    gather, scatter = dist.all_gather_single, dist.reduce_scatter_single
     dist.all_reduce = counting
-    dist.all_gather_into_tensor = counting_collective(gather)
-    dist.reduce_scatter_tensor = counting_collective(scatter)
+    dist.all_gather_single = counting_collective(gather)
+    dist.reduce_scatter_single = counting_collective(scatter)
     torch.manual_seed(0)
     model = BitNetLM.bitnet(ModelConfig.preset("tiny"))
     if world > 1 and args.compression == "fsdp":
@@ -89,7 +91,7 @@ def _run(rank: int, world: int, init: str, out: str, args) -> None:
         if step >= 3:  # after PowerSGD's warm-up (start step 2) and the first steps' setup
             times.append(time.perf_counter() - t)
             per_step.append(sum(sent))
-    dist.all_reduce, dist.all_gather_into_tensor, dist.reduce_scatter_tensor = real, gather, scatter
+    dist.all_reduce, dist.all_gather_single, dist.reduce_scatter_single = real, gather, scatter
     grads = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
     if rank == 0:
         hooked = world > 1 and args.compression != "none"
