@@ -55,9 +55,10 @@ def _run(rank: int, world: int, init: str, out: str, args) -> None:
         return real(tensor, *a, **kw)
 
     def counting_collective(real_fn):
-        def fn(out, inp, *a, **kw):
+        def fn(*a, **kw):  # (output, input, ...), positional or by name
+            inp = a[1] if len(a) > 1 else kw.get("input", kw.get("input_tensor"))
             sent.append(inp.numel() * inp.element_size())
-            return real_fn(out, inp, *a, **kw)
+            return real_fn(*a, **kw)
 
         return fn
 
