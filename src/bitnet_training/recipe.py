@@ -35,8 +35,8 @@ from .config import RunConfig, apply_override, config_from_dict, migrate_stored
 from .data import Datasets, build_datasets, build_eval_dataset, tokenizer_for, tokenizer_id
 from .data.hf_tokenizer import PretrainedTokenizer, has_tokenizer_files
 from .distributed import apply_activation_checkpointing
-from .distributed.ddp import init_from_env, launched_world_size, wrap_ddp
-from .distributed.fsdp import apply_fsdp
+from .distributed.ddp import init_from_env, launched_world_size
+from .distributed.layout import apply_layout
 from .distributed.wrappers import full_state_dict, unwrap
 from .errors import BitNetError
 from .loss import ContrastiveLoss, DistillLoss, LMLoss, Penalty
@@ -252,10 +252,10 @@ def apply_transforms(model: nn.Module, cfg: RunConfig) -> tuple[nn.Module, list[
 def parallelize(
     model: nn.Module, cfg: RunConfig, data_parallel: bool = True
 ) -> tuple[nn.Module, list[str]]:
-    """Transform 3, in torchtitan's order: (pipeline split and tensor parallel: not built),
-    activation checkpointing, then data parallelism when the process group has several
-    ranks: `DistributedDataParallel`, or FSDP2 with `distributed.strategy=fsdp`. Returns the
-    model to train (possibly wrapped)."""
+    """Transform 3, in torchtitan's order: activation checkpointing, then the layout over
+    the process group's ranks when it has several (`distributed.layout.apply_layout`: tensor
+    parallel, then DDP or FSDP2; pipeline parallelism is not built). Returns the model to
+    train (possibly wrapped)."""
     notes = []
     if cfg.training.activation_checkpointing:
         n = apply_activation_checkpointing(model)
@@ -263,45 +263,14 @@ def parallelize(
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     world = torch.distributed.get_world_size() if dist else 1
     if world > 1 and data_parallel:
-        d, t = cfg.distributed, cfg.training
+        t = cfg.training
         device = resolve_device(t.device)
-        if d.strategy == "fsdp":
-            why = {
-                "prefix": "its virtual-token encoder lives outside the sharded blocks",
-                "ptuning_v2": "its virtual-token encoder lives outside the sharded blocks",
-                "qlora": "bitsandbytes' NF4 weights carry their quantization state beside the "
-                "tensor, which FSDP2's shards do not; qlora_ternary shards",
-            }.get(cfg.peft.method)
-            if why:
-                raise BitNetError(
-                    f"peft.method={cfg.peft.method} is not built for distributed.strategy=fsdp "
-                    f"({why}): use ddp"
-                )
-            model = apply_fsdp(
-                model,
-                device,
-                d.fsdp_param_dtype,
-                d.fsdp_reduce_dtype,
-                d.fsdp_reshard_after_forward,
-                d.fsdp_cpu_offload,
-            )
-            how = f"FSDP2 over {world} ranks"
-            if d.fsdp_param_dtype != "auto" or d.fsdp_reduce_dtype != "auto":
-                how += (
-                    f", parameters gathered in {d.fsdp_param_dtype}, gradients reduced in "
-                    f"{d.fsdp_reduce_dtype}"
-                )
-        else:
-            model = wrap_ddp(
-                model, device, d.gradient_compression, d.powersgd_rank, d.powersgd_start_step
-            )
-            how = f"DDP over {world} ranks"
-            if d.gradient_compression != "none":
-                notes.append(f"gradient compression: {d.gradient_compression}")
+        model, how, world = apply_layout(model, cfg.distributed, device, cfg.peft.method)
         notes.append(
-            f"data parallel: {how} ({torch.distributed.get_backend()}); global batch "
+            f"parallel: {how} ({torch.distributed.get_backend()}); global batch "
             f"{t.batch_size} per rank x {t.gradient_accumulation_steps} accumulation x "
-            f"{world} ranks = {t.batch_size * t.gradient_accumulation_steps * world} sequences"
+            f"{world} data-parallel ranks = "
+            f"{t.batch_size * t.gradient_accumulation_steps * world} sequences"
         )
     return model, notes
 
@@ -317,7 +286,7 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int]:
             f"distributed.strategy=none, but torchrun launched {launched} processes: they "
             "would each train alone (use ddp, or auto)"
         )
-    if launched <= 1 and strategy in ("ddp", "fsdp"):
+    if launched <= 1 and strategy in ("ddp", "fsdp", "tp", "fsdp+tp"):
         raise BitNetError(
             f"distributed.strategy={strategy} needs several processes: launch with torchrun "
             "--nproc-per-node=N (one process trains alone)"

@@ -1,16 +1,18 @@
-"""Run by tests/distributed/test_fsdp.py, alone or under torchrun: train a tiny ternary
-BitNetLM in float64 with the Trainer under a data-parallel layout (argv[1]: none, ddp or
-fsdp; argv[2]: the output directory; argv[3]: the per-rank batch size; argv[4], optional:
-a checkpoint to resume from), and write each step's loss and gradient norm and the final
-ternary codes of every BitLinear to <output>/result.pt (rank 0)."""
+"""Run by tests/distributed/test_layouts.py, alone or under torchrun: train a tiny ternary
+BitNetLM in float64 with the Trainer under a parallel layout (argv[1]: none, ddp, fsdp, tp,
+or fsdp+tp over 4 ranks; argv[2]: the output directory; argv[3]: the per-rank batch size;
+argv[4], optional: a checkpoint to resume from), and write each step's loss and gradient
+norm and the final ternary codes of every BitLinear to <output>/result.pt (rank 0)."""
 
 import os
 import sys
 
 import torch
 
+from bitnet_training.distributed.config import DistributedConfig
 from bitnet_training.distributed.ddp import init_from_env, wrap_ddp
 from bitnet_training.distributed.fsdp import apply_fsdp
+from bitnet_training.distributed.layout import apply_layout
 from bitnet_training.models import BitNetLM
 from bitnet_training.models.config import ModelConfig
 from bitnet_training.nn import quantize_model
@@ -37,14 +39,20 @@ def main(layout: str, out: str, batch: int, resume: str | None) -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(
         vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
     )  # fmt: skip
     model = BitNetLM(cfg)
-    quantize_model(model, QATConfig())
+    # Tensor parallel layers take BitLinear's unfused path; its baseline does too (fused and
+    # unfused agree to float64 rounding, which a layout comparison should not depend on).
+    qat = QATConfig(fused=os.environ.get("BITNET_FUSED", "1") == "1")
+    quantize_model(model, qat)
     if layout == "ddp":
         model = wrap_ddp(model, cpu)
     elif layout == "fsdp":
         model = apply_fsdp(model, cpu)
+    elif layout in ("tp", "fsdp+tp"):  # tensor parallel in groups of 2
+        d = DistributedConfig(strategy=layout, tp_size=2)
+        model = apply_layout(model, d, cpu)[0]
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 48, (32, 16), generator=gen)
     lengths = torch.randint(6, 17, (32,), generator=gen)  # unequal targets per rank
@@ -56,7 +64,7 @@ def main(layout: str, out: str, batch: int, resume: str | None) -> None:
         eval_every=2, log_every=100, mixed_precision="fp32",
     )  # fmt: skip
     record = Record()
-    io = CheckpointIO(sharded=layout == "fsdp")
+    io = CheckpointIO(sharded=layout in ("fsdp", "tp", "fsdp+tp"))
     trainer = Trainer(model, config, data, data[:12], [record], checkpoint_io=io)
     trainer.train(resume_from=resume)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -64,7 +72,7 @@ def main(layout: str, out: str, batch: int, resume: str | None) -> None:
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     codes = {}
     plain = BitNetLM(cfg)
-    quantize_model(plain, QATConfig())
+    quantize_model(plain, qat)
     plain.load_state_dict(full)
     for name, m in plain.named_modules():
         if isinstance(m, BitLinear):

@@ -46,7 +46,9 @@ def test_two_ranks_train_as_one_process_with_the_global_batch(tmp_path, text):
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("== summary ==") == 1  # rank 0 speaks for the run
-    assert "global batch 2 per rank x 1 accumulation x 2 ranks = 4 sequences" in done.stderr
+    assert "global batch 2 per rank x 1 accumulation x 2 data-parallel ranks = 4 sequences" in (
+        done.stderr
+    )
     one = tmp_path / "dp1"
     assert main(["train", *COMMON, *data, "training.batch_size=4",
                  f"training.output_dir={one}"]) == 0  # fmt: skip
@@ -89,7 +91,9 @@ def test_settings_that_cannot_act_alone_are_refused(tmp_path, capsys, text):
         ("distributed.strategy=ddp", "needs several processes: launch with torchrun"),
         ("distributed.backend=gloo", "acts only under torchrun"),
         ("distributed.strategy=fsdp", "strategy=fsdp needs several processes"),
-        ("distributed.strategy=tp", "expected one of auto, none, ddp, fsdp"),
+        ("distributed.strategy=tp", "strategy=tp needs several processes"),
+        ("distributed.strategy=pp", "expected one of auto, none, ddp, fsdp, tp"),
+        ("distributed.strategy=tp distributed.gradient_compression=bf16", "with strategy tp"),
         ("distributed.fsdp_param_dtype=bfloat16", "set only with strategy fsdp"),
         ("distributed.strategy=fsdp distributed.gradient_compression=fp16", "fsdp_reduce_dtype"),
     ]:

@@ -38,35 +38,47 @@ def start(tmp_path, name):
     cmd = [sys.executable, *run, "-m", "bitnet_training", "train", *ARGS, *data]
     cmd.append(f"training.output_dir={out}")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    deadline = time.monotonic() + 120
+    # Output to a file, not a pipe nobody reads while training runs (a full pipe would block
+    # the workers); a session of its own, so a failed test kills the workers too.
+    log = open(tmp_path / f"{name}.log", "w+b")  # noqa: SIM115 (closed with the test's tmp)
+    agent = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
+    agent.log = log
+    deadline = time.monotonic() + 180
     while not (out / "checkpoint-00000006").is_dir():  # training is under way
-        assert agent.poll() is None, agent.communicate()[1].decode()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        assert agent.poll() is None, output(agent)
+        if time.monotonic() > deadline:
+            os.killpg(agent.pid, signal.SIGKILL)
+            pytest.fail(f"no checkpoint within 180 s: {output(agent)}")
         time.sleep(0.2)
     pids = workers(agent.pid)
     assert len(pids) == 2
     return agent, pids, out
 
 
-def finish(agent):
+def output(agent, tail: int = 3000) -> str:
+    agent.log.seek(0)
+    return agent.log.read().decode(errors="replace")[-tail:]
+
+
+def finish(agent) -> str:
     try:
-        return agent.communicate(timeout=60)
+        agent.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        agent.kill()
-        pytest.fail("the workers did not stop within 60 s")
+        os.killpg(agent.pid, signal.SIGKILL)
+        pytest.fail(f"the workers did not stop within 60 s: {output(agent)}")
+    return output(agent, tail=10**7)
 
 
 def test_ctrl_c_on_one_rank_stops_all_after_the_same_step_and_saves(tmp_path):
     agent, pids, out = start(tmp_path, "int")
     os.kill(pids[1], signal.SIGINT)  # one rank only: the other learns it at the next step
-    _, err = finish(agent)
+    err = finish(agent)
     latest = (out / "latest").read_text().strip()
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert latest == f"checkpoint-{steps[-1]:08d}"  # saved at the last step trained
     state = json.loads((out / latest / "trainer_state.json").read_text())
     assert state["step"] == steps[-1]
-    assert "SIGINT received" in err.decode()
+    assert "SIGINT received" in err
     assert main(["eval", str(out)]) == 0
 
 

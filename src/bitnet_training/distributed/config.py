@@ -18,12 +18,20 @@ class DistributedConfig(Section):
 
     _path = "distributed"
 
-    strategy: Literal["auto", "none", "ddp", "fsdp"] = Field(
+    strategy: Literal["auto", "none", "ddp", "fsdp", "tp", "fsdp+tp"] = Field(
         "auto",
         description="auto: ddp when launched with several processes; ddp: "
         "DistributedDataParallel (a replica per rank); fsdp: FSDP2, parameters, gradients "
-        "and optimizer states sharded over the ranks, sharded checkpoints (tensor and "
-        "pipeline parallelism are not built yet)",
+        "and optimizer states sharded over the ranks, sharded checkpoints; tp: tensor "
+        "parallel, each block's attention and FFN split over the ranks, which share one "
+        "data stream; fsdp+tp: a 2-D mesh, tensor parallel within groups of tp_size ranks, "
+        "FSDP across the groups (pipeline parallelism is not built yet)",
+    )
+    tp_size: int | None = Field(
+        None,
+        gt=1,
+        description="ranks per tensor-parallel group (tp: all ranks when unset; fsdp+tp: "
+        "required, and must divide the number of ranks)",
     )
     backend: Literal["auto", "nccl", "gloo", "mpi"] = Field(
         "auto", description="the process group's backend (auto: nccl on GPUs, gloo on CPUs)"
@@ -64,7 +72,17 @@ class DistributedConfig(Section):
             raise ConfigError(
                 "gradient_compression", self.gradient_compression, "none with strategy none"
             )
-        if self.strategy == "fsdp" and self.gradient_compression != "none":
+        if self.tp_size is not None and self.strategy not in ("tp", "fsdp+tp"):
+            raise ConfigError("tp_size", self.tp_size, "set only with strategy tp or fsdp+tp")
+        if self.strategy == "fsdp+tp" and self.tp_size is None:
+            raise ConfigError("tp_size", None, "an integer >= 2 with strategy fsdp+tp")
+        if self.strategy in ("tp", "fsdp+tp") and self.gradient_compression != "none":
+            raise ConfigError(
+                "gradient_compression",
+                self.gradient_compression,
+                f"none with strategy {self.strategy}",
+            )
+        if self.strategy in ("fsdp", "fsdp+tp") and self.gradient_compression != "none":
             raise ConfigError(
                 "gradient_compression",
                 self.gradient_compression,

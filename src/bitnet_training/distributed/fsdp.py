@@ -34,8 +34,11 @@ def apply_fsdp(
     reduce_dtype: str = "auto",
     reshard_after_forward: bool = True,
     cpu_offload: bool = False,
+    mesh=None,
 ) -> nn.Module:
-    """Shard `model` (moved to `device`) over the default process group with FSDP2, one unit
+    """Shard `model` (moved to `device`) over 1-D device mesh `mesh` (default: all ranks of
+    the default process group; the data-parallel dimension of a 2-D mesh after tensor
+    parallelism) with FSDP2, one unit
     per transformer block plus the root; returns the same module. `param_dtype`: the dtype
     parameters are gathered and computed in (`auto`: their own; the shards keep their own
     dtype); `reduce_dtype`: the dtype gradients are reduce-scattered in (`auto`: the
@@ -51,7 +54,7 @@ def apply_fsdp(
         )
     model.to(device)
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
-    kwargs = {"mp_policy": mp}
+    kwargs = {"mp_policy": mp, "mesh": mesh}
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for m in model.modules():

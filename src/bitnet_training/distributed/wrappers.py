@@ -36,9 +36,17 @@ def averages_gradients(model: nn.Module) -> bool:
 
 
 def gathers_in_forward(model: nn.Module) -> bool:
-    """Whether `model`'s forward is a collective (FSDP2 all-gathers each block's parameters):
-    then every rank must run the same number of forwards, in evaluation and generation too."""
-    return is_fsdp(model)
+    """Whether `model`'s forward is a collective (FSDP2 all-gathers each block's parameters,
+    tensor parallelism all-reduces partial sums): then every rank must run the same number
+    of forwards, in evaluation and generation too."""
+    return is_fsdp(model) or any(hasattr(p, "placements") for p in model.parameters())
+
+
+def data_parallel_place(model: nn.Module, rank: int, world: int) -> tuple[int, int]:
+    """(rank, size) of this process among the data-parallel replicas: the process group's
+    `rank` and `world`, unless a layout recorded others (`tensor parallel` ranks share one
+    data stream: (0, 1))."""
+    return getattr(unwrap(model), "data_parallel_place", None) or (rank, world)
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..quant.config import QATConfig
 from ..quant.fake_quant import clip_mask, fake_quantize, quantize
-from ..quant.functional import SCALE_EPS, Quantized, dequantize
+from ..quant.functional import SCALE_EPS, Quantized, dequantize, wide
 from ..quant.lsq import lsq_quantize
 from ..quant.observers import make_observer
 from ..quant.schedule import bits_at
@@ -99,7 +99,7 @@ def _quantize_activations(x2: torch.Tensor, bits: int):
     codes = clamp(round(x * s), -Qp - 1, Qp), s per token with max|x| clamped at 1e-5. With
     s from the row's own absmax, |x * s| <= Qp, so the clamp can never act and is skipped.
     """
-    xf = x2.float()
+    xf = wide(x2)
     qp = 2 ** (bits - 1) - 1
     inv = qp / xf.abs().amax(dim=-1, keepdim=True).clamp_(min=SCALE_EPS)
     return (xf * inv).round_(), inv
@@ -403,6 +403,7 @@ class BitLinear(nn.Linear):
         static_a = a_spec is not None and self.act_observer is not None
         if (
             cfg.fused
+            and not hasattr(self.weight, "placements")  # a DTensor (tensor parallel): unfused
             and not blend_a
             and not static_a
             and a_spec is not None

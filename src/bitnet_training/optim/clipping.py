@@ -9,10 +9,13 @@ import torch
 
 def _unitwise_norm(x: torch.Tensor) -> torch.Tensor:
     """Norm per output unit: over all dims but the first for matrices and convolutions, the
-    whole tensor for vectors and scalars (NFNets' convention)."""
+    whole tensor for vectors and scalars (NFNets' convention). As sqrt(sum(x^2)), which a
+    DTensor computes over shards (each unit's squares summed over its shards); in float32 at
+    least (a float64 tensor stays float64)."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
     if x.ndim <= 1:
-        return x.norm()
-    return x.norm(dim=tuple(range(1, x.ndim)), keepdim=True)
+        return x.pow(2).sum().sqrt()
+    return x.pow(2).sum(dim=tuple(range(1, x.ndim)), keepdim=True).sqrt()
 
 
 @torch.no_grad()
@@ -25,22 +28,16 @@ def adaptive_clip_grad_(
     for p in params:
         if p.grad is None:
             continue
+        # DTensor shards (FSDP, tensor parallel, both) take the same ops: each unit's squares
+        # are reduced over its shards, and the factor lands on each rank's slice.
         w, g = p.detach(), p.grad
-        local = g  # what is scaled in place
-        if _is_dtensor(g):
-            # FSDP shards dim 0, so a matrix's rows (its units) are whole on each rank: work
-            # on the local rows; a vector is one unit, gathered whole (it is small).
-            if g.ndim > 1:
-                w, g = w.to_local(), g.to_local()
-                local = g
-            else:
-                w, local, g = w.full_tensor(), g.to_local(), g.full_tensor()
-        w_norm = _unitwise_norm(w.float()).clamp_(min=eps)
-        g_norm = _unitwise_norm(g.float())
+        w_norm = _unitwise_norm(w).clamp(min=eps)
+        g_norm = _unitwise_norm(g)
         max_norm = w_norm * clip_factor
         # Where the ratio is within bounds the factor is 1; 1e-6 guards against 0 / 0.
-        factor = torch.where(g_norm > max_norm, max_norm / g_norm.clamp(min=1e-6), 1.0)
-        local.mul_(factor.to(local.dtype))
+        ratio = max_norm / g_norm.clamp(min=1e-6)
+        factor = torch.where(g_norm > max_norm, ratio, torch.ones_like(ratio))
+        g.mul_(factor.to(g.dtype))
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -62,9 +59,20 @@ def clip_gradients(
     if max_value is not None:
         torch.nn.utils.clip_grad_value_(params, max_value)
     grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
-    if _is_dtensor(norm):  # the norm of sharded gradients: a partial sum until reduced
-        norm = norm.full_tensor()
+    # Sharded gradients (DTensors) and whole ones are normed apart and combined: one
+    # foreach over both kinds is refused by DTensor.
+    sharded = [g for g in grads if _is_dtensor(g)]
+    whole = [g for g in grads if not _is_dtensor(g)]
+    norm = torch.nn.utils.get_total_norm(whole)
+    by_mesh: dict = {}  # FSDP x TP leaves DTensors on two meshes, which DTensor won't mix
+    for g in sharded:
+        by_mesh.setdefault(g.device_mesh, []).append(g)
+    if by_mesh:
+        # each mesh's norm is a partial sum over its shards until reduced (full_tensor)
+        parts = [torch.nn.utils.get_total_norm(gs).full_tensor() for gs in by_mesh.values()]
+        norm = torch.linalg.vector_norm(torch.stack([norm.to(parts[0]), *parts]))
     if max_norm is not None:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # torch's clip_grad_norm_ formula
+        for g in grads:
+            (g.to_local() if _is_dtensor(g) else g).mul_(coef.to(g.dtype))
     return norm

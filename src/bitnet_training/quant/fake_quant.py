@@ -28,6 +28,7 @@ from .functional import (
     dequantize,
     int_quantize,
     ternary_quantize,
+    wide,
 )
 
 WEIGHT_BITS = (1, 1.58, 2, 3, 4, 5, 6, 7, 8)
@@ -82,7 +83,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> Quantized:
 
 def _binary_mask(x: torch.Tensor, spec: QuantSpec, beta: torch.Tensor) -> torch.Tensor:
     # Recompute alpha = mean(W) per slice; the mask is |W - alpha| <= beta.
-    g = _grouped(x.float(), spec.granularity, spec.group_size)
+    g = _grouped(wide(x), spec.granularity, spec.group_size)
     if spec.granularity == "group":
         beta = beta.unsqueeze(-1)  # stored without the trailing group dim
     m = (g - _reduce(g, spec.granularity, "meanv")).abs() <= beta

@@ -51,6 +51,12 @@ class Quantized(NamedTuple):
     zero_point: torch.Tensor | None = None
 
 
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float32 at least: quantizers compute in float32, a float64 tensor stays float64
+    (so float64 comparisons see no float32 rounding)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _check_granularity(granularity: str, group_size: int | None, x: torch.Tensor) -> None:
     if granularity not in GRANULARITIES:
         raise ConfigError("granularity", granularity, f"one of {', '.join(GRANULARITIES)}")
@@ -156,7 +162,7 @@ def int_quantize(
     if not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ConfigError("bits", bits, "an integer from 2 to 8")
     _check_granularity(granularity, group_size, x)
-    xg = _grouped(x.float(), granularity, group_size)
+    xg = _grouped(wide(x), granularity, group_size)
     if symmetric:
         qp = 2 ** (bits - 1) - 1
         inv = qp / _reduce(xg, granularity, "max").clamp(min=SCALE_EPS)

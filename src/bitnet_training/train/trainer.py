@@ -25,7 +25,13 @@ from torch.utils.data import Dataset, IterableDataset, default_collate
 
 from ..callback import Callback, collect_callbacks, merge_callbacks
 from ..data.sampler import IterableBatches, ResumableBatchSampler
-from ..distributed.wrappers import averages_gradients, gathers_in_forward, no_gradient_sync, unwrap
+from ..distributed.wrappers import (
+    averages_gradients,
+    data_parallel_place,
+    gathers_in_forward,
+    no_gradient_sync,
+    unwrap,
+)
 from ..errors import BitNetError
 from ..metrics import Metric, build_metrics
 from ..monitoring import Profiling, WandbLogging
@@ -210,6 +216,8 @@ class Trainer:
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank = rank if rank is not None else (torch.distributed.get_rank() if dist else 0)
         self.world_size = world_size or (torch.distributed.get_world_size() if dist else 1)
+        # Among the data-parallel replicas (all ranks, unless tensor parallel ranks share data)
+        self.dp_rank, self.dp_size = data_parallel_place(model, self.rank, self.world_size)
         self.device = resolve_device(self.config.device)
         self.precision = resolve_precision(self.config.mixed_precision, self.device)
         given = list(callbacks) + ([LRScheduling(scheduler=scheduler)] if scheduler else [])
@@ -232,7 +240,7 @@ class Trainer:
     def data_parallel(self) -> bool:
         """Whether gradients are averaged over ranks (a process group of several ranks and a
         model that averages them: `DistributedDataParallel` or FSDP2)."""
-        return self.world_size > 1 and averages_gradients(self.model)
+        return self.dp_size > 1 and averages_gradients(self.model)
 
     def mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         """`value` averaged over the data-parallel ranks (itself in a single process)."""
@@ -244,8 +252,13 @@ class Trainer:
         return value / self.world_size
 
     def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        """`value` summed over the data-parallel ranks (an all-reduce over every rank, each
+        tensor-parallel group's copies counted once)."""
         value = value.detach().clone().to(self.device)
         torch.distributed.all_reduce(value)
+        copies = self.world_size // self.dp_size
+        if copies > 1:
+            value = value // copies if not value.is_floating_point() else value / copies
         return value
 
     @property
@@ -316,8 +329,8 @@ class Trainer:
                 len(self.train_data),
                 c.batch_size,
                 c.seed,
-                rank=self.rank,
-                world_size=self.world_size,
+                rank=self.dp_rank,
+                world_size=self.dp_size,
             )
             per_epoch = len(self.sampler) // c.gradient_accumulation_steps
         if c.max_steps is None and per_epoch == 0:
@@ -344,6 +357,7 @@ class Trainer:
             "total_steps": self.total_steps,
             "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.world_size,
+            "data_parallel_size": self.dp_size,
             "best_metric": s.best_metric,
             "best_step": s.best_step,
             "best_checkpoint": s.best_checkpoint and os.path.basename(s.best_checkpoint),
@@ -385,13 +399,14 @@ class Trainer:
         old = st.get("config") or {}
         # The data position counts global batches: another world size resumes exactly when
         # batch_size x ranks (the sequences of one micro-step) stays the same.
-        theirs = old.get("batch_size", self.config.batch_size) * st.get("world_size", 1)
-        ours = self.config.batch_size * self.world_size
+        dp = st.get("data_parallel_size", st.get("world_size", 1))
+        theirs = old.get("batch_size", self.config.batch_size) * dp
+        ours = self.config.batch_size * self.dp_size
         if theirs != ours:
             raise BitNetError(
                 f"the checkpoint was trained with training.batch_size={old.get('batch_size')} "
-                f"on {st.get('world_size', 1)} rank(s) ({theirs} sequences per micro-step); "
-                f"this run has {self.config.batch_size} on {self.world_size} ({ours}): the "
+                f"on {dp} data-parallel rank(s) ({theirs} sequences per micro-step); "
+                f"this run has {self.config.batch_size} on {self.dp_size} ({ours}): the "
                 "saved data position needs the same global batch to resume"
             )
         for key in ("gradient_accumulation_steps", "seed"):
@@ -546,9 +561,13 @@ class Trainer:
     def _stopping(self) -> bool:
         """Whether a signal asked to stop: on any rank, as the last step's all-reduce told,
         under data parallelism (every rank stops after the same step); else on this one."""
-        if self.data_parallel:
+        if self.data_parallel or self._agrees_on_stop:
             return self._ranks_stopping
         return self._stop.received is not None
+
+    @property
+    def _agrees_on_stop(self) -> bool:
+        return self.world_size > 1 and torch.distributed.is_initialized()
 
     def _train_step(self, micro: list[dict]) -> dict:
         """One optimizer step over `micro` batches. The loss is weighted by target tokens
@@ -573,9 +592,14 @@ class Trainer:
             stop = torch.tensor(int(self._stop.received is not None), device=ntok.device)
             both = torch.stack([total.to(ntok.dtype), ntok, stop.to(ntok.dtype)])
             torch.distributed.all_reduce(both)
-            total, ntok = both[0], both[1]
+            copies = self.world_size // self.dp_size  # ranks that share a batch count it once
+            total, ntok = both[0] // copies, both[1] // copies
             self._ranks_stopping = bool(both[2])
-            scale = float(self.world_size)
+            scale = float(self.dp_size)
+        elif self._agrees_on_stop:  # ranks that share the data (tensor parallel) agree too
+            stop = torch.tensor(int(self._stop.received is not None), device=ntok.device)
+            torch.distributed.all_reduce(stop)
+            self._ranks_stopping = bool(stop)
         total = total.clamp_min(1)
         loss_sum = torch.zeros((), device=self.device)
         for i, (b, n) in enumerate(zip(micro, counts, strict=True)):
@@ -648,8 +672,8 @@ class Trainer:
         if max_batches is not None:
             starts = starts[:max_batches]
         if shard:
-            rounds = -(-len(starts) // self.world_size)
-            starts = starts[self.rank :: self.world_size]
+            rounds = -(-len(starts) // self.dp_size)
+            starts = starts[self.dp_rank :: self.dp_size]
             if gathers_in_forward(model):
                 starts += [None] * (rounds - len(starts))
         try:

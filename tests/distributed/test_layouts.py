@@ -1,8 +1,9 @@
-"""FSDP2 under torchrun (gloo, 2 CPU processes), in float64 where exactness is asserted:
-FSDP=2 and DDP=2 with batch b train as one process with 2b (gradient accumulation over
-unequal target counts, norm clipping and AGC on sharded gradients), the ternary codes are
-identical, and checkpoints cross layouts: a sharded one resumes in one process, a single-file
-one resumes sharded, both as the uninterrupted run continues."""
+"""Parallel layouts under torchrun (gloo, 2 CPU processes), in float64 where exactness is
+asserted: FSDP=2 and DDP=2 with batch b train as one process with 2b, TP=2 with batch b as one
+process with b (gradient accumulation over unequal target counts, norm clipping and AGC on
+sharded gradients); the ternary codes are identical; and checkpoints cross layouts: a sharded
+one resumes in one process and at TP=2, a single-file one resumes sharded, each as the
+uninterrupted run continues."""
 
 import os
 import subprocess
@@ -15,14 +16,15 @@ WORKER = os.path.join(os.path.dirname(__file__), "_layout_worker.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def run(layout: str, out, batch: int, resume=None, ranks: int = 2) -> dict:
+def run(layout: str, out, batch: int, resume=None, ranks: int = 2, fused: bool = True) -> dict:
     args = [WORKER, layout, str(out), str(batch), *([str(resume)] if resume else [])]
+    env = {**ENV, "BITNET_FUSED": "1" if fused else "0"}
     if layout == "none":
         cmd = [sys.executable, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
                "--standalone", *args]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=240)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(os.path.join(out, "result.pt"))
 
@@ -33,21 +35,34 @@ def single(tmp_path_factory):
     return out, run("none", out, 4)
 
 
-def same(a: dict, b: dict, steps=slice(None)) -> None:
+@pytest.fixture(scope="module")
+def unfused(tmp_path_factory):
+    """One process on BitLinear's unfused path, which tensor parallel layers take."""
+    out = tmp_path_factory.mktemp("unfused")
+    return out, run("none", out, 2, fused=False)
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    return out, run("fsdp", out, 2)
+
+
+def same(a: dict, b: dict, steps=slice(None), rel=1e-12) -> None:
     for (la, na), (lb, nb) in zip(a["steps"], b["steps"][steps], strict=True):
-        assert la == pytest.approx(lb, rel=1e-12) and na == pytest.approx(nb, rel=1e-12)
+        assert la == pytest.approx(lb, rel=rel) and na == pytest.approx(nb, rel=rel)
     assert a["codes"].keys() == b["codes"].keys()
     for name, codes in a["codes"].items():
         assert torch.equal(codes, b["codes"][name]), name  # ternary codes identical
 
 
 @pytest.mark.parametrize("layout", ["fsdp", "ddp"])
-def test_two_ranks_train_as_one_process_in_float64(tmp_path, single, layout):
+def test_two_ranks_train_as_one_process_in_float64(tmp_path, single, fsdp, layout):
     one = single[1]
-    two = run(layout, tmp_path, 2)
+    out, two = fsdp if layout == "fsdp" else (tmp_path, run(layout, tmp_path, 2))
     same(two, one)
     assert two["evals"] == pytest.approx(one["evals"], rel=1e-12)  # sharded evaluation
-    ckpt = tmp_path / "checkpoint-00000002"
+    ckpt = out / "checkpoint-00000002"
     if layout == "fsdp":  # every rank wrote its shards; rank 0 the index
         assert sorted(os.listdir(ckpt / "sharded")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
         assert not (ckpt / "model.safetensors").exists()
@@ -55,15 +70,51 @@ def test_two_ranks_train_as_one_process_in_float64(tmp_path, single, layout):
         assert (ckpt / "model.safetensors").is_file()
 
 
-def test_checkpoints_resume_across_layouts(tmp_path, single):
+def test_tensor_parallel_trains_as_one_process_in_float64(tmp_path, unfused, fsdp):
+    out, one = unfused
+    tp = run("tp", tmp_path / "tp", 2)  # both ranks read the same batches of 2
+    # Whole-weight scales, all-reduced absmax and sub-norms: TP=1's numbers, identical codes;
+    # the norms sum squares in float32 (as transformers' RMSNorm), per shard then reduced,
+    # which rounds apart from the whole row's by ~1e-8 after a few steps.
+    same(tp, one, rel=1e-6)
+    assert tp["evals"] == pytest.approx(one["evals"], rel=1e-6)
+    assert (tmp_path / "tp" / "checkpoint-00000002" / "sharded" / ".metadata").is_file()
+    # the single process's checkpoint resumes split over 2 ranks, exactly ...
+    resumed = run("tp", tmp_path / "from-one", 2, resume=out / "checkpoint-00000002")
+    same(resumed, one, slice(2, None), rel=1e-6)
+    # ... and the tensor-parallel checkpoint in one process
+    resumed = run("none", tmp_path / "to-one", 2, resume=tmp_path / "tp" / "checkpoint-00000002",
+                  fused=False)  # fmt: skip
+    same(resumed, one, slice(2, None), rel=1e-6)
+    # FSDP=2's checkpoint resumes at TP=2 (one data stream of the same global batch, 4) as it
+    # resumes in one process on the same (unfused) path; from these weights the sub-norms'
+    # float32 sums flip an activation code or two (~1e-6), while a misread shard would show
+    # at 1e-2
+    ckpt = fsdp[0] / "checkpoint-00000002"
+    resumed = run("tp", tmp_path / "fsdp-tp", 4, resume=ckpt)
+    alone = run("none", tmp_path / "fsdp-one", 4, resume=ckpt, fused=False)
+    same(resumed, alone, rel=1e-4)
+
+
+def test_fsdp_across_tensor_parallel_groups_on_a_2d_mesh(tmp_path, unfused):
+    """4 processes (gloo runs them on 2 cores): FSDP=2 x TP=2 with batch 1 per group trains
+    as one process with batch 2."""
+    _out, one = unfused
+    hybrid = run("fsdp+tp", tmp_path, 1, ranks=4)
+    same(hybrid, one, rel=1e-6)  # the sub-norms' float32 sums, as at TP=2
+    assert hybrid["evals"] == pytest.approx(one["evals"], rel=1e-6)
+    shards = os.listdir(tmp_path / "checkpoint-00000002" / "sharded")
+    assert sorted(shards) == [".metadata", *(f"__{r}_0.distcp" for r in range(4))]
+
+
+def test_checkpoints_resume_across_layouts(tmp_path, single, fsdp):
     out, one = single
-    fsdp = run("fsdp", tmp_path / "fsdp", 2)
     # the sharded checkpoint of step 2 resumes in a single process (batch 4) ...
-    resumed = run("none", tmp_path / "one", 4, resume=tmp_path / "fsdp" / "checkpoint-00000002")
+    resumed = run("none", tmp_path / "one", 4, resume=fsdp[0] / "checkpoint-00000002")
     same(resumed, one, slice(2, None))
     # ... and the single process's checkpoint resumes sharded over 2 ranks (batch 2)
     resumed = run("fsdp", tmp_path / "two", 2, resume=out / "checkpoint-00000002")
-    same(resumed, fsdp, slice(2, None))
+    same(resumed, fsdp[1], slice(2, None))
 
 
 COMMON = [
@@ -102,7 +153,7 @@ def test_fsdp_from_the_command_line(tmp_path, capsys):
     done = torchrun(*data, "training.batch_size=2", "distributed.strategy=fsdp",
                     f"training.output_dir={run}")  # fmt: skip
     assert done.stdout.count("== summary ==") == 1 and "sample" in done.stdout
-    assert "data parallel: FSDP2 over 2 ranks (gloo)" in done.stderr
+    assert "parallel: FSDP2 over 2 ranks (gloo)" in done.stderr
     assert (run / "checkpoint-00000002" / "sharded" / ".metadata").is_file()
     # one process reads the shards: evaluation, and consolidation into single files, which
     # resumes in one process with the same global batch as the sharded run continued
@@ -130,3 +181,22 @@ def test_fsdp_from_the_command_line(tmp_path, capsys):
     done = torchrun(*data, "distributed.strategy=fsdp", "peft.method=qlora", "quantize=false",
                     f"training.output_dir={tmp_path / 'q'}", ok=False)  # fmt: skip
     assert "peft.method=qlora is not built for distributed.strategy=fsdp" in done.stderr
+
+
+def test_tensor_parallel_from_the_command_line(tmp_path):
+    from bitnet_training.cli import main
+
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog"]
+    text = "\n\n".join(" ".join(words[(i * 7 + j) % 9] for j in range(60)) for i in range(40))
+    (tmp_path / "t.txt").write_text(text)
+    (tmp_path / "v.txt").write_text(text[:2000])
+    data = [f"data.train_files={tmp_path / 't.txt'}", f"data.val_files={tmp_path / 'v.txt'}"]
+    run = tmp_path / "tp"
+    heads = ["model.num_attention_heads=4", "model.num_key_value_heads=2"]
+    done = torchrun(*data, *heads, "distributed.strategy=tp", f"training.output_dir={run}")
+    assert done.stdout.count("== summary ==") == 1
+    assert "tensor parallel over 2 ranks (one data stream)" in done.stderr
+    assert main(["eval", str(run)]) == 0  # one process reads the split checkpoint
+    done = torchrun(*data, "distributed.strategy=tp", f"training.output_dir={tmp_path / 'x'}",
+                    ok=False)  # fmt: skip
+    assert "the model's 1 key-value heads do not divide by 2" in done.stderr
