@@ -44,7 +44,9 @@ def start(tmp_path, name):
     agent = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
     agent.log = log
     deadline = time.monotonic() + 180
-    while not (out / "checkpoint-00000006").is_dir():  # training is under way
+    # training is under way, with a checkpoint (old ones are pruned within milliseconds here,
+    # so the pointer is what to watch)
+    while not (out / "latest").is_file():
         assert agent.poll() is None, output(agent)
         if time.monotonic() > deadline:
             os.killpg(agent.pid, signal.SIGKILL)
