@@ -67,7 +67,8 @@ class RunConfig(Section):
         default_factory=TeacherConfig, description="the frozen teacher of distillation"
     )
     distributed: DistributedConfig = Field(
-        default_factory=DistributedConfig, description="data parallelism under torchrun"
+        default_factory=DistributedConfig,
+        description="distributed training under torchrun: DDP, FSDP2, tensor parallel",
     )
     training: TrainingConfig = Field(
         default_factory=TrainingConfig, description="how the Trainer runs"
