@@ -18,6 +18,7 @@ def atomic_directory(final: str) -> Iterator[str]:
     parent = os.path.dirname(os.path.abspath(final))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
     try:
         yield tmp
         if os.path.isdir(final):

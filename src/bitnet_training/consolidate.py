@@ -24,7 +24,8 @@ def consolidate_checkpoint(path: str, out: str) -> str:
     empty) in the single-file format; returns the checkpoint written. The run's `base/`
     copy comes along, so eval, generate and `--resume` take `out` as they take the run."""
     if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out)):
-        raise BitNetError(f"consolidate output {out!r} exists and is not empty: choose another")
+        what = "is a file" if os.path.isfile(out) else "exists and is not empty"
+        raise BitNetError(f"consolidate output {out!r} {what}: choose another directory")
     ckpt = ckpt_io.resolve_checkpoint(path)
     if not is_sharded(ckpt):
         raise BitNetError(f"{ckpt!r} is already a single-file checkpoint: nothing to consolidate")

@@ -268,8 +268,8 @@ def parallelize(
         model, how, world = apply_layout(model, cfg.distributed, device, cfg.peft.method)
         notes.append(
             f"parallel: {how} ({torch.distributed.get_backend()}); global batch "
-            f"{t.batch_size} per rank x {t.gradient_accumulation_steps} accumulation x "
-            f"{world} data-parallel ranks = "
+            f"{t.batch_size} per data-parallel rank x {t.gradient_accumulation_steps} "
+            f"accumulation x {world} data-parallel rank{'s' if world > 1 else ''} = "
             f"{t.batch_size * t.gradient_accumulation_steps * world} sequences"
         )
     return model, notes

@@ -46,7 +46,7 @@ def test_two_ranks_train_as_one_process_with_the_global_batch(tmp_path, text):
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("== summary ==") == 1  # rank 0 speaks for the run
-    assert "global batch 2 per rank x 1 accumulation x 2 data-parallel ranks = 4 sequences" in (
+    assert "global batch 2 per data-parallel rank x 1 accumulation x 2 data-parallel ranks = 4" in (
         done.stderr
     )
     one = tmp_path / "dp1"

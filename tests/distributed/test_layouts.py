@@ -199,4 +199,4 @@ def test_tensor_parallel_from_the_command_line(tmp_path):
     assert main(["eval", str(run)]) == 0  # one process reads the split checkpoint
     done = torchrun(*data, "distributed.strategy=tp", f"training.output_dir={tmp_path / 'x'}",
                     ok=False)  # fmt: skip
-    assert "the model's 1 key-value heads do not divide by 2" in done.stderr
+    assert "the model's key-value heads, 1, does not divide by 2" in done.stderr

@@ -98,8 +98,8 @@ class DistributedConfig(Section):
             )
             if getattr(self, name) != type(self).model_fields[name].default
         ]
-        if fsdp_set and self.strategy != "fsdp":
+        if fsdp_set and self.strategy not in ("fsdp", "fsdp+tp"):
             raise ConfigError(
-                fsdp_set[0], getattr(self, fsdp_set[0]), "set only with strategy fsdp"
+                fsdp_set[0], getattr(self, fsdp_set[0]), "set only with strategy fsdp or fsdp+tp"
             )
         return self

@@ -73,7 +73,7 @@ def apply_layout(
             d.fsdp_cpu_offload,
             mesh=dp_mesh,
         )
-        fsdp = f"FSDP2 over {dp} ranks"
+        fsdp = f"FSDP2 over {dp} rank{'s' if dp > 1 else ''}"
         if d.fsdp_param_dtype != "auto" or d.fsdp_reduce_dtype != "auto":
             fsdp += (
                 f", parameters gathered in {d.fsdp_param_dtype}, gradients reduced in "

@@ -101,11 +101,15 @@ def apply_tensor_parallel(model: nn.Module, mesh) -> int:
         heads = getattr(attn, "n_heads", None) or getattr(attn, "num_heads", None)
         kv = getattr(attn, "n_kv", None) or getattr(attn, "num_key_value_heads", None)
         width = ffn.up_proj.out_features
-        for what, n in (("attention heads", heads), ("key-value heads", kv), ("FFN width", width)):
+        for what, n in (
+            ("attention heads", heads),
+            ("key-value heads", kv),
+            ("FFN width (intermediate_size)", width),
+        ):
             if n is not None and n % tp:
                 raise BitNetError(
-                    f"distributed.strategy=tp over {tp} ranks: the model's {n} {what} do not "
-                    f"divide by {tp}"
+                    f"distributed.strategy=tp over {tp} ranks: the model's {what}, {n}, does "
+                    f"not divide by {tp}"
                 )
         col, row = ColwiseParallel(), RowwiseParallel(input_layouts=Shard(-1))
         parallelize_module(attn, mesh, {"q_proj": col, "k_proj": col, "v_proj": col})

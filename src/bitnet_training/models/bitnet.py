@@ -121,10 +121,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.residual_dropout = nn.Dropout(cfg.residual_dropout)
 
-    def forward(self, x, cos, sin, past=None):
+    def forward(self, x, cos, sin, past=None, use_cache=False):
         a, present = self.self_attn(self.input_layernorm(x), cos, sin, past)
         x = x + self.residual_dropout(a)
-        return x + self.residual_dropout(self.mlp(self.post_attention_layernorm(x))), present
+        # The cache (views of k and v) only when asked: a wrapper that hooks the outputs
+        # (FSDP2) warns about views, and training never needs them.
+        out = x + self.residual_dropout(self.mlp(self.post_attention_layernorm(x)))
+        return out, present if use_cache else None
 
 
 class BitNetModel(nn.Module):
@@ -152,7 +155,9 @@ class BitNetModel(nn.Module):
         cos, sin = self.rope(pos, x.dtype)
         presents = [] if use_cache else None
         for i, layer in enumerate(self.layers):
-            x, present = layer(x, cos, sin, past_key_values[i] if past_key_values else None)
+            x, present = layer(
+                x, cos, sin, past_key_values[i] if past_key_values else None, use_cache
+            )
             if use_cache:
                 presents.append(present)
         return self.norm(x), presents

@@ -35,7 +35,10 @@ log = logging.getLogger(__name__)
 
 def _bitlinears(model: torch.nn.Module) -> list[tuple[str, BitLinear]]:
     # BitLinear imports this module (its layers declare these callbacks), so the layers are
-    # recognised by their interface rather than their class.
+    # recognised by their interface rather than their class. Named as inside a DDP wrapper
+    # (no `module.` prefix), so every layout logs the same names.
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
     return [
         (n, m)
         for n, m in model.named_modules()
