@@ -181,6 +181,9 @@ def test_fsdp_from_the_command_line(tmp_path, capsys):
     done = torchrun(*data, "distributed.strategy=fsdp", "peft.method=qlora", "quantize=false",
                     f"training.output_dir={tmp_path / 'q'}", ok=False)  # fmt: skip
     assert "peft.method=qlora is not built for distributed.strategy=fsdp" in done.stderr
+    done = torchrun(*data, "distributed.strategy=fsdp", "peft.method=adalora",
+                    f"training.output_dir={tmp_path / 'a'}", ok=False)  # fmt: skip
+    assert "peft.method=adalora is not built for distributed.strategy=fsdp" in done.stderr
 
 
 def test_tensor_parallel_from_the_command_line(tmp_path):

@@ -20,6 +20,8 @@ FSDP_PEFT = {
     "ptuning_v2": "its virtual-token encoder lives outside the sharded blocks",
     "qlora": "bitsandbytes' NF4 weights carry their quantization state beside the tensor, "
     "which FSDP2's shards do not; qlora_ternary shards",
+    "adalora": "peft's rank allocator reads the adapters' whole importance scores, which "
+    "FSDP2 shards",
 }
 
 
