@@ -133,6 +133,15 @@ def torchrun(*args, ok=True):
     return done
 
 
+def text_files(tmp_path, docs: int) -> list[str]:
+    """Training and validation text of `docs` documents; the overrides that read them."""
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog"]
+    text = "\n\n".join(" ".join(words[(i * 7 + j) % 9] for j in range(60)) for i in range(docs))
+    (tmp_path / "t.txt").write_text(text)
+    (tmp_path / "v.txt").write_text(text[:2000])
+    return [f"data.train_files={tmp_path / 't.txt'}", f"data.val_files={tmp_path / 'v.txt'}"]
+
+
 def records(run):
     import json
 
@@ -144,11 +153,7 @@ def test_fsdp_from_the_command_line(tmp_path, capsys):
 
     from bitnet_training.cli import main
 
-    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog"]
-    text = "\n\n".join(" ".join(words[(i * 7 + j) % 9] for j in range(60)) for i in range(70))
-    (tmp_path / "t.txt").write_text(text)
-    (tmp_path / "v.txt").write_text(text[:2000])
-    data = [f"data.train_files={tmp_path / 't.txt'}", f"data.val_files={tmp_path / 'v.txt'}"]
+    data = text_files(tmp_path, 70)
     run = tmp_path / "fsdp"
     done = torchrun(*data, "training.batch_size=2", "distributed.strategy=fsdp",
                     f"training.output_dir={run}")  # fmt: skip
@@ -189,11 +194,7 @@ def test_fsdp_from_the_command_line(tmp_path, capsys):
 def test_tensor_parallel_from_the_command_line(tmp_path):
     from bitnet_training.cli import main
 
-    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog"]
-    text = "\n\n".join(" ".join(words[(i * 7 + j) % 9] for j in range(60)) for i in range(40))
-    (tmp_path / "t.txt").write_text(text)
-    (tmp_path / "v.txt").write_text(text[:2000])
-    data = [f"data.train_files={tmp_path / 't.txt'}", f"data.val_files={tmp_path / 'v.txt'}"]
+    data = text_files(tmp_path, 40)
     run = tmp_path / "tp"
     heads = ["model.num_attention_heads=4", "model.num_key_value_heads=2"]
     done = torchrun(*data, *heads, "distributed.strategy=tp", f"training.output_dir={run}")

@@ -243,6 +243,12 @@ def load_model_weights(model: torch.nn.Module, ckpt: str, may_miss=None) -> None
         raise BitNetError(f"checkpoint {ckpt!r} does not fit this model: {first}") from None
     if may_miss is not None:
         missing = [k for k in missing if not may_miss(k)]
+    refuse_mismatch(ckpt, missing, unexpected)
+
+
+def refuse_mismatch(ckpt: str, missing, unexpected) -> None:
+    """A one-line `BitNetError` naming the first tensor names `ckpt` lacks (`missing`) or has
+    beyond the model's (`unexpected`), when there are any."""
     if missing or unexpected:
         parts = []
         if missing:

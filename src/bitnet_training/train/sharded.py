@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import warnings
 
 import torch
@@ -30,6 +31,7 @@ from .checkpoint import (
     MODEL_FILE,
     commit_checkpoint,
     new_temp_dir,
+    refuse_mismatch,
     trainable_state,
     write_trainer_files,
 )
@@ -102,8 +104,6 @@ def save_sharded_checkpoint(
             dcp.save(tensors, checkpoint_id=os.path.join(tmp, SHARDED_DIR), no_dist=not dist)
     except BaseException:
         if rank == 0:
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     outcome = [("ok", "")]
@@ -135,15 +135,13 @@ def _stored_keys(ckpt: str, prefix: str) -> set[str]:
 
 
 def _check_keys(ckpt: str, want: set[str], stored: set[str], may_miss=None) -> None:
-    missing = sorted(k for k in want - stored if may_miss is None or not may_miss(k))
-    unexpected = sorted(stored - want)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:3])}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:3])}")
-        raise BitNetError(f"checkpoint {ckpt!r} does not fit this model: {'; '.join(parts)}")
+    missing = [k for k in want - stored if may_miss is None or not may_miss(k)]
+    refuse_mismatch(ckpt, missing, stored - want)
+
+
+def _last_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[-1].strip() if text else type(e).__name__
 
 
 def load_sharded_model(
@@ -165,8 +163,7 @@ def load_sharded_model(
                 {"model": sd}, checkpoint_id=os.path.join(ckpt, SHARDED_DIR), no_dist=not _dist()
             )
     except Exception as e:
-        first = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
-        raise BitNetError(f"checkpoint {ckpt!r} does not fit this model: {first}") from None
+        raise BitNetError(f"checkpoint {ckpt!r} does not fit this model: {_last_line(e)}") from None
     set_model_state_dict(model, sd, options=StateDictOptions(strict=False))
 
 
@@ -189,8 +186,7 @@ def load_sharded_optimizer(
             path = os.path.join(ckpt, SHARDED_DIR)
             dcp.load({"optimizer": osd}, checkpoint_id=path, no_dist=not _dist())
     except Exception as e:
-        first = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
-        raise BitNetError(f"optimizer state does not fit: {first}") from None
+        raise BitNetError(f"optimizer state does not fit: {_last_line(e)}") from None
     set_optimizer_state_dict(model, optimizer, osd)
     return True
 
@@ -223,8 +219,7 @@ def load_full_into_sharded(
             model, sd, options=StateDictOptions(full_state_dict=True, strict=False)
         )
     except RuntimeError as e:  # shape mismatch
-        first = str(e).strip().splitlines()[-1].strip()
-        raise BitNetError(f"checkpoint {ckpt!r} does not fit this model: {first}") from None
+        raise BitNetError(f"checkpoint {ckpt!r} does not fit this model: {_last_line(e)}") from None
 
 
 def load_full_optimizer_into_sharded(
