@@ -36,6 +36,7 @@ from .data import Datasets, build_datasets, build_eval_dataset, tokenizer_for, t
 from .data.hf_tokenizer import PretrainedTokenizer, has_tokenizer_files
 from .distributed import apply_activation_checkpointing
 from .distributed.ddp import init_from_env, launched_world_size
+from .distributed.elastic import JOB_FILE, mark_job, restart_plan
 from .distributed.layout import apply_layout
 from .distributed.wrappers import full_state_dict, unwrap
 from .errors import BitNetError
@@ -383,6 +384,7 @@ class StartRun(Callback):
         out = trainer.config.output_dir
         if self.overwrite:
             clear_output_dir(out)
+        mark_job(out)  # a torchrun restart of this job resumes here by itself
         if isinstance(self.base, Pretrained):
             save_base_files(self.base, out)
         elif isinstance(self.base, str):  # a run of ours
@@ -425,6 +427,7 @@ class Run:
     data: Datasets
     trainer: Trainer
     notes: list[str] = field(default_factory=list)
+    resume: str | None = None  # the checkpoint to start from (a torchrun restart's own)
 
 
 def prepare(
@@ -436,6 +439,9 @@ def prepare(
     _absolute_paths(cfg)
     init_distributed(cfg)
     out = cfg.training.output_dir
+    resume, overwrite, restarted = restart_plan(out, resume, overwrite)  # torchrun restarts
+    if restarted:
+        log.warning("%s", restarted)
     check_output_dir(out, resume, overwrite)
     if resume is not None:
         _check_resumable(cfg, out if resume == "latest" else resume)
@@ -499,7 +505,7 @@ def prepare(
             trainable_only=cfg.peft.method != "none", sharded=is_dtensor_model(model)
         ),
     )
-    return Run(cfg, model, tokenizer, data, trainer, notes)
+    return Run(cfg, model, tokenizer, data, trainer, notes, resume)
 
 
 def load_teacher(path: str, tokenizer) -> nn.Module:
@@ -573,7 +579,7 @@ def train(
     """`prepare` the run and train it (from checkpoint `resume`, "latest" for the output
     directory's newest). Returns the run and the `TrainResult`."""
     run = prepare(cfg, resume, overwrite, progress)
-    result = run.trainer.train(resume_from=resume)
+    result = run.trainer.train(resume_from=run.resume)
     if cfg.peft.method != "none":
         # The final adapter in peft's format (adapter_config.json + adapter_model.safetensors)
         whole = full_state_dict(run.model)  # gathered from FSDP shards: every rank calls
@@ -855,7 +861,7 @@ def clear_output_dir(out: str) -> None:
     """Delete a previous run's checkpoints, pointers, logs, base copy and adapter in `out`."""
     for path in list_checkpoints(out) + glob.glob(os.path.join(out, ".tmp-checkpoint-*")):
         shutil.rmtree(path)
-    for name in ("latest", "best", "metrics.jsonl"):
+    for name in ("latest", "best", "metrics.jsonl", JOB_FILE):
         if os.path.exists(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
     for name in ("tensorboard", "base", "adapter"):

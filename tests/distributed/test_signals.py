@@ -27,11 +27,15 @@ def workers(parent: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def start(tmp_path, name):
+def write_text(tmp_path) -> None:
     words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog"]
     text = "\n\n".join(" ".join(words[(i * 5 + j) % 9] for j in range(50)) for i in range(40))
     (tmp_path / "t.txt").write_text(text)
     (tmp_path / "v.txt").write_text(text[:1500])
+
+
+def start(tmp_path, name):
+    write_text(tmp_path)
     out = tmp_path / name
     data = [f"data.train_files={tmp_path / 't.txt'}", f"data.val_files={tmp_path / 'v.txt'}"]
     run = ["-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone"]

@@ -60,8 +60,32 @@ def init_from_env(backend: str, device: torch.device) -> tuple[int, int]:
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(resolve_backend(backend, device))
+        dist.init_process_group(resolve_backend(backend, device), **_restart_store())
     return dist.get_rank(), dist.get_world_size()
+
+
+def _restart_store() -> dict:
+    """On a torchrun restart (`--max-restarts`), the process group's rendezvous keys under a
+    prefix of their own. The workers join the store torchrun's agent hosts, which outlives
+    the failed attempt and still holds its keys: without the prefix gloo reads the dead
+    workers' addresses and fails ("Connection refused"; measured with torch 2.13). Empty
+    (torch's own rendezvous) on a first attempt or outside torchrun's agent store."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    from datetime import timedelta
+
+    dist = torch.distributed
+    world = launched_world_size()
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=False,
+        timeout=timedelta(minutes=10),
+    )
+    prefix = dist.PrefixStore(f"bitnet_training/attempt_{attempt}", store)
+    return {"store": prefix, "rank": int(os.environ["RANK"]), "world_size": world}
 
 
 def wrap_ddp(

@@ -10,6 +10,7 @@ on rank 0 only.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ import warnings
 
 import torch
 
+from ..atomic import atomic_file
 from ..callback import Callback
 from ..errors import BitNetError, ConfigError
 from ..monitoring import JsonlWriter, TensorBoardWriter
@@ -250,6 +252,8 @@ class MetricsLogging(Callback):
         # The files open with the first record, so a run refused in its first step (a loss
         # or metric that cannot apply) leaves no log files behind.
         self.out = trainer.config.output_dir if trainer.is_main else None  # rank 0 writes
+        if self.out is not None and trainer.state.step > 0:
+            drop_records_after(os.path.join(self.out, "metrics.jsonl"), trainer.state.step)
 
     def _writers(self) -> bool:
         if self.out is None:
@@ -279,6 +283,29 @@ class MetricsLogging(Callback):
             if w is not None:
                 w.close()
         self.jsonl = self.tb = self.out = None
+
+
+def drop_records_after(path: str, step: int) -> None:
+    """Forget the records of steps after `step` in the metrics log at `path` (a resumed run
+    trains them again: after a crash, a torchrun restart or an interrupted save, the log
+    then holds each step once). Rewritten atomically; nothing to do without such records."""
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except OSError:
+        return
+    keep = [line for line in lines if _step_of(line) <= step]
+    if len(keep) == len(lines):
+        return
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        f.writelines(keep)
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError, TypeError):
+        return 0  # a torn last line or a foreign record: kept, as it was
 
 
 class ProgressBar(Callback):
