@@ -263,6 +263,8 @@ def parallelize(
         notes.append(f"activation checkpointing: {n} blocks")
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     world = torch.distributed.get_world_size() if dist else 1
+    if cfg.distributed.fsdp_ternary_all_gather:
+        _check_packable(cfg)
     if world > 1 and data_parallel:
         t = cfg.training
         device = resolve_device(t.device)
@@ -274,6 +276,23 @@ def parallelize(
             f"{t.batch_size * t.gradient_accumulation_steps * world} sequences"
         )
     return model, notes
+
+
+def _check_packable(cfg: RunConfig) -> None:
+    """Refuse `distributed.fsdp_ternary_all_gather` where the weights are not plainly
+    ternary for the whole run (the per-layer settings are checked on the layers)."""
+    why = (
+        "quantize=false trains full-precision weights" if not cfg.quantize
+        else "stages change the quantizer during the run" if cfg.stages
+        else "qat_tuner changes the quantizer during the run" if cfg.qat_tuner is not None
+        else f"peft.method={cfg.peft.method} freezes the weights it would pack"
+        if cfg.peft.method != "none"
+        else None
+    )  # fmt: skip
+    if why:
+        raise BitNetError(
+            f"distributed.fsdp_ternary_all_gather needs plainly ternary weights: {why}"
+        )
 
 
 def init_distributed(cfg: RunConfig) -> tuple[int, int]:

@@ -1,6 +1,6 @@
 """Run by tests/distributed/test_layouts.py, alone or under torchrun: train a tiny ternary
-BitNetLM in float64 with the Trainer under a parallel layout (argv[1]: none, ddp, fsdp, tp,
-or fsdp+tp over 4 ranks; argv[2]: the output directory; argv[3]: the per-rank batch size;
+BitNetLM in float64 with the Trainer under a parallel layout (argv[1]: none, ddp, fsdp,
+fsdp-packed, tp, or fsdp+tp over 4 ranks; argv[2]: the output directory; argv[3]: the per-rank batch size;
 argv[4], optional: a checkpoint to resume from), and write each step's loss and gradient
 norm and the final ternary codes of every BitLinear to <output>/result.pt (rank 0)."""
 
@@ -48,8 +48,8 @@ def main(layout: str, out: str, batch: int, resume: str | None) -> None:
     quantize_model(model, qat)
     if layout == "ddp":
         model = wrap_ddp(model, cpu)
-    elif layout == "fsdp":
-        model = apply_fsdp(model, cpu)
+    elif layout in ("fsdp", "fsdp-packed"):  # weights gathered as 2-bit codes, or not
+        model = apply_fsdp(model, cpu, ternary_all_gather=layout == "fsdp-packed")
     elif layout in ("tp", "fsdp+tp"):  # tensor parallel in groups of 2
         d = DistributedConfig(strategy=layout, tp_size=2)
         model = apply_layout(model, d, cpu)[0]
@@ -64,7 +64,7 @@ def main(layout: str, out: str, batch: int, resume: str | None) -> None:
         eval_every=2, log_every=100, mixed_precision="fp32",
     )  # fmt: skip
     record = Record()
-    io = CheckpointIO(sharded=layout in ("fsdp", "tp", "fsdp+tp"))
+    io = CheckpointIO(sharded=layout in ("fsdp", "fsdp-packed", "tp", "fsdp+tp"))
     trainer = Trainer(model, config, data, data[:12], [record], checkpoint_io=io)
     trainer.train(resume_from=resume)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

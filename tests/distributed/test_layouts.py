@@ -117,6 +117,20 @@ def test_checkpoints_resume_across_layouts(tmp_path, single, fsdp):
     same(resumed, fsdp[1], slice(2, None))
 
 
+def test_fsdp_gathers_packed_ternary_codes_with_the_unpacked_gathers_results(tmp_path, fsdp):
+    packed = run("fsdp-packed", tmp_path, 2)
+    # Codes identical; the whole weight's scale sums |w| in another order than mean(|W|)
+    # in float32 (about 1e-9 apart here), which can flip an activation code downstream.
+    same(packed, fsdp[1], rel=1e-4)
+    assert packed["steps"][0] == pytest.approx(fsdp[1]["steps"][0], rel=1e-8)
+    # its checkpoints hold plain weights: they resume in one process (batch 4) ...
+    resumed = run("none", tmp_path / "one", 4, resume=tmp_path / "checkpoint-00000002")
+    same(resumed, packed, slice(2, None), rel=1e-4)
+    # ... and an unpacked checkpoint resumes with packed gathers
+    resumed = run("fsdp-packed", tmp_path / "two", 2, resume=fsdp[0] / "checkpoint-00000002")
+    same(resumed, fsdp[1], slice(2, None), rel=1e-4)
+
+
 COMMON = [
     "--no-progress", "data.seq_len=32", "model.hidden_size=64", "model.intermediate_size=128",
     "model.num_hidden_layers=2", "model.num_attention_heads=2", "model.num_key_value_heads=1",
@@ -189,6 +203,23 @@ def test_fsdp_from_the_command_line(tmp_path, capsys):
     done = torchrun(*data, "distributed.strategy=fsdp", "peft.method=adalora",
                     f"training.output_dir={tmp_path / 'a'}", ok=False)  # fmt: skip
     assert "peft.method=adalora is not built for distributed.strategy=fsdp" in done.stderr
+
+
+def test_fsdp_packed_ternary_all_gather_from_the_command_line(tmp_path, capsys):
+    from bitnet_training.cli import main
+
+    data = text_files(tmp_path, 40)
+    run = tmp_path / "packed"
+    packed = ["distributed.strategy=fsdp", "distributed.fsdp_ternary_all_gather=true"]
+    done = torchrun(*data, *packed, f"training.output_dir={run}")
+    assert "BitLinear weights gathered as packed 2-bit ternary codes" in done.stderr
+    assert main(["eval", str(run)]) == 0  # its checkpoints are plain sharded weights
+    done = torchrun(*data, *packed, "quantize=false", ok=False)
+    assert "fsdp_ternary_all_gather needs plainly ternary weights: quantize=false" in done.stderr
+    done = torchrun(*data, *packed, "qat.weight_bits=2", ok=False)
+    assert "qat.weight_bits breaks that" in done.stderr
+    assert main(["train", *COMMON, "distributed.fsdp_ternary_all_gather=true"]) == 2
+    assert "set only with strategy fsdp" in capsys.readouterr().err
 
 
 def test_tensor_parallel_from_the_command_line(tmp_path):

@@ -65,6 +65,12 @@ class DistributedConfig(Section):
         description="fsdp: keep the sharded parameters, gradients and optimizer step on the "
         "CPU (for GPUs short of memory; on a CPU run it changes nothing and is refused)",
     )
+    fsdp_ternary_all_gather: bool = Field(
+        False,
+        description="fsdp: all-gather BitLinear weights as ternary codes packed 2 bits each "
+        "(16x less than float32) with the whole weight's absmean scale; for plainly ternary "
+        "weights (1.58 bits, per tensor, no schedules, noise or stages, identity STE)",
+    )
 
     @model_validator(mode="after")
     def _check(self):
@@ -95,11 +101,18 @@ class DistributedConfig(Section):
                 "fsdp_reduce_dtype",
                 "fsdp_reshard_after_forward",
                 "fsdp_cpu_offload",
+                "fsdp_ternary_all_gather",
             )
             if getattr(self, name) != type(self).model_fields[name].default
         ]
         if fsdp_set and self.strategy not in ("fsdp", "fsdp+tp"):
             raise ConfigError(
                 fsdp_set[0], getattr(self, fsdp_set[0]), "set only with strategy fsdp or fsdp+tp"
+            )
+        if self.fsdp_ternary_all_gather and self.strategy != "fsdp":
+            raise ConfigError(
+                "fsdp_ternary_all_gather",
+                True,
+                "set only with strategy fsdp (under fsdp+tp the scale would need both meshes)",
             )
         return self

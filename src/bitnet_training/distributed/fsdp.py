@@ -35,6 +35,7 @@ def apply_fsdp(
     reshard_after_forward: bool = True,
     cpu_offload: bool = False,
     mesh=None,
+    ternary_all_gather: bool = False,
 ) -> nn.Module:
     """Shard `model` (moved to `device`) over 1-D device mesh `mesh` (default: all ranks of
     the default process group; the data-parallel dimension of a 2-D mesh after tensor
@@ -44,7 +45,8 @@ def apply_fsdp(
     dtype); `reduce_dtype`: the dtype gradients are reduce-scattered in (`auto`: the
     parameters'); `cpu_offload`: keep
     shards, gradients and the optimizer step on the CPU (GPUs only). A model without
-    recognizable blocks is sharded as one unit."""
+    recognizable blocks is sharded as one unit. `ternary_all_gather`: BitLinear weights
+    are gathered as packed 2-bit ternary codes (`ternary_gather`)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     if cpu_offload and device.type != "cuda":
@@ -60,6 +62,11 @@ def apply_fsdp(
     for m in model.modules():
         if isinstance(m, BitLinear):
             m.cache_weight, m._cache = False, None
+    if ternary_all_gather:
+        from .ternary_gather import pack_weight_gathers
+
+        size = mesh.size() if mesh is not None else torch.distributed.get_world_size()
+        pack_weight_gathers(model, size)
     blocks = transformer_blocks(model)
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by the backward: keep them.

@@ -74,6 +74,7 @@ def apply_layout(
             d.fsdp_reshard_after_forward,
             d.fsdp_cpu_offload,
             mesh=dp_mesh,
+            ternary_all_gather=d.fsdp_ternary_all_gather,
         )
         fsdp = f"FSDP2 over {dp} rank{'s' if dp > 1 else ''}"
         if d.fsdp_param_dtype != "auto" or d.fsdp_reduce_dtype != "auto":
@@ -81,6 +82,8 @@ def apply_layout(
                 f", parameters gathered in {d.fsdp_param_dtype}, gradients reduced in "
                 f"{d.fsdp_reduce_dtype}"
             )
+        if d.fsdp_ternary_all_gather:
+            fsdp += ", BitLinear weights gathered as packed 2-bit ternary codes"
         how = f"{fsdp} x {how}" if how else fsdp
     elif strategy == "ddp":
         model = wrap_ddp(

@@ -336,7 +336,9 @@ class BitLinear(nn.Linear):
         if cacheable and self._cache is not None and self._cache[0] == key:
             entry = self._cache[1]
         else:
-            q = quantize(w.detach(), spec)
+            # FSDP2's packed ternary all-gather hands over the codes and scale themselves.
+            gathered = getattr(w, "quantized", None)
+            q = gathered() if gathered is not None else quantize(w.detach(), spec)
             entry = {"q": q, "dq": {}}
             entry["mask"] = clip_mask(w.detach(), q, spec) if spec.ste == "clipped" else None
             if q.zero_point is None and spec.granularity in ("tensor", "channel"):
