@@ -252,6 +252,10 @@ def _sample(run: recipe.Run, result) -> str | None:
     s, model = run.config.sample, unwrap(run.model)
     if not s.max_new_tokens or result.interrupted:
         return None
+    if getattr(model, "pipeline", None) is not None:  # the stages' parts, whole on rank 0
+        model = recipe.whole_pipelined_model(run)
+        if model is None:
+            return None
     if not gathers_in_forward(model):
         model = model.cpu()  # generation is sequential: the CPU does it as well as any
     with gathered_root(model):

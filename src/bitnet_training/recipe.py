@@ -255,8 +255,8 @@ def parallelize(
 ) -> tuple[nn.Module, list[str]]:
     """Transform 3, in torchtitan's order: activation checkpointing, then the layout over
     the process group's ranks when it has several (`distributed.layout.apply_layout`: tensor
-    parallel, then DDP or FSDP2; pipeline parallelism is not built). Returns the model to
-    train (possibly wrapped)."""
+    parallel, then DDP or FSDP2; or pipeline stages). Returns the model to train (possibly
+    wrapped, or this rank's pipeline stage)."""
     notes = []
     if cfg.training.activation_checkpointing:
         n = apply_activation_checkpointing(model)
@@ -265,6 +265,12 @@ def parallelize(
     world = torch.distributed.get_world_size() if dist else 1
     if cfg.distributed.fsdp_ternary_all_gather:
         _check_packable(cfg)
+    per = cfg.distributed.pp_microbatches or world
+    if cfg.distributed.strategy == "pp" and cfg.training.batch_size % per:
+        raise BitNetError(
+            f"training.batch_size={cfg.training.batch_size} does not split into the pipeline's "
+            f"{per} micro-batches (distributed.pp_microbatches): use a multiple of {per}"
+        )
     if world > 1 and data_parallel:
         t = cfg.training
         device = resolve_device(t.device)
@@ -306,7 +312,7 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int]:
             f"distributed.strategy=none, but torchrun launched {launched} processes: they "
             "would each train alone (use ddp, or auto)"
         )
-    if launched <= 1 and strategy in ("ddp", "fsdp", "tp", "fsdp+tp"):
+    if launched <= 1 and strategy in ("ddp", "fsdp", "tp", "pp", "fsdp+tp"):
         raise BitNetError(
             f"distributed.strategy={strategy} needs several processes: launch with torchrun "
             "--nproc-per-node=N (one process trains alone)"
@@ -382,7 +388,11 @@ def weight_bits_in_force(model: nn.Module) -> str:
         if m.weight_blend < 1 or m.activation_blend < 1:
             text += f" (lambda {m.weight_blend:.2f} / {m.activation_blend:.2f})"
         kinds.add(text)
-    return f"BitNet {', '.join(sorted(kinds))} in {len(layers)} layers"
+    where = ""
+    pipe = getattr(model, "pipeline", None)
+    if pipe is not None:  # this rank's stage only
+        where = f" of pipeline stage {pipe.stage_index + 1}/{pipe.n_stages}"
+    return f"BitNet {', '.join(sorted(kinds))} in {len(layers)} layers{where}"
 
 
 # ------------------------------------------------------------------ 3. callbacks
@@ -521,7 +531,8 @@ def prepare(
         loss_fn=loss_fn,
         # A PEFT run's checkpoints hold what trains (adapters) and the optimizer state of it.
         checkpoint_io=CheckpointIO(
-            trainable_only=cfg.peft.method != "none", sharded=is_dtensor_model(model)
+            trainable_only=cfg.peft.method != "none",
+            sharded=is_dtensor_model(model) or getattr(model, "pipeline", None) is not None,
         ),
     )
     return Run(cfg, model, tokenizer, data, trainer, notes, resume)
@@ -671,6 +682,23 @@ def load_run(path: str, overrides: list[str] = ()) -> tuple[RunConfig, nn.Module
     restore_quantization(built.model, cfg, ckpt_io.read_state(ckpt))
     check_tokenizer(ckpt, built.tokenizer)
     return cfg, built.model, built.tokenizer, ckpt
+
+
+def whole_pipelined_model(run: Run) -> nn.Module | None:
+    """The whole model of a pipeline-parallel run on rank 0 (None elsewhere): every stage
+    sends its tensors to rank 0, which builds the model as the run did (without the layout)
+    and puts the quantized layers where training left them. A collective: every rank calls
+    it. For the end-of-run sample; a stage alone cannot generate."""
+    dist, stage = torch.distributed, unwrap(run.model)
+    mine = {k: v.detach().cpu() for k, v in stage.state_dict().items()}
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    if parts is None:
+        return None
+    whole = build_model(run.config, run_dir=run.config.training.output_dir, init=False).model
+    whole.load_state_dict({k: v for part in parts for k, v in part.items()})
+    restore_quantization(whole, run.config, run.trainer.state_dict())
+    return whole
 
 
 def restore_quantization(model: nn.Module, cfg: RunConfig, state: dict) -> None:

@@ -1,8 +1,9 @@
 """Run by tests/distributed/test_layouts.py, alone or under torchrun: train a tiny ternary
 BitNetLM in float64 with the Trainer under a parallel layout (argv[1]: none, ddp, fsdp,
-fsdp-packed, tp, or fsdp+tp over 4 ranks; argv[2]: the output directory; argv[3]: the per-rank batch size;
-argv[4], optional: a checkpoint to resume from), and write each step's loss and gradient
-norm and the final ternary codes of every BitLinear to <output>/result.pt (rank 0)."""
+fsdp-packed, tp, pp (1F1B), pp-gpipe, or fsdp+tp over 4 ranks; argv[2]: the output
+directory; argv[3]: the per-rank batch size; argv[4], optional: a checkpoint to resume
+from), and write each step's loss and gradient norm and the final ternary codes of every
+BitLinear to <output>/result.pt (rank 0)."""
 
 import os
 import sys
@@ -13,6 +14,7 @@ from bitnet_training.distributed.config import DistributedConfig
 from bitnet_training.distributed.ddp import init_from_env, wrap_ddp
 from bitnet_training.distributed.fsdp import apply_fsdp
 from bitnet_training.distributed.layout import apply_layout
+from bitnet_training.distributed.pp import apply_pipeline
 from bitnet_training.models import BitNetLM
 from bitnet_training.models.config import ModelConfig
 from bitnet_training.nn import quantize_model
@@ -50,6 +52,8 @@ def main(layout: str, out: str, batch: int, resume: str | None) -> None:
         model = wrap_ddp(model, cpu)
     elif layout in ("fsdp", "fsdp-packed"):  # weights gathered as 2-bit codes, or not
         model = apply_fsdp(model, cpu, ternary_all_gather=layout == "fsdp-packed")
+    elif layout in ("pp", "pp-gpipe"):  # two stages, two micro-batches per batch
+        model = apply_pipeline(model, cpu, "gpipe" if layout == "pp-gpipe" else "1f1b", 2)
     elif layout in ("tp", "fsdp+tp"):  # tensor parallel in groups of 2
         d = DistributedConfig(strategy=layout, tp_size=2)
         model = apply_layout(model, d, cpu)[0]
@@ -64,12 +68,17 @@ def main(layout: str, out: str, batch: int, resume: str | None) -> None:
         eval_every=2, log_every=100, mixed_precision="fp32",
     )  # fmt: skip
     record = Record()
-    io = CheckpointIO(sharded=layout in ("fsdp", "fsdp-packed", "tp", "fsdp+tp"))
+    io = CheckpointIO(sharded=layout not in ("none", "ddp"))
     trainer = Trainer(model, config, data, data[:12], [record], checkpoint_io=io)
     trainer.train(resume_from=resume)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    if layout.startswith("pp"):  # each stage's own weights, gathered on rank 0
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, model.state_dict())
+        full = {k: v for part in parts for k, v in part.items()}
+    else:
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     codes = {}
     plain = BitNetLM(cfg)
     quantize_model(plain, qat)

@@ -12,10 +12,9 @@ import time
 
 import pytest
 from safetensors.torch import load_file
+from test_signals import ARGS, output, workers, write_text
 
 from bitnet_training.distributed.elastic import JOB_FILE, restart_plan
-
-from test_signals import ARGS, output, workers, write_text
 
 STEPS = 12
 

@@ -117,6 +117,20 @@ def test_checkpoints_resume_across_layouts(tmp_path, single, fsdp):
     same(resumed, fsdp[1], slice(2, None))
 
 
+def test_pipeline_stages_train_as_one_process_in_float64(tmp_path, single):
+    """Two stages, two micro-batches per batch, under 1F1B and GPipe: the same losses,
+    gradient norms, evaluation and ternary codes as one process with the same batch; the
+    stages' sharded checkpoints resume in one process, and as a pipeline."""
+    one = single[1]
+    pp = run("pp", tmp_path / "1f1b", 4)
+    same(pp, one)
+    assert pp["evals"] == pytest.approx(one["evals"], rel=1e-12)
+    same(run("pp-gpipe", tmp_path / "gpipe", 4), one)
+    ckpt = tmp_path / "1f1b" / "checkpoint-00000002"
+    same(run("none", tmp_path / "one", 4, resume=ckpt), one, slice(2, None))
+    same(run("pp", tmp_path / "again", 4, resume=ckpt), one, slice(2, None))
+
+
 def test_fsdp_gathers_packed_ternary_codes_with_the_unpacked_gathers_results(tmp_path, fsdp):
     packed = run("fsdp-packed", tmp_path, 2)
     # Codes identical; the whole weight's scale sums |w| in another order than mean(|W|)
@@ -220,6 +234,27 @@ def test_fsdp_packed_ternary_all_gather_from_the_command_line(tmp_path, capsys):
     assert "qat.weight_bits breaks that" in done.stderr
     assert main(["train", *COMMON, "distributed.fsdp_ternary_all_gather=true"]) == 2
     assert "set only with strategy fsdp" in capsys.readouterr().err
+
+
+def test_pipeline_parallel_from_the_command_line(tmp_path):
+    from bitnet_training.cli import main
+
+    data = text_files(tmp_path, 40)
+    run = tmp_path / "pp"
+    pp = ["distributed.strategy=pp", "training.batch_size=2"]
+    done = torchrun(*data, *pp, "distributed.pp_schedule=gpipe", f"training.output_dir={run}")
+    assert "pipeline parallel over 2 stages (1, 1 layers), gpipe schedule, 2 micro-batches" in (
+        done.stderr
+    )
+    assert done.stdout.count("== summary ==") == 1 and "sample       '" in done.stdout
+    assert (run / "checkpoint-00000004" / "sharded" / ".metadata").is_file()
+    assert main(["eval", str(run)]) == 0  # the stages' shards read back whole in one process
+    done = torchrun(*data, *pp, "loss.chunk_size=16", ok=False)
+    assert "strategy=pp cannot train this run: loss.chunk_size" in done.stderr
+    done = torchrun(*data, "distributed.strategy=pp", "training.batch_size=3", ok=False)
+    assert "training.batch_size=3 does not split into the pipeline's 2 micro-batches" in (
+        done.stderr
+    )
 
 
 def test_tensor_parallel_from_the_command_line(tmp_path):

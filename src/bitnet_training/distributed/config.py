@@ -18,14 +18,26 @@ class DistributedConfig(Section):
 
     _path = "distributed"
 
-    strategy: Literal["auto", "none", "ddp", "fsdp", "tp", "fsdp+tp"] = Field(
+    strategy: Literal["auto", "none", "ddp", "fsdp", "tp", "pp", "fsdp+tp"] = Field(
         "auto",
         description="auto: ddp when launched with several processes; ddp: "
         "DistributedDataParallel (a replica per rank); fsdp: FSDP2, parameters, gradients "
         "and optimizer states sharded over the ranks, sharded checkpoints; tp: tensor "
         "parallel, each block's attention and FFN split over the ranks, which share one "
-        "data stream; fsdp+tp: a 2-D mesh, tensor parallel within groups of tp_size ranks, "
-        "FSDP across the groups (pipeline parallelism is not built yet)",
+        "data stream; pp: pipeline parallel, the model's layers split into one stage per "
+        "rank (pp_schedule, pp_microbatches); fsdp+tp: a 2-D mesh, tensor parallel within "
+        "groups of tp_size ranks, FSDP across the groups",
+    )
+    pp_schedule: Literal["1f1b", "gpipe"] = Field(
+        "1f1b",
+        description="pp: the pipeline schedule (gpipe: every micro-batch's forward, then "
+        "every backward; 1f1b: alternating, fewer activations alive at once)",
+    )
+    pp_microbatches: int | None = Field(
+        None,
+        gt=0,
+        description="pp: micro-batches per batch the schedule pipelines (default: the "
+        "number of stages); must divide training.batch_size",
     )
     tp_size: int | None = Field(
         None,
@@ -109,6 +121,12 @@ class DistributedConfig(Section):
             raise ConfigError(
                 fsdp_set[0], getattr(self, fsdp_set[0]), "set only with strategy fsdp or fsdp+tp"
             )
+        pp_set = [n for n in ("pp_schedule", "pp_microbatches")
+                  if getattr(self, n) != type(self).model_fields[n].default]  # fmt: skip
+        if pp_set and self.strategy != "pp":
+            raise ConfigError(pp_set[0], getattr(self, pp_set[0]), "set only with strategy pp")
+        if self.strategy == "pp" and self.gradient_compression != "none":
+            raise ConfigError("gradient_compression", self.gradient_compression, "none with pp")
         if self.fsdp_ternary_all_gather and self.strategy != "fsdp":
             raise ConfigError(
                 "fsdp_ternary_all_gather",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from ..train.checkpoint import read_pointer, write_pointer
+from ..atomic import atomic_file
 
 JOB_FILE = ".torchrun-job"
 
@@ -37,7 +37,8 @@ def job_id() -> str | None:
 def mark_job(output_dir: str) -> None:
     """Record that this torchrun job trains in `output_dir` (rank 0, once the run starts)."""
     if job_id() is not None:
-        write_pointer(output_dir, JOB_FILE, job_id())  # an atomic one-line file
+        with atomic_file(os.path.join(output_dir, JOB_FILE)) as tmp, open(tmp, "w") as f:
+            f.write(job_id() + "\n")
 
 
 def _owned(output_dir: str) -> bool:
@@ -46,6 +47,18 @@ def _owned(output_dir: str) -> bool:
             return f.read().strip() == job_id()
     except OSError:
         return False
+
+
+def _latest(output_dir: str) -> str | None:
+    """The checkpoint the `latest` pointer names, if it exists (read here: this layer sits
+    below the checkpoint module)."""
+    try:
+        with open(os.path.join(output_dir, "latest")) as f:
+            name = f.read().strip()
+    except OSError:
+        return None
+    path = os.path.join(output_dir, name)
+    return path if name and os.path.isdir(path) else None
 
 
 def restart_plan(
@@ -57,7 +70,7 @@ def restart_plan(
     attempt = restart_count()
     if attempt == 0 or job_id() is None or not _owned(output_dir):
         return resume, overwrite, None
-    latest = read_pointer(output_dir, "latest")
+    latest = _latest(output_dir)
     if latest is not None:
         return "latest", False, f"torchrun restart {attempt}: resuming from {latest}"
     if resume is not None:

@@ -12,6 +12,7 @@ from ..errors import BitNetError
 from .config import DistributedConfig
 from .ddp import wrap_ddp
 from .fsdp import apply_fsdp
+from .pp import apply_pipeline, stage_layers
 from .tp import apply_tensor_parallel
 
 # Adapters that a layout cannot carry, and why.
@@ -34,6 +35,21 @@ def apply_layout(
     world = torch.distributed.get_world_size()
     strategy = "ddp" if d.strategy == "auto" else d.strategy
     dp_mesh, dp, how = None, world, ""
+    if strategy == "pp":
+        if peft_method != "none":
+            raise BitNetError(
+                f"peft.method={peft_method} is not built for distributed.strategy=pp: use ddp "
+                "or fsdp"
+            )
+        model = apply_pipeline(model, device, d.pp_schedule, d.pp_microbatches)
+        per = model.pipeline.microbatches
+        n = model.config.num_hidden_layers
+        layers = ", ".join(str(len(stage_layers(n, world, r))) for r in range(world))
+        how = (
+            f"pipeline parallel over {world} stages ({layers} layers), {d.pp_schedule} "
+            f"schedule, {per} micro-batches per batch (one data stream)"
+        )
+        return model, how, 1
     if "tp" in strategy:
         if peft_method != "none":
             raise BitNetError(

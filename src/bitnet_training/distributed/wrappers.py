@@ -39,6 +39,8 @@ def gathers_in_forward(model: nn.Module) -> bool:
     """Whether `model`'s forward is a collective (FSDP2 all-gathers each block's parameters,
     tensor parallelism all-reduces partial sums): then every rank must run the same number
     of forwards, in evaluation and generation too."""
+    if getattr(model, "pipeline", None) is not None:  # the stages run in turn
+        return True
     return is_fsdp(model) or any(hasattr(p, "placements") for p in model.parameters())
 
 

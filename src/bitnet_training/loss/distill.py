@@ -79,6 +79,15 @@ class LMLoss:
     def __init__(self, config: LossConfig | None = None):
         self.config = config or LossConfig()
 
+    def summed_from_logits(
+        self, logits: torch.Tensor, labels: torch.Tensor, training: bool
+    ) -> torch.Tensor:
+        """The loss summed over the targets, from the logits alone (what a pipeline's last
+        stage has); None-valued where the loss needs more of the model (see `pipeline_loss`)."""
+        c = self.config
+        kw = dict(label_smoothing=c.label_smoothing, z_loss=c.z_loss) if training else {}
+        return causal_lm_loss(logits, labels, reduction="sum", **kw)
+
     def __call__(self, model: nn.Module, batch: dict) -> torch.Tensor:
         labels = batch["labels"]
         inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -190,6 +199,9 @@ class DistillLoss(LMLoss):
     frozen here (no gradient, eval mode) and run on the same batch in the same step (moved to
     the batch's device at the first call). The teacher must have the student's vocabulary.
     In evaluation only the plain cross-entropy is computed (the teacher does not run)."""
+
+    # The teacher's terms need the student's inner states beside the logits: no pipeline.
+    summed_from_logits = None
 
     def __init__(self, teacher: nn.Module, config: LossConfig | None = None):
         super().__init__(config)

@@ -56,10 +56,12 @@ def causal_lm_loss(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Mean next-token cross-entropy of (batch, seq, vocab) `logits` against (batch, seq)
     `labels` (position i predicts labels[i + 1]), with label smoothing and z-loss. With both
-    at 0 it equals `BitNetLM`'s own loss and `transformers`' `ForCausalLMLoss`."""
+    at 0 it equals `BitNetLM`'s own loss and `transformers`' `ForCausalLMLoss`.
+    `reduction="sum"`: summed over the targets instead (a pipeline's micro-batches)."""
     _check(label_smoothing, z_loss)
     if logits.shape[:2] != labels.shape:
         raise BitNetError(
@@ -69,8 +71,10 @@ def causal_lm_loss(
     targets = _shift(labels)
     flat = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays
     flat = flat.reshape(-1, logits.shape[-1])
-    n = (targets != ignore_index).sum().clamp_min(1)
-    return _token_losses(flat, targets, ignore_index, label_smoothing, z_loss) / n
+    total = _token_losses(flat, targets, ignore_index, label_smoothing, z_loss)
+    if reduction == "sum":
+        return total
+    return total / (targets != ignore_index).sum().clamp_min(1)
 
 
 class _ChunkedLoss(torch.autograd.Function):

@@ -50,10 +50,13 @@ def clip_gradients(
     max_value: float | None = None,
     agc_clip_factor: float | None = None,
     agc_eps: float = 1e-3,
+    split_over_ranks: bool = False,
 ) -> torch.Tensor:
     """Apply, in this order, AGC, clipping by value and clipping by global norm (each when
     set), and return the global gradient norm measured before the norm clipping (a tensor,
-    no host sync)."""
+    no host sync). `split_over_ranks`: the (non-DTensor) parameters are this rank's part of
+    a model split over every rank (pipeline stages): their squared norms are summed over the
+    ranks."""
     if agc_clip_factor is not None:
         adaptive_clip_grad_(params, agc_clip_factor, agc_eps)
     if max_value is not None:
@@ -64,6 +67,10 @@ def clip_gradients(
     sharded = [g for g in grads if _is_dtensor(g)]
     whole = [g for g in grads if not _is_dtensor(g)]
     norm = torch.nn.utils.get_total_norm(whole)
+    if split_over_ranks:
+        squares = norm.to(torch.promote_types(norm.dtype, torch.float32)).pow(2)
+        torch.distributed.all_reduce(squares)
+        norm = squares.sqrt()
     by_mesh: dict = {}  # FSDP x TP leaves DTensors on two meshes, which DTensor won't mix
     for g in sharded:
         by_mesh.setdefault(g.device_mesh, []).append(g)

@@ -227,10 +227,13 @@ def read_metadata(ckpt: str) -> dict:
     return meta
 
 
-def load_model_weights(model: torch.nn.Module, ckpt: str, may_miss=None) -> None:
+def load_model_weights(
+    model: torch.nn.Module, ckpt: str, may_miss=None, others: set[str] = frozenset()
+) -> None:
     """Load `model.safetensors` of `ckpt` into `model`; a checkpoint of another architecture
     (missing, unexpected or differently shaped tensors) is a one-line `BitNetError`.
-    `may_miss(name)` names tensors the checkpoint may lack (they keep their values)."""
+    `may_miss(name)` names tensors the checkpoint may lack (they keep their values);
+    `others`, tensors it may hold beyond the model's (other pipeline stages')."""
     path = os.path.join(ckpt, MODEL_FILE)
     if not os.path.isfile(path):
         raise BitNetError(f"checkpoint {ckpt!r} has no {MODEL_FILE}")
@@ -243,7 +246,7 @@ def load_model_weights(model: torch.nn.Module, ckpt: str, may_miss=None) -> None
         raise BitNetError(f"checkpoint {ckpt!r} does not fit this model: {first}") from None
     if may_miss is not None:
         missing = [k for k in missing if not may_miss(k)]
-    refuse_mismatch(ckpt, missing, unexpected)
+    refuse_mismatch(ckpt, missing, [k for k in unexpected if k not in others])
 
 
 def refuse_mismatch(ckpt: str, missing, unexpected) -> None:

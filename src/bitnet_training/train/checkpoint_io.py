@@ -29,7 +29,12 @@ from .sharded import (
     load_sharded_model,
     load_sharded_optimizer,
     save_sharded_checkpoint,
+    whole_model_keys,
 )
+
+
+def _is_stage(model: torch.nn.Module) -> bool:
+    return getattr(model, "pipeline", None) is not None
 
 
 class CheckpointIO:
@@ -47,6 +52,11 @@ class CheckpointIO:
 
     def save(self, output_dir, step, model, optimizer, state, rng, metadata, before_commit=None):
         """Write checkpoint `step` atomically; returns its path."""
+        if _is_stage(model) and not self.sharded:
+            raise BitNetError(
+                "a pipeline stage holds part of the model: its checkpoints are sharded "
+                "(CheckpointIO(sharded=True)); rank 0 alone would write stage 0's part"
+            )
         save = save_sharded_checkpoint if self.sharded else save_checkpoint
         return save(
             output_dir, step, model, optimizer, state, rng, metadata, before_commit,
@@ -65,10 +75,14 @@ class CheckpointIO:
     def load_model(self, model: torch.nn.Module, ckpt: str, may_miss=None) -> None:
         """The model tensors of `ckpt` into `model` (names checked: a checkpoint of another
         architecture is a one-line `BitNetError`)."""
+        stage = _is_stage(model)  # a pipeline stage holds some of the model's tensors
         if is_sharded(ckpt):
-            load_sharded_model(model, ckpt, self.trainable_only, may_miss)
+            load_sharded_model(model, ckpt, self.trainable_only, may_miss, stage)
             return
-        if is_dtensor_model(model):  # full tensors into FSDP shards
+        if stage:  # the other stages' tensors are not unexpected
+            others = whole_model_keys(set(model.state_dict()))
+            load_model_weights(model, ckpt, may_miss, others=others)
+        elif is_dtensor_model(model):  # full tensors into FSDP shards
             load_full_into_sharded(model, ckpt, self.trainable_only, may_miss)
         elif self.trainable_only:
             load_trainable_weights(model, ckpt)
@@ -83,6 +97,12 @@ class CheckpointIO:
         osd = load_optimizer_state(ckpt)
         if osd is None:
             return False
+        if _is_stage(model):
+            raise BitNetError(
+                f"checkpoint {ckpt!r} is a single-file one, whose optimizer state is ordered by "
+                "the whole model's parameters: a pipeline stage resumes from sharded "
+                "checkpoints (saved under fsdp, tp or pp); use init_from for the weights alone"
+            )
         try:
             if is_dtensor_model(model):
                 load_full_optimizer_into_sharded(model, optimizer, osd)

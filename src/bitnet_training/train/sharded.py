@@ -39,6 +39,16 @@ from .checkpoint import (
 SHARDED_DIR = "sharded"
 
 
+def _flat():
+    """Optimizer state keyed by parameter name, hyperparameters too (`state.<name>.exp_avg`,
+    `param_groups.<name>.lr`): what each rank saves is then its own parameters' entries, so
+    any layout (FSDP shards, pipeline stages holding different parameters) saves and loads
+    them by name."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 @contextlib.contextmanager
 def _quiet():
     """DCP warns that it loads in a single process when no process group exists: that is
@@ -98,7 +108,7 @@ def save_sharded_checkpoint(
     tmp = tmp[0]
     tensors = {"model": _model_state(model, trainable_only)}
     if optimizer is not None:
-        tensors["optimizer"] = get_optimizer_state_dict(model, optimizer)
+        tensors["optimizer"] = get_optimizer_state_dict(model, optimizer, options=_flat())
     try:
         with _quiet():
             dcp.save(tensors, checkpoint_id=os.path.join(tmp, SHARDED_DIR), no_dist=not dist)
@@ -134,9 +144,19 @@ def _stored_keys(ckpt: str, prefix: str) -> set[str]:
     return {k[len(prefix) :] for k in meta.state_dict_metadata if k.startswith(prefix)}
 
 
-def _check_keys(ckpt: str, want: set[str], stored: set[str], may_miss=None) -> None:
+def _check_keys(
+    ckpt: str, want: set[str], stored: set[str], may_miss=None, stage: bool = False
+) -> None:
     missing = [k for k in want - stored if may_miss is None or not may_miss(k)]
-    refuse_mismatch(ckpt, missing, stored - want)
+    refuse_mismatch(ckpt, missing, stored - (whole_model_keys(want) if stage else want))
+
+
+def whole_model_keys(own: set[str]) -> set[str]:
+    """The names of every pipeline stage's tensors (a collective: each stage passes its own),
+    so a stage's load refuses only what no stage has."""
+    parts: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, sorted(own))
+    return {k for part in parts for k in part}
 
 
 def _last_line(e: Exception) -> str:
@@ -145,7 +165,11 @@ def _last_line(e: Exception) -> str:
 
 
 def load_sharded_model(
-    model: torch.nn.Module, ckpt: str, trainable_only: bool = False, may_miss=None
+    model: torch.nn.Module,
+    ckpt: str,
+    trainable_only: bool = False,
+    may_miss=None,
+    stage: bool = False,
 ) -> None:
     """Load the model tensors of sharded checkpoint `ckpt` into `model`, whatever its layout
     (plain, DDP's replica, FSDP shards); the names must match as for a single-file load.
@@ -155,7 +179,7 @@ def load_sharded_model(
 
     sd = _model_state(model, trainable_only)
     stored = _stored_keys(ckpt, "model.")
-    _check_keys(ckpt, set(sd), stored, may_miss)
+    _check_keys(ckpt, set(sd), stored, may_miss, stage)
     sd = {k: v for k, v in sd.items() if k in stored}
     try:
         with _quiet():
@@ -180,14 +204,14 @@ def load_sharded_optimizer(
 
     if not _stored_keys(ckpt, "optimizer."):
         return False
-    osd = get_optimizer_state_dict(model, optimizer)
+    osd = get_optimizer_state_dict(model, optimizer, options=_flat())
     try:
         with _quiet():
             path = os.path.join(ckpt, SHARDED_DIR)
             dcp.load({"optimizer": osd}, checkpoint_id=path, no_dist=not _dist())
     except Exception as e:
         raise BitNetError(f"optimizer state does not fit: {_last_line(e)}") from None
-    set_optimizer_state_dict(model, optimizer, osd)
+    set_optimizer_state_dict(model, optimizer, osd, options=_flat())
     return True
 
 

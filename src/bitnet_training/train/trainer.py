@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, IterableDataset, default_collate
 
 from ..callback import Callback, collect_callbacks, merge_callbacks
 from ..data.sampler import IterableBatches, ResumableBatchSampler
+from ..distributed.pp import pipeline_of
 from ..distributed.wrappers import (
     averages_gradients,
     data_parallel_place,
@@ -91,6 +92,25 @@ def model_loss(model: nn.Module, batch: dict) -> torch.Tensor:
             "with .loss) when called with the batch, e.g. with labels"
         )
     return loss
+
+
+def pipeline_loss(loss_fn):
+    """The summed-over-targets form of `loss_fn` that a pipeline's last stage computes from
+    the logits, or a one-line refusal naming why the loss needs more of the model."""
+    from ..loss.lm import causal_lm_loss
+
+    if loss_fn is model_loss:
+        return lambda logits, labels, training: causal_lm_loss(logits, labels, reduction="sum")
+    summed = getattr(loss_fn, "summed_from_logits", None)
+    config = getattr(loss_fn, "config", None)
+    why = None
+    if summed is None:
+        why = f"its loss ({type(loss_fn).__name__}) needs the whole model, not only the logits"
+    elif getattr(config, "chunk_size", None) is not None:
+        why = "loss.chunk_size computes the loss from the last hidden states and the head"
+    if why:
+        raise BitNetError(f"distributed.strategy=pp cannot train this run: {why}")
+    return summed
 
 
 def default_callbacks(config: TrainingConfig) -> list[Callback]:
@@ -309,6 +329,8 @@ class Trainer:
                 "optimizer given was built without it: build it with "
                 "build_optimizer(model, ..., callbacks=...) or let the Trainer build it"
             )
+        if pipeline_of(unwrap(self.model)) is not None:
+            self._check_pipeline()
         if self.precision == "fp16":
             self.scaler = torch.amp.GradScaler(
                 self.device.type,
@@ -342,6 +364,23 @@ class Trainer:
         self.total_steps = c.max_steps or c.num_epochs * per_epoch
         self.steps_per_epoch = max(1, per_epoch)
         self._call("setup")
+
+    def _check_pipeline(self) -> None:
+        """Refuse what a pipeline schedule cannot run (its backward is its own, its last
+        stage alone has the logits), and take the loss's summed form."""
+        why = None
+        aux = [cb.key for cb in self.callbacks if type(cb).aux_loss is not Callback.aux_loss]
+        if self.precision == "fp16":
+            why = "fp16 loss scaling would act outside the schedule's backward (use bf16)"
+        elif aux:
+            why = f"callback {aux[0]} adds a loss outside the schedule's backward"
+        elif any(m.needs_logits for m in self.metrics):
+            why = "a metric needs the logits, which only the last stage has"
+        if why:
+            raise BitNetError(f"distributed.strategy=pp cannot run this: {why}")
+        summed = pipeline_loss(self.loss_fn)
+        self._pipeline_loss = lambda logits, labels: summed(logits, labels, True)
+        self._pipeline_eval_loss = lambda logits, labels: summed(logits, labels, False)
 
     # ----------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -602,8 +641,14 @@ class Trainer:
             self._ranks_stopping = bool(stop)
         total = total.clamp_min(1)
         loss_sum = torch.zeros((), device=self.device)
+        pipe = pipeline_of(unwrap(self.model))
         for i, (b, n) in enumerate(zip(micro, counts, strict=True)):
             last = i == len(micro) - 1
+            if pipe is not None:  # the schedule runs forward and backward itself
+                with self._autocast():
+                    part = pipe.forward_backward(b, self._pipeline_loss, float(total) / scale)
+                loss_sum = loss_sum + part
+                continue
             sync = (
                 no_gradient_sync(self.model)
                 if self.data_parallel and not last
@@ -626,8 +671,9 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         c = self.config
         norm = clip_gradients(
-            params, c.gradient_clip_norm, c.gradient_clip_value, c.agc_clip_factor, c.agc_eps
-        )
+            params, c.gradient_clip_norm, c.gradient_clip_value, c.agc_clip_factor, c.agc_eps,
+            split_over_ranks=pipe is not None,  # each stage holds its own parameters
+        )  # fmt: skip
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skipped when a gradient is inf / nan
             self.scaler.update()
@@ -667,6 +713,9 @@ class Trainer:
         # A DDP model is unwrapped (its forward would sync buffers); an FSDP one all-gathers in
         # its forward, so every rank runs as many forwards, the last ones on a spare batch.
         model = unwrap(self.model)
+        pipe = pipeline_of(model)
+        if pipe is not None:
+            self._check_pipeline()
         shard = self.data_parallel and all(m.can_sync for m in self.metrics)
         starts: list[int | None] = list(range(0, n_items, bs))
         if max_batches is not None:
@@ -683,7 +732,10 @@ class Trainer:
                 batch = self._to_device(default_collate([self.eval_data[j] for j in idx]))
                 seen.clear()
                 with self._autocast():
-                    loss = self.loss_fn(model, batch)
+                    if pipe is not None:
+                        loss = pipe.eval_loss(batch, self._pipeline_eval_loss)
+                    else:
+                        loss = self.loss_fn(model, batch)
                 if start is None:
                     continue  # a spare forward: counted by no metric
                 n = self.count_targets(batch)
