@@ -26,6 +26,7 @@ LAYERS = {
     "config": 5,
     "recipe": 6,
     "consolidate": 6.5,
+    "export": 6.5,
     "cli": 7,
     "__main__": 8,
     "__init__": 8,

@@ -6,6 +6,7 @@
     bitnet-train generate CKPT --prompt TEXT [--max-new-tokens N] [--temperature T] ...
     bitnet-train merge RUN -o DIR [--method auto|requantize|refit]
     bitnet-train consolidate CKPT -o DIR      (sharded FSDP checkpoint -> single files)
+    bitnet-train export RUN -o DIR [--format hf|ternary] (for transformers / packed codes)
 
 The CLI owns the terminal: progress on stderr, the summary on stdout. Errors the user can fix
 print one line and exit with status 2; an interrupted run exits with 128 + the signal number
@@ -59,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(
         dest="command",
         required=True,
-        metavar="{train,eval,generate,merge,consolidate,plot,preprocess}",
+        metavar="{train,eval,generate,merge,consolidate,export,plot,preprocess}",
         parser_class=_Parser,
     )
 
@@ -143,6 +144,24 @@ def _parser() -> argparse.ArgumentParser:
     cs = sub.add_parser("consolidate", help="turn a sharded (FSDP) checkpoint into single files")
     cs.add_argument("checkpoint", help="a sharded checkpoint, or a run (its latest)")
     cs.add_argument("--output", "-o", required=True, help="the new run directory")
+
+    ex = sub.add_parser(
+        "export", help="write a run for transformers (hf) or as packed ternary codes (ternary)"
+    )
+    ex.add_argument("run", help="a run (its latest checkpoint) or a checkpoint")
+    ex.add_argument("--output", "-o", required=True, help="the new directory")
+    ex.add_argument("--format", default="hf", help="hf (default) or ternary")
+    ex.add_argument(
+        "--linear-class",
+        default="bitlinear",
+        help="hf: bitlinear (weight_scale = 1/gamma) or autobitlinear (weight_scale = gamma)",
+    )
+    ex.add_argument(
+        "--mode", default="offline", help="hf: offline (packed codes) or online (latent weights)"
+    )
+    ex.add_argument(
+        "--dtype", default="bfloat16", help="full-precision tensors: bfloat16, float16, float32"
+    )
 
     mg = sub.add_parser("merge", help="merge a LoRA run's adapters into its base")
     mg.add_argument("run", help="a PEFT (LoRA / AdaLoRA / 1.58-bit QLoRA) run or checkpoint")
@@ -381,6 +400,14 @@ def cmd_consolidate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_run
+
+    ckpt = export_run(args.run, args.output, args.format, args.linear_class, args.mode, args.dtype)
+    sys.stdout.write(f"exported {ckpt} -> {os.path.abspath(args.output)} ({args.format})\n")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from .monitoring.plots import plot_runs
 
@@ -462,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": cmd_generate,
         "merge": cmd_merge,
         "consolidate": cmd_consolidate,
+        "export": cmd_export,
         "plot": cmd_plot,
         "preprocess": cmd_preprocess,
     }

@@ -1,0 +1,64 @@
+"""Out to the tools that run ternary models: `bitnet-train export RUN -o DIR --format ...`.
+
+`export_run` loads a run or checkpoint as evaluation does (sharded checkpoints are read
+whole) and writes it, all or nothing, as a `transformers` checkpoint (`hf.py`) or our compact
+base-3 format (`ternary.py`), with the tokenizer `AutoTokenizer` loads (`tokenizer.py`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..atomic import atomic_directory
+from ..errors import BitNetError
+
+FORMATS = ("hf", "ternary")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def export_run(
+    path: str,
+    out: str,
+    format: str = "hf",
+    linear_class: str = "bitlinear",
+    mode: str = "offline",
+    dtype: str = "bfloat16",
+) -> str:
+    """Write run or checkpoint `path` to directory `out` (absent or empty) in `format`;
+    returns the checkpoint exported. `linear_class` / `mode`: the `hf` format's
+    `quantization_config`; `dtype`: the full-precision tensors' (and online weights')."""
+    from ..recipe import load_run
+    from .hf import write_hf
+    from .ternary import write_ternary
+    from .tokenizer import write_tokenizer
+
+    if format not in FORMATS:
+        raise BitNetError(f"--format {format!r} is invalid: expected {' or '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise BitNetError(f"--dtype {dtype!r} is invalid: expected {', '.join(DTYPES)}")
+    if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out)):
+        what = "is a file" if os.path.isfile(out) else "exists and is not empty"
+        raise BitNetError(f"export output {out!r} {what}: choose another directory")
+    cfg, model, tokenizer, ckpt = load_run(path)
+    if cfg.peft.method != "none":
+        raise BitNetError(
+            f"{ckpt!r} is a PEFT run ({cfg.peft.method}): merge its adapters first "
+            "(bitnet-train merge RUN -o MERGED), then export MERGED"
+        )
+    if not cfg.quantize:
+        raise BitNetError(
+            f"{ckpt!r} trained full-precision weights (quantize=false): there are no ternary "
+            "weights to export"
+        )
+    model = model.float().eval()
+    with atomic_directory(out) as tmp:  # all or nothing
+        if format == "hf":
+            write_hf(model, tmp, linear_class, mode, DTYPES[dtype])
+        else:
+            if (linear_class, mode) != ("bitlinear", "offline"):
+                raise BitNetError("--linear-class and --mode describe the hf format only")
+            write_ternary(model, tokenizer, tmp, DTYPES[dtype])
+        write_tokenizer(tokenizer, tmp)
+    return ckpt
