@@ -141,6 +141,8 @@ def test_export_from_the_command_line(tmp_path, capsys):
         (["--dtype", "int8"], "--dtype 'int8' is invalid"),
         (["--format", "ternary", "--mode", "online"], "describe the hf format only"),
         (["--linear-class", "fancy"], "--linear-class 'fancy' is invalid"),
+        (["--format", "gguf"], "model.hidden_act=relu2, but llama.cpp's bitnet graph runs"),
+        (["--gguf-type", "f16"], "--gguf-type describes the gguf format only"),
     ]:
         code, _, err = run(capsys, "export", out, "-o", tmp_path / "bad", *args)
         assert code == 2 and message in err and err.count("\n") == 1, err

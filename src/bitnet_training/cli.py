@@ -6,7 +6,7 @@
     bitnet-train generate CKPT --prompt TEXT [--max-new-tokens N] [--temperature T] ...
     bitnet-train merge RUN -o DIR [--method auto|requantize|refit]
     bitnet-train consolidate CKPT -o DIR      (sharded FSDP checkpoint -> single files)
-    bitnet-train export RUN -o DIR [--format hf|ternary] (for transformers / packed codes)
+    bitnet-train export RUN -o DIR [--format hf|ternary|gguf] (transformers / ours / llama.cpp)
 
 The CLI owns the terminal: progress on stderr, the summary on stdout. Errors the user can fix
 print one line and exit with status 2; an interrupted run exits with 128 + the signal number
@@ -150,7 +150,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("run", help="a run (its latest checkpoint) or a checkpoint")
     ex.add_argument("--output", "-o", required=True, help="the new directory")
-    ex.add_argument("--format", default="hf", help="hf (default) or ternary")
+    ex.add_argument("--format", default="hf", help="hf (default), ternary or gguf")
+    ex.add_argument("--gguf-type", default="tq2_0", help="gguf: tq2_0 (default), tq1_0, f16 or f32")
     ex.add_argument(
         "--linear-class",
         default="bitlinear",
@@ -403,7 +404,9 @@ def cmd_consolidate(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_run
 
-    ckpt = export_run(args.run, args.output, args.format, args.linear_class, args.mode, args.dtype)
+    ckpt = export_run(
+        args.run, args.output, args.format, args.linear_class, args.mode, args.dtype, args.gguf_type
+    )
     sys.stdout.write(f"exported {ckpt} -> {os.path.abspath(args.output)} ({args.format})\n")
     return 0
 

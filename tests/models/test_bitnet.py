@@ -36,6 +36,7 @@ def hf_twin(cfg: ModelConfig, ours: BitNetLM, quantized: bool):
         max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=cfg.rms_norm_eps,
         tie_word_embeddings=cfg.tie_word_embeddings,
+        hidden_act=cfg.hidden_act,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         bos_token_id=None,
         eos_token_id=None,
@@ -58,8 +59,9 @@ def test_parameter_names_equal_transformers():
     assert list(ours.state_dict()) == list(hf.state_dict())
 
 
-def test_logits_equal_transformers_without_quantization():
-    cfg = small_config()
+@pytest.mark.parametrize("act", ["relu2", "silu"])
+def test_logits_equal_transformers_without_quantization(act):
+    cfg = small_config(hidden_act=act)
     ours = BitNetLM(cfg).eval()
     hf = hf_twin(cfg, ours, quantized=False)
     ids = torch.randint(0, 96, (2, 24))

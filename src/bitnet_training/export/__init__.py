@@ -14,7 +14,7 @@ import torch
 from ..atomic import atomic_directory
 from ..errors import BitNetError
 
-FORMATS = ("hf", "ternary")
+FORMATS = ("hf", "ternary", "gguf")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -25,11 +25,14 @@ def export_run(
     linear_class: str = "bitlinear",
     mode: str = "offline",
     dtype: str = "bfloat16",
+    gguf_type: str = "tq2_0",
 ) -> str:
     """Write run or checkpoint `path` to directory `out` (absent or empty) in `format`;
     returns the checkpoint exported. `linear_class` / `mode`: the `hf` format's
-    `quantization_config`; `dtype`: the full-precision tensors' (and online weights')."""
+    `quantization_config`; `dtype`: the full-precision tensors' (and online weights');
+    `gguf_type`: the `gguf` format's projection type (the file is `DIR/model-<type>.gguf`)."""
     from ..recipe import load_run
+    from .gguf import check_gguf, write_gguf
     from .hf import write_hf
     from .ternary import write_ternary
     from .tokenizer import write_tokenizer
@@ -53,12 +56,18 @@ def export_run(
             "weights to export"
         )
     model = model.float().eval()
+    if format != "hf" and (linear_class, mode) != ("bitlinear", "offline"):
+        raise BitNetError("--linear-class and --mode describe the hf format only")
+    if format != "gguf" and gguf_type != "tq2_0":
+        raise BitNetError("--gguf-type describes the gguf format only")
+    if format == "gguf":
+        check_gguf(model, gguf_type)  # before anything is written
     with atomic_directory(out) as tmp:  # all or nothing
         if format == "hf":
             write_hf(model, tmp, linear_class, mode, DTYPES[dtype])
-        else:
-            if (linear_class, mode) != ("bitlinear", "offline"):
-                raise BitNetError("--linear-class and --mode describe the hf format only")
+        elif format == "ternary":
             write_ternary(model, tokenizer, tmp, DTYPES[dtype])
+        else:
+            write_gguf(model, tokenizer, os.path.join(tmp, f"model-{gguf_type}.gguf"), gguf_type)
         write_tokenizer(tokenizer, tmp)
     return ckpt

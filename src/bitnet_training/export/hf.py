@@ -93,7 +93,7 @@ def hf_config(model: nn.Module, quantization: dict, dtype: torch.dtype) -> dict:
             "num_attention_heads": c.num_attention_heads,
             "num_key_value_heads": c.num_key_value_heads,
             "head_dim": c.head_dim,
-            "hidden_act": "relu2",
+            "hidden_act": c.hidden_act,
             "max_position_embeddings": c.max_position_embeddings,
             "rms_norm_eps": c.rms_norm_eps,
             "rope_theta": c.rope_theta,

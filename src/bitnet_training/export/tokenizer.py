@@ -13,17 +13,23 @@ from ..data.tokenizer import SPECIAL_TOKENS, ByteTokenizer, HFTokenizer
 from ..errors import BitNetError
 
 
+def byte_symbols() -> dict[int, str]:
+    """GPT-2's byte-to-symbol map, which `tokenizers`' ByteLevel and llama.cpp's gpt2
+    vocabularies use: printable bytes stand for themselves, the others for the symbols from
+    U+0100 on, in byte order."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    symbols, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in symbols:
+            symbols[b], extra = chr(256 + extra), extra + 1
+    return symbols
+
+
 def _byte_level_bpe():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
 
-    # GPT-2's byte-to-symbol map, which ByteLevel applies: printable bytes stand for
-    # themselves, the others for the symbols from U+0100 on, in byte order.
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    stand_in, extra = {b: chr(b) for b in printable}, 0
-    for b in range(256):
-        if b not in stand_in:
-            stand_in[b], extra = chr(256 + extra), extra + 1
+    stand_in = byte_symbols()
     if set(stand_in.values()) != set(ByteLevel.alphabet()):
         raise BitNetError("tokenizers' byte-level alphabet is not GPT-2's byte map")
     vocab = {stand_in[b]: b for b in range(256)}

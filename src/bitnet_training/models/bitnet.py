@@ -97,7 +97,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Gated FFN with squared ReLU and BitNet's `ffn_sub_norm` before `down_proj`."""
+    """Gated FFN, act(gate(x)) * up(x), with BitNet's `ffn_sub_norm` before `down_proj`;
+    act is squared ReLU (2B4T, `hidden_act: relu2`) or SiLU (`silu`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -105,11 +106,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.ffn_sub_norm = RMSNorm(cfg.intermediate_size, eps=cfg.rms_norm_eps)
+        self.silu = cfg.hidden_act == "silu"
 
     def forward(self, x):
-        return self.down_proj(
-            self.ffn_sub_norm(F.relu(self.gate_proj(x)).square() * self.up_proj(x))
-        )
+        g = self.gate_proj(x)
+        g = F.silu(g) if self.silu else F.relu(g).square()
+        return self.down_proj(self.ffn_sub_norm(g * self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

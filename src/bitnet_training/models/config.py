@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from ..errors import BitNetError, ConfigError
@@ -49,6 +51,11 @@ class ModelConfig(Section):
     rope_theta: float = Field(500000.0, gt=0, description="rotary embeddings' base")
     initializer_range: float = Field(0.02, ge=0, description="std of the initial weights")
     tie_word_embeddings: bool = Field(False, description="the LM head shares the embedding")
+    hidden_act: Literal["relu2", "silu"] = Field(
+        "relu2",
+        description="the gated FFN's activation: relu2 (squared ReLU, BitNet b1.58 2B4T) or "
+        "silu (the earlier BitNet b1.58 models; what llama.cpp's bitnet graph runs)",
+    )
     attention_dropout: float = Field(
         0.0, ge=0, lt=1, description="dropout on the attention probabilities (training only)"
     )

@@ -168,8 +168,9 @@ class _Tensors:
 def _bitnet_model_config(cfg) -> ModelConfig:
     """Our `ModelConfig` from a `transformers` BitNetConfig; refuses what BitNetLM lacks."""
     src = getattr(cfg, "_name_or_path", "") or "config.json"
-    if getattr(cfg, "hidden_act", "relu2") != "relu2":
-        raise BitNetError(f"{src}: hidden_act={cfg.hidden_act!r} unsupported: expected 'relu2'")
+    act = getattr(cfg, "hidden_act", "relu2")
+    if act not in ("relu2", "silu"):
+        raise BitNetError(f"{src}: hidden_act={act!r} unsupported: expected 'relu2' or 'silu'")
     if getattr(cfg, "attention_bias", False):
         raise BitNetError(f"{src}: attention_bias=True unsupported: expected false")
     rope = dict(getattr(cfg, "rope_parameters", None) or {})
@@ -191,6 +192,7 @@ def _bitnet_model_config(cfg) -> ModelConfig:
             rope_theta=float(theta),
             initializer_range=float(cfg.initializer_range),
             tie_word_embeddings=bool(cfg.tie_word_embeddings),
+            hidden_act=act,
             attention_dropout=float(getattr(cfg, "attention_dropout", 0.0) or 0.0),
             bos_token_id=cfg.bos_token_id,
             eos_token_id=eos,
@@ -344,6 +346,35 @@ def _load_folder(src: str, dtype: torch.dtype, requantizable: bool) -> Pretraine
     return Pretrained(model, tokenizer, kind, src, fingerprint(files), config)
 
 
+def _gguf_architecture(src: str) -> str | None:
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(src).fields.get("general.architecture")
+    except Exception as e:  # truncated, not GGUF
+        raise BitNetError(f"{src!r} is not a readable GGUF file: {_first_line(e)}") from None
+    return None if field is None else field.contents()
+
+
+def _gguf_tokenizer(src: str):
+    """Our byte tokenizer when the GGUF holds its vocabulary (what `export --format gguf`
+    writes for byte-level runs), else the file's own through transformers, else None."""
+    from gguf import GGUFReader
+
+    from ..data.tokenizer import SPECIAL_TOKENS, ByteTokenizer
+
+    fields = GGUFReader(src).fields
+    if "tokenizer.ggml.tokens" not in fields:
+        return None
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    merges = fields.get("tokenizer.ggml.merges")
+    merges = [] if merges is None else merges.contents()
+    if tokens[256:259] == list(SPECIAL_TOKENS) and merges in ([], [" ".join(SPECIAL_TOKENS[:2])]):
+        return ByteTokenizer()
+    directory, name = os.path.split(src)
+    return PretrainedTokenizer(directory, gguf_file=name)
+
+
 def _load_gguf(src: str, dtype: torch.dtype) -> Pretrained:
     import importlib.util
 
@@ -359,6 +390,11 @@ def _load_gguf(src: str, dtype: torch.dtype) -> Pretrained:
     from transformers import AutoModelForCausalLM
 
     directory, name = os.path.split(src)
+    if _gguf_architecture(src) == "bitnet":  # llama.cpp's BitNet: transformers has no reader
+        from .gguf_bitnet import read_gguf
+
+        model, config = read_gguf(src, dtype)
+        return Pretrained(model, _gguf_tokenizer(src), "gguf", src, fingerprint([src]), config)
     try:
         has_vocab = "tokenizer.ggml.model" in GGUFReader(src).fields
         model = AutoModelForCausalLM.from_pretrained(
