@@ -27,6 +27,7 @@ LAYERS = {
     "recipe": 6,
     "consolidate": 6.5,
     "export": 6.5,
+    "planner": 6.5,
     "cli": 7,
     "__main__": 8,
     "__init__": 8,

@@ -7,6 +7,7 @@
     bitnet-train merge RUN -o DIR [--method auto|requantize|refit]
     bitnet-train consolidate CKPT -o DIR      (sharded FSDP checkpoint -> single files)
     bitnet-train export RUN -o DIR [--format hf|ternary|gguf] (transformers / ours / llama.cpp)
+    bitnet-train plan [--config FILE] [--shape 7b] [--fsdp N ...] [--device-memory 24GB]
 
 The CLI owns the terminal: progress on stderr, the summary on stdout. Errors the user can fix
 print one line and exit with status 2; an interrupted run exits with 128 + the signal number
@@ -60,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(
         dest="command",
         required=True,
-        metavar="{train,eval,generate,merge,consolidate,export,plot,preprocess}",
+        metavar="{train,eval,generate,merge,consolidate,export,plan,plot,preprocess}",
         parser_class=_Parser,
     )
 
@@ -163,6 +164,20 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--dtype", default="bfloat16", help="full-precision tensors: bfloat16, float16, float32"
     )
+
+    pl = sub.add_parser("plan", help="memory per device of a training run, before running it")
+    pl.add_argument("--config", help="a run config YAML (else the defaults)")
+    pl.add_argument(
+        "--shape", help="7b or 13b (LLaMA's shapes) instead of the config's model; or a "
+        "transformers config.json for its shape"
+    )  # fmt: skip
+    for name in ("dp", "fsdp", "tp", "pp"):
+        pl.add_argument(f"--{name}", type=int, default=1, help=f"{name} degree (default 1)")
+    pl.add_argument("--pp-schedule", default="1f1b", help="1f1b or gpipe")
+    pl.add_argument("--pp-microbatches", type=int, help="micro-batches per batch (default: --pp)")
+    pl.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    pl.add_argument("--device-memory", help="e.g. 24GB, 80GiB, or h100, a100-40gb, rtx4090")
+    pl.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
 
     mg = sub.add_parser("merge", help="merge a LoRA run's adapters into its base")
     mg.add_argument("run", help="a PEFT (LoRA / AdaLoRA / 1.58-bit QLoRA) run or checkpoint")
@@ -393,6 +408,18 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .planner import Layout, parse_memory, plan, shape_overrides
+
+    memory = parse_memory(args.device_memory) if args.device_memory else None
+    layout = Layout(args.dp, args.fsdp, args.tp, args.pp)
+    overrides = shape_overrides(args.shape) + list(args.overrides) if args.shape else args.overrides
+    cfg = load_config(args.config, overrides)
+    p = plan(cfg, layout, args.device, memory, args.pp_schedule, args.pp_microbatches)
+    sys.stdout.write(p.table() + "\n")
+    return 0
+
+
 def cmd_consolidate(args) -> int:
     from .consolidate import consolidate_checkpoint
 
@@ -492,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": cmd_generate,
         "merge": cmd_merge,
         "consolidate": cmd_consolidate,
+        "plan": cmd_plan,
         "export": cmd_export,
         "plot": cmd_plot,
         "preprocess": cmd_preprocess,
