@@ -295,11 +295,18 @@ def _per_device(cfg, layout: Layout, microbatches: int):
                 f"training.batch_size={b} does not split into {microbatches} micro-batches"
             )
         d["training"]["batch_size"] = b // microbatches
+    if d["training"]["optimizer"]["name"] == "adamw8bit":  # traced as AdamW, then scaled
+        d["training"]["optimizer"] = {**d["training"]["optimizer"], "name": "adamw"}
+        d["training"]["optimizer"].pop("paged", None)
     method = d["peft"]["method"]
+    if method == "qlora_ternary":  # its packed base unpacks per call and keeps nothing
+        d["qat"] = {**d["qat"], "cache_quantized_weight": False}
     if method in ("qlora", "qlora_ternary"):
         d["peft"] = {**d["peft"], "method": "lora"}
         for key in ("packing", "double_quant"):
             d["peft"].pop(key, None)
+    if layout.fsdp > 1 and d.get("quantize"):  # FSDP turns BitLinear's weight cache off
+        d["qat"] = {**d["qat"], "cache_quantized_weight": False}
     d["distributed"] = {}
     return config_from_dict(d)
 
@@ -360,6 +367,11 @@ def plan(
             f"{cfg.peft.method}: frozen base counted packed ({packed / GIB:.2f} GiB), traced as "
             "LoRA over the unpacked base; one layer dequantized at a time"
         )
+    if cfg.training.optimizer.name == "adamw8bit":
+        # bitsandbytes' 8-bit AdamW: two uint8 moments and a float32 absmax per 256 values
+        # each, instead of two float32 moments (its ops cannot run on fake tensors)
+        parts["optimizer states"] = int(parts["optimizer states"] * (1 + 4 / 256) / 4)
+        notes.append("adamw8bit: optimizer states counted at 8 bits (traced as AdamW)")
     if layout.fsdp > 1:
         blocks = per.model.num_hidden_layers
         block = (parts["weights"] / max(blocks, 1)) if blocks else 0
@@ -377,10 +389,11 @@ def plan(
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     if layout.fsdp > 1:
         trainable //= layout.fsdp
-    notes.append(
-        f"the peak comes early in the backward: gradients grow to {_size(trainable)} while "
-        "activations are freed, so fewer are alive at the peak"
-    )
+    if parts["gradients"] < 0.9 * trainable:
+        notes.append(
+            f"the peak comes early in the backward: gradients grow to {_size(trainable)} while "
+            "activations are freed, so fewer are alive at the peak"
+        )
     parts["runtime overhead"] = RUNTIME[device]
     if device == "cuda":
         notes.append(
