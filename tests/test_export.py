@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from bitnet_training import BitNetLM, ModelConfig
+from bitnet_training.cli import main
 from bitnet_training.data.tokenizer import ByteTokenizer
 from bitnet_training.errors import BitNetError
 from bitnet_training.export.hf import write_hf
@@ -179,3 +180,20 @@ def test_a_quantized_llama_exports_as_its_own_class(tmp_path):
     assert name == "LlamaForCausalLM"
     expected = llama(ids).logits
     assert (theirs - expected).abs().max() <= 1e-6 * expected.abs().max()
+
+
+def test_an_interrupted_export_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import bitnet_training.export.tokenizer as tokenizer
+
+    corpus = write_corpus(tmp_path)
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--no-progress", *MICRO, *corpus, "training.max_steps=1",
+                       f"training.output_dir={out}")  # fmt: skip
+    assert code == 0, err
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokenizer, "write_tokenizer", interrupted)  # after the weights
+    assert main(["export", str(out), "-o", str(tmp_path / "x")]) != 0  # Ctrl-C mid-export
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x*"))

@@ -101,3 +101,21 @@ def test_llama_cpp_runs_the_file(tmp_path, kind, tolerance):
         expected = ours(IDS).logits[0]
     rel = ((theirs - expected).abs().max() / expected.abs().max()).item()
     assert rel <= tolerance, rel
+
+
+def test_a_declared_target_is_checked_before_training(tmp_path, capsys):
+    from bitnet_training.cli import main
+
+    out = tmp_path / "run"
+    for args, message in [
+        (["export_target=gguf-tq2_0"], "export_target=gguf-tq2_0: model.hidden_act=relu2"),
+        (["export_target=gguf-tq1_0", "model.hidden_act=silu", "model.tie_word_embeddings=true"],
+         "q_proj has in_features=384, not a multiple of 256"),
+        (["export_target=hf", "model.intermediate_size=1026"], "out_features=1026"),
+    ]:  # fmt: skip
+        assert main(["train", f"training.output_dir={out}", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not out.exists()  # refused before anything was written
+    assert main(["plan", "export_target=gguf-f16", "model.hidden_act=silu"]) == 2
+    assert "model.tie_word_embeddings=false" in capsys.readouterr().err

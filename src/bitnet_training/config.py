@@ -19,6 +19,7 @@ from .distributed.config import DistributedConfig
 from .errors import BitNetError, ConfigError
 from .loss.config import DistillConfig, LossConfig, TeacherConfig
 from .models.config import PRESETS, ModelConfig
+from .models.export_targets import TARGETS
 from .nn.qat_callbacks import TrainingStage
 from .peft.config import METHOD_KEYS, PEFTConfig
 from .quant.config import QATConfig
@@ -54,6 +55,12 @@ class RunConfig(Section):
     )
     diagnostics: bool = Field(
         True, description="ternary statistics (share of -1/0/+1, flips, error) in each log"
+    )
+    export_target: Literal[TARGETS] = Field(
+        "none",
+        description="the format the run will be exported to (hf, ternary, gguf-tq2_0, ...): "
+        "what it cannot hold (llama.cpp's SiLU / tied / 256-wide layers, 4-row packing) is "
+        "refused before training starts",
     )
     qat: QATConfig = Field(default_factory=QATConfig, description="quantization (BitNet b1.58)")
     peft: PEFTConfig = Field(

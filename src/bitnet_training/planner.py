@@ -348,6 +348,13 @@ def plan(
     layout = layout or Layout()
     if device not in RUNTIME:
         raise BitNetError(f"--device {device!r} is invalid: cuda or cpu")
+    if cfg.export_target != "none":  # the whole model's shapes, before the layout splits them
+        from .models.export_targets import check_target
+
+        with torch.device("meta"):
+            from . import recipe
+
+            check_target(recipe.build_model(cfg).model, cfg.export_target)
     m = microbatches or layout.pp
     per = _per_device(cfg, layout, m)
     parts = trace(per)

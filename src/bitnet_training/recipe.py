@@ -43,6 +43,7 @@ from .errors import BitNetError
 from .loss import ContrastiveLoss, DistillLoss, LMLoss, Penalty
 from .metrics import GenerationScores, read_pairs
 from .models import BitNetLM
+from .models.export_targets import check_target
 from .models.pretrained import (
     Pretrained,
     build_from_base,
@@ -483,6 +484,7 @@ def prepare(
     run_dir = out if resume is not None else None
     built = build_model(cfg, run_dir=run_dir, init=resume is None, train=True)
     model, notes, tokenizer = built.model, built.notes, built.tokenizer
+    check_target(unwrap(model), cfg.export_target)  # before any training
     check_vocab(unwrap(model), tokenizer)
     check_seq_len(unwrap(model), cfg.data.seq_len)
     if cfg.data.source == "shards" and cfg.model.pretrained:

@@ -26,51 +26,11 @@ import json
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..errors import BitNetError
 from ..models.bitnet import BitNetLM
+from ..models.export_targets import check_gguf
 from ..models.gguf_bitnet import NORMS, PROJ
-from .hf import check_exportable
-
-GGUF_TYPES = ("tq1_0", "tq2_0", "f16", "f32")
-BLOCK = 256  # values per TQ1_0 / TQ2_0 block
-
-
-def check_gguf(model: nn.Module, gguf_type: str) -> None:
-    """Refuse, in one line naming the setting, a model llama.cpp's bitnet graph cannot run."""
-    if gguf_type not in GGUF_TYPES:
-        raise BitNetError(f"--gguf-type {gguf_type!r} is invalid: expected {', '.join(GGUF_TYPES)}")
-    if not isinstance(model, BitNetLM):
-        raise BitNetError(
-            f"export --format gguf writes llama.cpp's bitnet architecture from a BitNetLM; this "
-            f"model is a {type(model).__name__}"
-        )
-    layers = check_exportable(model, "export --format gguf")
-    c = model.config
-    if c.hidden_act != "silu":
-        raise BitNetError(
-            f"export --format gguf: model.hidden_act={c.hidden_act}, but llama.cpp's bitnet "
-            "graph runs a SiLU gated FFN (train with model.hidden_act=silu)"
-        )
-    if not c.tie_word_embeddings:
-        raise BitNetError(
-            "export --format gguf: model.tie_word_embeddings=false, but llama.cpp's bitnet "
-            "graph uses the token embedding as the output layer (train with it true)"
-        )
-    if len(layers) != len(PROJ) * c.num_hidden_layers:
-        raise BitNetError(
-            "export --format gguf: llama.cpp's bitnet graph quantizes all 7 projections of "
-            f"every block; this model quantizes {len(layers)} layers"
-        )
-    if gguf_type.startswith("tq"):
-        for name, m in layers:
-            if m.in_features % BLOCK:
-                raise BitNetError(
-                    f"export --format gguf --gguf-type {gguf_type}: {name} has in_features="
-                    f"{m.in_features}, not a multiple of {BLOCK} (the ternary types' block); "
-                    "use f16 / f32 or a width that is"
-                )
 
 
 def _tokens(tokenizer, vocab_size: int) -> tuple[list[str], list[int], dict, list[str]]:

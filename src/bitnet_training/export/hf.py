@@ -35,47 +35,12 @@ from torch import nn
 
 from ..errors import BitNetError
 from ..models.bitnet import BitNetLM
+from ..models.export_targets import check_exportable
 from ..nn.bitlinear import BitLinear
 from ..quant.packing import pack_ternary_transformers
 
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
 MODES = ("offline", "online")
-
-
-def check_exportable(model: nn.Module, what: str = "export") -> list[tuple[str, BitLinear]]:
-    """The model's BitLinear layers (name, layer), after refusing, in one line naming the
-    setting, any whose quantization a BitNet checkpoint cannot express."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, BitLinear)]
-    if not layers:
-        raise BitNetError(
-            f"{what}: the model has no quantized layers (a full-precision run): train with "
-            "quantize=true, or export it as the full-precision model it is"
-        )
-    for name, m in layers:
-        c = m.config
-        rules = [
-            ("qat.enable_weight_quantization", not c.enable_weight_quantization),
-            ("qat.weight_bits", c.weight_bits != 1.58),
-            ("qat.per_channel", c.per_channel),
-            ("qat.group_size", c.group_size is not None),
-            ("qat.enable_activation_quantization", not c.enable_activation_quantization),
-            ("qat.activation_bits", c.activation_bits != 8),
-            ("qat.activation_granularity", c.activation_granularity != "token"),
-            ("qat.activation_symmetric", not c.activation_symmetric),
-            ("qat.activation_observer", c.activation_observer is not None),
-            ("qat.learnable_scales", c.learnable_scales),
-            ("qat.norm_placement", c.norm_placement == "input"),
-            ("qat.weight_schedule (lambda unfinished)", m.weight_blend < 1),
-            ("qat.activation_schedule (lambda unfinished)", m.activation_blend < 1),
-            ("qat.weight_bit_stages (not at 1.58 bits)", m.stage_bits is not None),
-        ]
-        for setting, broken in rules:
-            if broken:
-                raise BitNetError(
-                    f"{what}: {setting} is not what BitNet checkpoints hold (1.58-bit weights "
-                    f"with one absmean scale per tensor, 8-bit per-token activations): {name}"
-                )
-    return layers
 
 
 def hf_config(model: nn.Module, quantization: dict, dtype: torch.dtype) -> dict:
