@@ -191,6 +191,44 @@ def time_variants(args, precision, compiled):
     return {v: statistics.median(ts) for v, ts in times.items()}
 
 
+ISA_FLAGS = ("amx_bf16", "amx_int8", "avx512_vnni", "avx512_bf16", "avx512f", "avx2")
+
+
+def machine() -> str:
+    """The CPU model and the instruction sets that decide which matmul wins (AMX tiles for
+    bf16 / int8, AVX-512 VNNI / BF16), from /proc/cpuinfo where there is one."""
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    have = [f for f in ISA_FLAGS if f in flags] or ["none of " + ", ".join(ISA_FLAGS)]
+    return f"{name}; {', '.join(have)}"
+
+
+def profile_step(args, precision: str) -> None:
+    """torch.profiler over a few `ours` steps: where the time goes, by ATen op (self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = ModelConfig.preset(args.model)
+    r = Runner("ours", cfg, (args.batch, args.seq), precision, False)
+    for _ in range(2):
+        r.step()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            r.step()
+    print(f"\n## Profile: ours, {precision}, 3 steps, by self CPU time")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="tiny")
@@ -199,6 +237,9 @@ def main():
     p.add_argument("--steps", type=int, default=8, help="timed steps per variant")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    p.add_argument(
+        "--profile", choices=["fp32", "bf16"], help="only profile `ours` in this precision"
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="ours", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
@@ -212,6 +253,9 @@ def main():
           f"{args.batch} x {args.seq} = {args.batch * args.seq} tokens, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}")  # fmt: skip
+    print(f"# CPU: {machine()}")
+    if args.profile:
+        return profile_step(args, args.profile)
     print("\n## Step time (forward + backward + AdamW), median of", args.steps, "interleaved steps")
     print(f"{'precision':9} {'mode':8} " + " ".join(f"{v + ' ms':>12}" for v in VARIANTS)
           + f" {'ours/off':>9} {'ref/off':>8} {'hf/off':>7} {'ours/ref':>9}")  # fmt: skip
