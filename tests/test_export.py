@@ -150,6 +150,12 @@ def test_export_from_the_command_line(tmp_path, capsys):
         assert not (tmp_path / "bad").exists()
     code, _, err = run(capsys, "export", out, "-o", tmp_path / "hf")
     assert code == 2 and "exists and is not empty" in err
+    (tmp_path / "file.txt").write_text("x")
+    code, _, err = run(capsys, "export", out, "-o", tmp_path / "file.txt" / "sub")
+    assert code == 2 and "cannot be created" in err and err.count("\n") == 1, err
+    code, _, err = run(capsys, "export", out, "-o", tmp_path / "g", "--format", "gguf",
+                       "--dtype", "float32")  # fmt: skip
+    assert code == 2 and "gguf's is --gguf-type" in err
     code, _, err = run(capsys, "export", tmp_path / "nothing", "-o", tmp_path / "bad")
     assert code == 2 and not (tmp_path / "bad").exists()
 

@@ -117,5 +117,8 @@ def test_a_declared_target_is_checked_before_training(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
         assert not out.exists()  # refused before anything was written
+    # the ternary format packs per-channel scales: declaring it does not refuse them
+    assert main(["plan", "--device", "cpu", "export_target=ternary", "qat.per_channel=true"]) == 0
+    capsys.readouterr()
     assert main(["plan", "export_target=gguf-f16", "model.hidden_act=silu"]) == 2
     assert "model.tie_word_embeddings=false" in capsys.readouterr().err

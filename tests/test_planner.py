@@ -64,6 +64,12 @@ def test_plan_from_the_command_line(capsys):
         (["--shape", "nowhere.json"], "neither 7b / 13b nor a readable config.json"),
         (["--dp", "2", "--fsdp", "2"], "choose one"),
         (["--device", "tpu"], "--device 'tpu' is invalid"),
+        (["--device-memory", "0GB"], "a size above zero"),
+        (["--pp", "2", "--pp-schedule", "zb"], "--pp-schedule 'zb' is invalid"),
+        (["--pp-microbatches", "2"], "describe a pipeline: give --pp"),
+        (["distributed.strategy=fsdp"], "plan takes the layout from --dp / --fsdp"),
+        (["--pp", "2", "--tp", "2"], "not combined with data or tensor parallelism"),
+        (["--pp", "2", "model.tie_word_embeddings=true"], "tied embeddings"),
     ]:
         assert main(["plan", *args]) == 2
         err = capsys.readouterr().err

@@ -147,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     cs.add_argument("--output", "-o", required=True, help="the new run directory")
 
     ex = sub.add_parser(
-        "export", help="write a run for transformers (hf) or as packed ternary codes (ternary)"
+        "export", help="write a run for transformers (hf), llama.cpp (gguf) or packed (ternary)"
     )
     ex.add_argument("run", help="a run (its latest checkpoint) or a checkpoint")
     ex.add_argument("--output", "-o", required=True, help="the new directory")
@@ -162,7 +162,9 @@ def _parser() -> argparse.ArgumentParser:
         "--mode", default="offline", help="hf: offline (packed codes) or online (latent weights)"
     )
     ex.add_argument(
-        "--dtype", default="bfloat16", help="full-precision tensors: bfloat16, float16, float32"
+        "--dtype",
+        help="hf / ternary: the full-precision tensors' dtype (default bfloat16), "
+        "float16 or float32",
     )
 
     pl = sub.add_parser("plan", help="memory per device of a training run, before running it")
@@ -434,7 +436,8 @@ def cmd_export(args) -> int:
     ckpt = export_run(
         args.run, args.output, args.format, args.linear_class, args.mode, args.dtype, args.gguf_type
     )
-    sys.stdout.write(f"exported {ckpt} -> {os.path.abspath(args.output)} ({args.format})\n")
+    kind = f"gguf {args.gguf_type}" if args.format == "gguf" else args.format
+    sys.stdout.write(f"exported {ckpt} -> {os.path.abspath(args.output)} ({kind})\n")
     return 0
 
 

@@ -91,7 +91,10 @@ def parse_memory(text: str) -> int:
             f"{', '.join(DEVICES)}"
         )
     unit = {"g": GIB, "m": MIB, "t": 1024 * GIB}[m.group(2)[0]]
-    return int(float(m.group(1)) * unit)
+    size = int(float(m.group(1)) * unit)
+    if size <= 0:
+        raise BitNetError(f"--device-memory {text!r} is invalid: a size above zero")
+    return size
 
 
 @dataclass
@@ -348,6 +351,7 @@ def plan(
     layout = layout or Layout()
     if device not in RUNTIME:
         raise BitNetError(f"--device {device!r} is invalid: cuda or cpu")
+    _check_layout(cfg, layout, schedule, microbatches)
     if cfg.export_target != "none":  # the whole model's shapes, before the layout splits them
         from .models.export_targets import check_target
 
@@ -417,6 +421,42 @@ def plan(
         + (", activation checkpointing" if cfg.training.activation_checkpointing else "")
     )
     return Plan({k: int(parts[k]) for k in COMPONENTS}, desc, layout, device, device_memory, notes)
+
+
+def _check_layout(cfg, layout: Layout, schedule: str, microbatches: int | None) -> None:
+    """Refuse, as training would, what the layout cannot run; the layout comes from the
+    plan's degrees, never from `distributed.*` (which would be silently ignored)."""
+    d = cfg.distributed
+    if d.strategy not in ("auto", "none") or d.tp_size is not None:
+        raise BitNetError(
+            f"plan takes the layout from --dp / --fsdp / --tp / --pp, not from "
+            f"distributed.strategy={d.strategy}: give the degrees instead"
+        )
+    if schedule not in ("1f1b", "gpipe"):
+        raise BitNetError(f"--pp-schedule {schedule!r} is invalid: expected 1f1b or gpipe")
+    if layout.pp == 1 and (schedule != "1f1b" or microbatches is not None):
+        raise BitNetError("--pp-schedule and --pp-microbatches describe a pipeline: give --pp")
+    if microbatches is not None and microbatches < 1:
+        raise BitNetError(f"--pp-microbatches {microbatches} is invalid: an integer >= 1")
+    if layout.pp == 1:
+        return
+    why = (
+        "pipelines are not combined with data or tensor parallelism yet"
+        if layout.dp * layout.fsdp * layout.tp > 1
+        else "tied embeddings (the first and last stages would share a weight)"
+        if cfg.model.tie_word_embeddings
+        else "loss.chunk_size computes the loss from the hidden states and the head"
+        if cfg.loss.chunk_size is not None
+        else "distillation needs the whole model"
+        if cfg.teacher.pretrained
+        else f"peft.method={cfg.peft.method} is not built for pipelines"
+        if cfg.peft.method != "none"
+        else "fp16 loss scaling would act outside the schedule's backward"
+        if cfg.training.mixed_precision == "fp16"
+        else None
+    )  # fmt: skip
+    if why:
+        raise BitNetError(f"--pp {layout.pp}: {why}")
 
 
 def _method(cfg) -> str:

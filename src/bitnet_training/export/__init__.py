@@ -24,12 +24,13 @@ def export_run(
     format: str = "hf",
     linear_class: str = "bitlinear",
     mode: str = "offline",
-    dtype: str = "bfloat16",
+    dtype: str | None = None,
     gguf_type: str = "tq2_0",
 ) -> str:
     """Write run or checkpoint `path` to directory `out` (absent or empty) in `format`;
     returns the checkpoint exported. `linear_class` / `mode`: the `hf` format's
-    `quantization_config`; `dtype`: the full-precision tensors' (and online weights');
+    `quantization_config`; `dtype`: the full-precision tensors' (and online weights';
+    default bfloat16; not for gguf, whose types come from `gguf_type`);
     `gguf_type`: the `gguf` format's projection type (the file is `DIR/model-<type>.gguf`)."""
     from ..recipe import load_run
     from .gguf import check_gguf, write_gguf
@@ -39,8 +40,18 @@ def export_run(
 
     if format not in FORMATS:
         raise BitNetError(f"--format {format!r} is invalid: expected {' or '.join(FORMATS)}")
+    if format == "gguf" and dtype is not None:
+        raise BitNetError("--dtype describes the hf and ternary formats; gguf's is --gguf-type")
+    dtype = dtype or "bfloat16"
     if dtype not in DTYPES:
         raise BitNetError(f"--dtype {dtype!r} is invalid: expected {', '.join(DTYPES)}")
+    parent = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise BitNetError(f"export output {out!r} cannot be created: {e.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise BitNetError(f"export output {out!r} cannot be created: {parent!r} is not writable")
     if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out)):
         what = "is a file" if os.path.isfile(out) else "exists and is not empty"
         raise BitNetError(f"export output {out!r} {what}: choose another directory")

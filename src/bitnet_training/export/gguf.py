@@ -23,6 +23,7 @@ exactly; with f32 / f16 weights it does not quantize activations at all.
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import torch
@@ -81,6 +82,7 @@ def write_gguf(model: BitNetLM, tokenizer, path: str, gguf_type: str = "tq2_0") 
 
     check_gguf(model, gguf_type)
     c = model.config
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its per-file progress lines
     qtype = {
         "tq1_0": gguf.GGMLQuantizationType.TQ1_0,
         "tq2_0": gguf.GGMLQuantizationType.TQ2_0,

@@ -115,9 +115,11 @@ def quantization_config(
     """The `bitnet` quantization_config: the layers left full precision are named (every
     plain nn.Linear, the output head among them), since transformers converts all others."""
     if linear_class not in LINEAR_CLASSES:
-        raise BitNetError(f"--linear-class {linear_class!r} is invalid: bitlinear or autobitlinear")
+        raise BitNetError(
+            f"--linear-class {linear_class!r} is invalid: expected bitlinear or autobitlinear"
+        )
     if mode not in MODES:
-        raise BitNetError(f"--mode {mode!r} is invalid: offline or online")
+        raise BitNetError(f"--mode {mode!r} is invalid: expected offline or online")
     if mode == "online" and linear_class != "autobitlinear":
         raise BitNetError(
             "--mode online needs --linear-class autobitlinear (transformers' BitLinear holds "

@@ -58,9 +58,10 @@ def check_exportable(
 
 
 def check_gguf(
-    model: nn.Module, gguf_type: str, static: bool = False, what: str = "export --format gguf"
+    model: nn.Module, gguf_type: str, static: bool = False, what: str | None = None
 ) -> None:
     """Refuse, in one line naming the setting, a model llama.cpp's bitnet graph cannot run."""
+    what = what or f"export --format gguf --gguf-type {gguf_type}"
     if gguf_type not in GGUF_TYPES:
         raise BitNetError(f"--gguf-type {gguf_type!r} is invalid: expected {', '.join(GGUF_TYPES)}")
     if not isinstance(model, BitNetLM):
@@ -89,9 +90,29 @@ def check_gguf(
         for name, m in layers:
             if m.in_features % BLOCK:
                 raise BitNetError(
-                    f"{what} ({gguf_type}): {name} has in_features="
+                    f"{what}: {name} has in_features="
                     f"{m.in_features}, not a multiple of {BLOCK} (the ternary types' block); "
                     "use f16 / f32 or a width that is"
+                )
+
+
+def check_ternary(model: nn.Module, what: str) -> None:
+    """Refuse what `--format ternary` cannot hold: weights that are not ternary, and static
+    activation observers (their calibrated ranges are not carried)."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, BitLinear)]
+    if not layers:
+        raise BitNetError(f"{what}: the model has no quantized layers (a full-precision run)")
+    for name, m in layers:
+        c = m.config
+        for setting, broken in (
+            ("qat.enable_weight_quantization", not c.enable_weight_quantization),
+            ("qat.weight_bits", c.weight_bits != 1.58),
+            ("qat.activation_observer", c.activation_observer is not None),
+        ):
+            if broken:
+                raise BitNetError(
+                    f"{what}: {setting} is not what the ternary format holds (1.58-bit "
+                    f"weights, dynamic activation scales): {name}"
                 )
 
 
@@ -104,6 +125,9 @@ def check_target(model: nn.Module, target: str) -> None:
         return
     if target.startswith("gguf-"):
         check_gguf(model, target.removeprefix("gguf-"), True, f"export_target={target}")
+        return
+    if target == "ternary":  # packs any ternary granularity; the activations as configured
+        check_ternary(model, f"export_target={target}")
         return
     layers = check_exportable(model, f"export_target={target}", static=True)
     if target == "hf":
