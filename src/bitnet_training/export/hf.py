@@ -35,7 +35,7 @@ from torch import nn
 
 from ..errors import BitNetError
 from ..models.bitnet import BitNetLM
-from ..models.export_targets import check_exportable
+from ..models.export_targets import check_exportable, check_four_rows
 from ..nn.bitlinear import BitLinear
 from ..quant.packing import pack_ternary_transformers
 
@@ -126,12 +126,7 @@ def quantization_config(
             "packed weights only)"
         )
     if mode == "offline":
-        for name, m in layers:
-            if m.out_features % 4:
-                raise BitNetError(
-                    f"export: {name} has out_features={m.out_features}, not a multiple of 4: "
-                    "transformers' packed layout holds 4 rows per byte (use --mode online)"
-                )
+        check_four_rows(layers, "export", " (use --mode online)")
     quantized = {n for n, _ in layers}
     keep = sorted(
         n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized

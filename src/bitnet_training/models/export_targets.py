@@ -131,9 +131,14 @@ def check_target(model: nn.Module, target: str) -> None:
         return
     layers = check_exportable(model, f"export_target={target}", static=True)
     if target == "hf":
-        for name, m in layers:
-            if m.out_features % 4:
-                raise BitNetError(
-                    f"export_target=hf: {name} has out_features={m.out_features}, not a "
-                    "multiple of 4 (transformers packs 4 rows per byte)"
-                )
+        check_four_rows(layers, f"export_target={target}")
+
+
+def check_four_rows(layers, what: str, hint: str = "") -> None:
+    """Refuse a layer whose out_features `transformers`' packing (4 rows a byte) cannot hold."""
+    for name, m in layers:
+        if m.out_features % 4:
+            raise BitNetError(
+                f"{what}: {name} has out_features={m.out_features}, not a multiple of 4: "
+                f"transformers' packed layout holds 4 rows per byte{hint}"
+            )
