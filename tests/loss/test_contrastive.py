@@ -2,6 +2,7 @@
 change, the paired-text source, and a CLI run whose loss falls."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -108,6 +109,9 @@ def _rank(rank, world, init, out):
     torch.save({"loss": loss.detach(), "gq": ql.grad, "gp": pl.grad}, f"{out}/{rank}.pt")
     dist.barrier()  # no rank tears down while another still talks
     dist.destroy_process_group()
+    # The results are on disk: skip the interpreter's teardown, where gloo has been seen to
+    # abort now and then under load (a non-zero exit fails the spawn, not the test's point).
+    os._exit(0)
 
 
 def test_negatives_come_from_every_rank(tmp_path):
