@@ -215,18 +215,29 @@ def machine() -> str:
 
 
 def profile_step(args, precision: str) -> None:
-    """torch.profiler over a few `ours` steps: where the time goes, by ATen op (self time)."""
+    """torch.profiler over a few steps of `off` and of `ours`: where our extra time goes, by
+    ATen op (self time per step, ours minus off; an op `ours` replaces shows negative)."""
     from torch.profiler import ProfilerActivity, profile
 
     cfg = ModelConfig.preset(args.model)
-    r = Runner("ours", cfg, (args.batch, args.seq), precision, False)
-    for _ in range(2):
-        r.step()  # warm-up
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(3):
-            r.step()
-    print(f"\n## Profile: ours, {precision}, 3 steps, by self CPU time")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+    per_op = {}
+    for variant in ("off", "ours"):
+        r = Runner(variant, cfg, (args.batch, args.seq), precision, False)
+        for _ in range(2):
+            r.step()  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                r.step()
+        per_op[variant] = {e.key: e.self_cpu_time_total / 3e3 for e in prof.key_averages()}
+    off, ours = per_op["off"], per_op["ours"]
+    diff = {k: ours.get(k, 0.0) - off.get(k, 0.0) for k in set(off) | set(ours)}
+    rows = sorted(diff, key=diff.get, reverse=True)
+    print(f"\n## Profile, {precision}: self CPU ms per step, ours - off (largest both ways)")
+    print(f"{'op':44} {'off':>8} {'ours':>8} {'diff':>8}")
+    for k in rows[:10] + rows[-4:]:
+        print(f"{k[:44]:44} {off.get(k, 0):8.1f} {ours.get(k, 0):8.1f} {diff[k]:8.1f}")
+    print(f"{'total':44} {sum(off.values()):8.1f} {sum(ours.values()):8.1f} "
+          f"{sum(diff.values()):8.1f}")  # fmt: skip
 
 
 def main():
@@ -238,7 +249,7 @@ def main():
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument(
-        "--profile", choices=["fp32", "bf16"], help="only profile `ours` in this precision"
+        "--profile", choices=["fp32", "bf16"], help="only profile ours against off, by op"
     )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="ours", help=argparse.SUPPRESS)
