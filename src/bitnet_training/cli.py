@@ -235,6 +235,7 @@ def cmd_train(args) -> int:
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+            _STATE["left_group"] = True
     if result.interrupted:
         return 128 + (result.signal or 2)
     return 0
@@ -528,13 +529,27 @@ def main(argv: list[str] | None = None) -> int:
         "preprocess": cmd_preprocess,
     }
     try:
-        return commands[args.command](args)
+        code = commands[args.command](args)
     except BitNetError as e:
         sys.stderr.write(f"bitnet-train: error: {e}\n")
-        return 2
+        code = 2
     except KeyboardInterrupt:  # a second Ctrl-C: exit at once
         sys.stderr.write("bitnet-train: interrupted\n")
-        return 130
+        code = 130
+    if _STATE.pop("left_group", False):
+        # A worker of several processes (its checkpoints fsynced, logs closed) leaves without
+        # the interpreter's teardown: gloo's destructors were seen to abort there under load
+        # ("terminate called without an active exception", SIGABRT), which torchrun reports
+        # as a failed worker, and with --max-restarts would restart a finished run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    return code
+
+
+# What a command leaves for `main` to act on (a left process group).
+_STATE: dict = {}
 
 
 if __name__ == "__main__":

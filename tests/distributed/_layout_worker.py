@@ -95,6 +95,7 @@ def main(layout: str, out: str, batch: int, resume: str | None) -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        os._exit(0)  # as the CLI: no interpreter teardown, where gloo was seen to abort
 
 
 if __name__ == "__main__":
