@@ -27,6 +27,7 @@ import torch
 from . import __version__, recipe
 from .config import SampleConfig, load_config
 from .data import PreprocessConfig, build_eval_dataset, preprocess
+from .distributed.ddp import launched_world_size
 from .distributed.wrappers import gathered_root, gathers_in_forward, unwrap
 from .errors import BitNetError, ConfigError
 from .metrics import read_pairs
@@ -235,7 +236,6 @@ def cmd_train(args) -> int:
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-            _STATE["left_group"] = True
     if result.interrupted:
         return 128 + (result.signal or 2)
     return 0
@@ -536,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C: exit at once
         sys.stderr.write("bitnet-train: interrupted\n")
         code = 130
-    if _STATE.pop("left_group", False):
+    if args.command == "train" and launched_world_size() > 1:
         # A worker of several processes (its checkpoints fsynced, logs closed) leaves without
         # the interpreter's teardown: gloo's destructors were seen to abort there under load
         # ("terminate called without an active exception", SIGABRT), which torchrun reports
@@ -546,10 +546,6 @@ def main(argv: list[str] | None = None) -> int:
         logging.shutdown()
         os._exit(code)
     return code
-
-
-# What a command leaves for `main` to act on (a left process group).
-_STATE: dict = {}
 
 
 if __name__ == "__main__":

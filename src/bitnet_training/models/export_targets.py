@@ -42,12 +42,13 @@ def check_exportable(
             ("qat.activation_observer", c.activation_observer is not None),
             ("qat.learnable_scales", c.learnable_scales),
             ("qat.norm_placement", c.norm_placement == "input"),
-            ("qat.weight_schedule (lambda unfinished)", m.weight_blend < 1),
-            ("qat.activation_schedule (lambda unfinished)", m.activation_blend < 1),
-            ("qat.weight_bit_stages (not at 1.58 bits)", m.stage_bits is not None),
         ]
-        if static:
-            rules = rules[:11]
+        if not static:  # where the schedules stand now
+            rules += [
+                ("qat.weight_schedule (lambda unfinished)", m.weight_blend < 1),
+                ("qat.activation_schedule (lambda unfinished)", m.activation_blend < 1),
+                ("qat.weight_bit_stages (not at 1.58 bits)", m.stage_bits is not None),
+            ]
         for setting, broken in rules:
             if broken:
                 raise BitNetError(

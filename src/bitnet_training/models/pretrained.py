@@ -346,24 +346,21 @@ def _load_folder(src: str, dtype: torch.dtype, requantizable: bool) -> Pretraine
     return Pretrained(model, tokenizer, kind, src, fingerprint(files), config)
 
 
-def _gguf_architecture(src: str) -> str | None:
+def _gguf_fields(src: str) -> dict:
+    """The metadata fields of GGUF file `src` (one read; a one-line error if unreadable)."""
     from gguf import GGUFReader
 
     try:
-        field = GGUFReader(src).fields.get("general.architecture")
+        return GGUFReader(src).fields
     except Exception as e:  # truncated, not GGUF
         raise BitNetError(f"{src!r} is not a readable GGUF file: {_first_line(e)}") from None
-    return None if field is None else field.contents()
 
 
-def _gguf_tokenizer(src: str):
+def _gguf_tokenizer(src: str, fields: dict):
     """Our byte tokenizer when the GGUF holds its vocabulary (what `export --format gguf`
     writes for byte-level runs), else the file's own through transformers, else None."""
-    from gguf import GGUFReader
-
     from ..data.tokenizer import SPECIAL_TOKENS, ByteTokenizer
 
-    fields = GGUFReader(src).fields
     if "tokenizer.ggml.tokens" not in fields:
         return None
     tokens = fields["tokenizer.ggml.tokens"].contents()
@@ -386,17 +383,19 @@ def _load_gguf(src: str, dtype: torch.dtype) -> Pretrained:
             f"{src!r} is a GGUF file: loading it needs the {' and '.join(missing)} "
             f"package{'s' * (len(missing) > 1)} (pip install {' '.join(missing)})"
         )
-    from gguf import GGUFReader
     from transformers import AutoModelForCausalLM
 
     directory, name = os.path.split(src)
-    if _gguf_architecture(src) == "bitnet":  # llama.cpp's BitNet: transformers has no reader
+    fields = _gguf_fields(src)
+    arch = fields.get("general.architecture")
+    if arch is not None and arch.contents() == "bitnet":  # transformers has no bitnet reader
         from .gguf_bitnet import read_gguf
 
         model, config = read_gguf(src, dtype)
-        return Pretrained(model, _gguf_tokenizer(src), "gguf", src, fingerprint([src]), config)
+        tokenizer = _gguf_tokenizer(src, fields)
+        return Pretrained(model, tokenizer, "gguf", src, fingerprint([src]), config)
+    has_vocab = "tokenizer.ggml.model" in fields
     try:
-        has_vocab = "tokenizer.ggml.model" in GGUFReader(src).fields
         model = AutoModelForCausalLM.from_pretrained(
             directory, gguf_file=name, dtype=dtype, local_files_only=True
         )
