@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bitnet_training import BitNetLM, ModelConfig
+from bitnet_training.quant import gemm, native
 
 VARIANTS = ("off", "ours", "reference", "hf")
 
@@ -214,21 +215,32 @@ def machine() -> str:
     return f"{name}; {', '.join(have)}"
 
 
-def profile_step(args, precision: str) -> None:
-    """torch.profiler over a few steps of `off` and of `ours`: where our extra time goes, by
-    ATen op (self time per step, ours minus off; an op `ours` replaces shows negative)."""
+def profile_child(args) -> None:
+    """Run in a fresh process: self CPU ms per step by ATen op, for one variant."""
     from torch.profiler import ProfilerActivity, profile
 
     cfg = ModelConfig.preset(args.model)
+    r = Runner(args.variant, cfg, (args.batch, args.seq), args.precision, False)
+    for _ in range(2):
+        r.step()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            r.step()
+    print(json.dumps({e.key: e.self_cpu_time_total / 3e3 for e in prof.key_averages()}))
+
+
+def profile_step(args, precision: str) -> None:
+    """torch.profiler over a few steps of `off` and of `ours`: where our extra time goes, by
+    ATen op (self time per step, ours minus off; an op `ours` replaces shows negative). Each
+    variant runs in its own process: a second model profiled in one process was measured to
+    run its elementwise ops up to 4x slower (the heap the first one left), whichever it was."""
     per_op = {}
     for variant in ("off", "ours"):
-        r = Runner(variant, cfg, (args.batch, args.seq), precision, False)
-        for _ in range(2):
-            r.step()  # warm-up
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(3):
-                r.step()
-        per_op[variant] = {e.key: e.self_cpu_time_total / 3e3 for e in prof.key_averages()}
+        cmd = [sys.executable, __file__, "--child", "profile", "--variant", variant,
+               "--precision", precision, "--model", args.model, "--batch", str(args.batch),
+               "--seq", str(args.seq)]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        per_op[variant] = json.loads(out.strip().splitlines()[-1])
     off, ours = per_op["off"], per_op["ours"]
     diff = {k: ours.get(k, 0.0) - off.get(k, 0.0) for k in set(off) | set(ours)}
     rows = sorted(diff, key=diff.get, reverse=True)
@@ -249,14 +261,17 @@ def main():
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument(
+        "--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (default both)"
+    )
+    p.add_argument(
         "--profile", choices=["fp32", "bf16"], help="only profile ours against off, by op"
     )
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs="?", const="memory", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="ours", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        return memory_child(args)
+        return profile_child(args) if args.child == "profile" else memory_child(args)
 
     torch.manual_seed(0)
     cfg = ModelConfig.preset(args.model)
@@ -271,20 +286,25 @@ def main():
     print(f"{'precision':9} {'mode':8} " + " ".join(f"{v + ' ms':>12}" for v in VARIANTS)
           + f" {'ours/off':>9} {'ref/off':>8} {'hf/off':>7} {'ours/ref':>9}")  # fmt: skip
     modes = [False] if args.no_compile else [False, True]
+    precisions = args.precisions.split(",")
     for compiled in modes:
-        for precision in ("fp32", "bf16"):
+        for precision in precisions:
             t = time_variants(args, precision, compiled)
             cells = " ".join(f"{t[v] * 1e3:12.1f}" for v in VARIANTS)
             print(f"{precision:9} {'compile' if compiled else 'eager':8} {cells} "
                   f"{t['ours'] / t['off']:9.3f} {t['reference'] / t['off']:8.3f} "
                   f"{t['hf'] / t['off']:7.3f} {t['ours'] / t['reference']:9.3f}",
                   flush=True)  # fmt: skip
+    print("\n## Integer GEMM kernels `ours` chose (measured on this machine, cached per shape)")
+    for shape, kernel in gemm.decisions().items():
+        print(f"{shape:40} {kernel}")
+    print(f"native quantizers: {native.build_error() or 'built'}")
     if args.no_memory:
         return
     print("\n## Memory (eager): peak heap growth in one step; bytes saved for the backward")
     print(f"{'precision':9} " + " ".join(f"{v + ' MiB':>14}" for v in VARIANTS)
           + f" {'ours/ref peak':>14} {'ours/ref saved':>15}")  # fmt: skip
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         m = {v: measure_memory(args, v, precision) for v in VARIANTS}
         cells = " ".join(
             f"{m[v]['peak'] / 2**20:6.0f} ({m[v]['saved'] / 2**20:4.0f})" for v in VARIANTS

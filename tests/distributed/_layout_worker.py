@@ -85,7 +85,7 @@ def main(layout: str, out: str, batch: int, resume: str | None) -> None:
     plain.load_state_dict(full)
     for name, m in plain.named_modules():
         if isinstance(m, BitLinear):
-            codes[name] = m._quantize_weight(torch.float64)[1]
+            codes[name] = m._quantize_weight(torch.float64)[2].codes
     evals = [h for h in trainer.history if h["kind"] == "eval"]
     if trainer.rank == 0:
         torch.save(

@@ -261,3 +261,67 @@ def test_torch_compile_matches_eager():
     x = torch.randn(8, 32)
     compiled = torch.compile(layer, backend="aot_eager")  # traces the graph; no C++ build
     torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+KERNEL_CHOICES = [
+    dict(gemm="int_mm", kernels="torch"),  # the path before any choice existed
+    dict(gemm="int_mm", kernels="native"),
+    dict(gemm="float", kernels="native"),
+    dict(gemm="onednn", kernels="native"),
+    dict(gemm="auto", kernels="auto"),
+]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_every_gemm_kernel_and_quantizer_kernel_gives_identical_bits(precision):
+    """Which kernels run changes the time, never a bit: outputs and all gradients equal the
+    torch-ops / _int_mm path exactly, per-tensor and per-channel, with and without bias."""
+    from bitnet_training.quant import native
+
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40)
+    x = torch.randn(3, 11, 96) * 2
+    for per_channel in (False, True):
+        results = []
+        for choice in KERNEL_CHOICES:
+            if choice["kernels"] == "native" and native.library() is None:
+                continue
+            config = QATConfig(per_channel=per_channel, **choice)
+            layer = BitLinear.from_linear(copy.deepcopy(lin), config)
+            xi = x.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                y = layer(xi)
+            y.float().square().sum().backward()
+            results.append((y, xi.grad, layer.weight.grad, layer.bias.grad))
+        for other in results[1:]:
+            for a, b in zip(results[0], other, strict=True):
+                assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_a_named_gemm_kernel_that_cannot_run_is_refused():
+    layer = BitLinear(32, 16, config=QATConfig(gemm="onednn")).double()
+    with pytest.raises(ConfigError, match="qat.gemm.*onednn.*float64"):
+        layer(torch.randn(4, 32, dtype=torch.float64))
+
+
+def test_a_graph_still_alive_keeps_its_quantized_weight_when_the_weight_changes():
+    """The per-step weight cache rewrites last step's buffers in place only when nothing
+    holds them: a forward whose backward has not run yet keeps its own."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    layer = BitLinear.from_linear(copy.deepcopy(lin), QATConfig())
+    x = torch.randn(8, 64)
+    y1 = layer(x)  # its graph saves this step's quantized weight
+    with torch.no_grad():
+        layer.weight.mul_(-1.7)  # a new step's weight: the cache is rebuilt
+    y2 = layer(x)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    ref = BitLinear.from_linear(copy.deepcopy(lin), QATConfig(cache_quantized_weight=False))
+    xr = x.clone().requires_grad_()
+    y_ref = ref(xr)
+    y_ref.backward(g)
+    assert torch.equal(y1, y_ref) and torch.equal(layer.weight.grad, ref.weight.grad)
+    with torch.no_grad():
+        ref.weight.mul_(-1.7)
+    assert torch.equal(y2, ref(x))

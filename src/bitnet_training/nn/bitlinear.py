@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..quant import gemm, native
 from ..quant.config import QATConfig
 from ..quant.fake_quant import clip_mask, fake_quantize, quantize
 from ..quant.functional import SCALE_EPS, Quantized, dequantize, wide
@@ -44,13 +45,44 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _int_mm_supported(n: int, k: int, m: int, device: torch.device) -> bool:
-    # torch._int_mm: any shape on CPU; on CUDA it needs n > 16 and k, m multiples of 8.
-    if device.type == "cpu":
-        return k < 2**17  # int32 accumulation of |128 * 128| products cannot overflow
-    if device.type == "cuda":
-        return n > 16 and k % 8 == 0 and m % 8 == 0
-    return False
+def integer_gemm(
+    config: QATConfig,
+    codes: torch.Tensor | None,
+    n: int,
+    dt: torch.dtype,
+    device: torch.device,
+    prepared: dict | None = None,
+    code_max: int = 1,
+) -> gemm.Prepared | None:
+    """The exact integer GEMM for an (n, in) x weight-codes (out, in) product in `dt`, or None
+    (the float GEMM of dequantized values runs instead).
+
+    `config.gemm` names the kernel, or `auto` measures (`quant.gemm.choose`). `prepared`
+    keeps the laid-out weight for as long as the codes live (the per-step weight cache);
+    without it the weight is laid out on every call, so oneDNN's prepacking is not chosen.
+    `code_max` bounds the weight codes' magnitude (1 for ternary and binary weights).
+    """
+    if not config.integer_matmul or codes is None:
+        return None
+    out_f, in_f = codes.shape
+    if config.gemm == "auto" and codes.device.type == "cpu" and not native.real(codes):
+        allowed = ("int_mm",)  # fake tensors (the planner's trace): nothing to measure
+    elif config.gemm == "auto":
+        allowed = gemm.KERNELS if prepared is not None else ("int_mm", "float")
+    else:
+        allowed = (config.gemm,)
+        why = gemm.unavailable(config.gemm, n, in_f, out_f, dt, device, code_max)
+        if why is not None:
+            raise ConfigError("qat.gemm", config.gemm, f"a kernel this layer can run ({why})")
+    kernel = gemm.choose(n, in_f, out_f, dt, device, allowed, code_max)
+    if kernel is None:
+        return None
+    if prepared is None:
+        return gemm.Prepared(kernel, codes, dt)
+    if (kernel, dt) not in prepared:
+        spare = prepared.get("spare", {}).get((kernel, dt))
+        prepared[kernel, dt] = gemm.Prepared(kernel, codes, dt, spare)
+    return prepared[kernel, dt]
 
 
 class _WeightSTE(torch.autograd.Function):
@@ -93,16 +125,71 @@ class _ActivationCodes(threading.local):
 _ACT_CODES = _ActivationCodes()
 
 
-def _quantize_activations(x2: torch.Tensor, bits: int):
+class _RebuiltActivations(threading.local):
+    """The quantized activations x_q = codes / s last rebuilt in a backward, per thread.
+
+    The layers that shared one set of codes in the forward (q, k, v; gate, up) run their
+    backwards one after another: they rebuild x_q once. The entry lives as long as its codes
+    (a weakref callback drops it when autograd frees them).
+    """
+
+    key = None  # (id(codes), dtype)
+    value = None
+    spare = None  # a freed x_q's buffer, for the next rebuild
+
+    def get(self, codes: torch.Tensor, inv: torch.Tensor, dt: torch.dtype, kernels: str):
+        if self.key == (id(codes), dt) and self.ref() is codes:
+            return self.value
+        # Exactly the reference's x_q in float32; in a lower precision straight in that
+        # dtype (one pass instead of two).
+        s = inv if dt == torch.float32 else inv.to(dt)
+        if torch.compiler.is_compiling():
+            return torch.div(codes, s).to(dt)
+        # The last x_q's buffer is overwritten when nothing else holds it (one spare per
+        # thread, kept between steps: no fresh memory to fault in).
+        spare = self.value if self.value is not None else self.spare
+        self.value = self.key = self.spare = None
+        out = spare if native.reusable(spare, codes.shape, dt) else None
+        del spare
+        if _native(kernels, codes.numel() > 0 and native.supports(s)):
+            x_q = native.rebuild_activations(codes, s, out)
+        else:
+            x_q = torch.div(codes, s, out=out) if out is not None else torch.div(codes, s).to(dt)
+        self.ref, self.key, self.value = weakref.ref(codes, self._drop), (id(codes), dt), x_q
+        return x_q
+
+    def _drop(self, _ref) -> None:
+        self.spare, self.key, self.value = self.value, None, None
+
+
+_REBUILT = _RebuiltActivations()
+
+
+def _native(kernels: str, applies: bool) -> bool:
+    """Whether a quantizer runs its native kernel: `qat.kernels` allows it, the kernel takes
+    the tensor (`applies`), it is not traced by `torch.compile`, and it is built."""
+    return (
+        kernels != "torch"
+        and applies
+        and not torch.compiler.is_compiling()
+        and (kernels == "native" or native.library() is not None)
+    )
+
+
+def _quantize_activations(x2: torch.Tensor, bits: int, kernel: str):
     """BitNet reference activation quantizer on (N, in): int8 codes and s = Qp / max|x|.
 
     codes = clamp(round(x * s), -Qp - 1, Qp), s per token with max|x| clamped at 1e-5. With
     s from the row's own absmax, |x * s| <= Qp, so the clamp can never act and is skipped.
+    The native kernel (`kernel` "auto" where it is built, or "native") computes the same codes
+    and scales in one fused pass; "torch" (and under `torch.compile`) the PyTorch ops below.
     """
+    if _native(kernel, x2.numel() > 0 and native.supports(x2)):
+        return native.quantize_activations(x2, bits)
     xf = wide(x2)
     qp = 2 ** (bits - 1) - 1
     inv = qp / xf.abs().amax(dim=-1, keepdim=True).clamp_(min=SCALE_EPS)
-    return (xf * inv).round_(), inv
+    return (xf * inv).round_().to(torch.int8), inv
 
 
 class _FusedBitLinear(torch.autograd.Function):
@@ -116,7 +203,7 @@ class _FusedBitLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, w_q, w_codes_t, w_scale_row, w_mask, bits, use_int, dt):
+    def forward(ctx, x, weight, bias, w_q, gemm_fn, w_scale_row, w_mask, bits, act_kernel, dt):
         in_f = x.shape[-1]
         lead = x.shape[:-1]
         with torch.autocast(x.device.type, enabled=False):
@@ -125,26 +212,26 @@ class _FusedBitLinear(torch.autograd.Function):
             shared = _ACT_CODES.lookup(x, bits) if share else None
             if shared is not None:
                 codes_i8, inv = shared
-                codes = None
             else:
-                codes, inv = _quantize_activations(x.reshape(-1, in_f), bits)
-                codes_i8 = codes.to(torch.int8)
+                codes_i8, inv = _quantize_activations(x.reshape(-1, in_f), bits, act_kernel)
                 if share:
                     _ACT_CODES.store(x, bits, (codes_i8, inv))
-            if use_int:
-                # Exact integer GEMM, then both scales: y = (x_q W_q^T) * gamma / s.
-                acc = torch._int_mm(codes_i8, w_codes_t)
+            if gemm_fn is not None:
+                # Exact integer GEMM (rounded once to dt), then both scales:
+                # y = (x_q W_q^T) * gamma / s.
+                y = gemm_fn(codes_i8)
                 if w_scale_row.dim() == 0:  # per-tensor gamma folds into the per-token scale
-                    y = acc.to(dt).mul_((w_scale_row / inv).to(dt))
+                    y = y.mul_((w_scale_row / inv).to(dt))
                 else:
-                    y = acc.to(dt).div_(inv.to(dt)).mul_(w_scale_row.to(dt))
+                    y = y.div_(inv.to(dt)).mul_(w_scale_row.to(dt))
                 if bias is not None:
                     y = y.add_(bias.to(dt))
             else:
-                x_q = (codes if codes is not None else codes_i8.float()).div(inv).to(dt)
+                x_q = codes_i8.div(inv).to(dt)
                 y = F.linear(x_q, w_q, None if bias is None else bias.to(dt))
         ctx.save_for_backward(codes_i8, inv, w_q, w_mask)
         ctx.meta = (x.dtype, weight.dtype, None if bias is None else bias.dtype, dt, lead)
+        ctx.kernels = act_kernel
         # (N, out): the caller restores the leading dims. A view made here would forbid
         # in-place updates of the output (as AdaLoRA's `result += ...` does).
         return y
@@ -158,10 +245,7 @@ class _FusedBitLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (g @ w_q).reshape(*lead, w_q.shape[1]).to(x_dtype)
         if ctx.needs_input_grad[1]:
-            # Rebuild x_q from the int8 codes: exactly the reference's in float32; in a lower
-            # precision straight in that dtype (one pass instead of two).
-            x_q = torch.div(codes_i8, inv if dt == torch.float32 else inv.to(dt)).to(dt)
-            grad_w = (g.t() @ x_q).to(w_dtype)
+            grad_w = (g.t() @ _REBUILT.get(codes_i8, inv, dt, ctx.kernels)).to(w_dtype)
             if w_mask is not None:
                 grad_w = grad_w * w_mask
         if b_dtype is not None and ctx.needs_input_grad[2]:
@@ -321,11 +405,15 @@ class BitLinear(nn.Linear):
     # -- weight quantization, once per optimizer step -------------------------------------
 
     def _quantize_weight(self, dt: torch.dtype):
-        """(w_q in dt, codes^T or None, scale row or None, clip mask or None)."""
+        """(w_q in dt, clip mask or None, Quantized or None, the cache entry or None).
+
+        The entry holds what the integer GEMM needs: "codes" (out, in) int8 and "scale_row"
+        for symmetric per-tensor / per-channel weights, and "prepared": the codes laid out
+        per GEMM kernel (`integer_gemm`), only while the entry is cached."""
         spec = self.weight_spec()
         w = self.weight
         if spec is None:
-            return w.detach().to(dt), None, None, None, None
+            return w.detach().to(dt), None, None, None
         cacheable = (
             self.config.cache_quantized_weight
             and self.cache_weight
@@ -338,23 +426,36 @@ class BitLinear(nn.Linear):
         else:
             # FSDP2's packed ternary all-gather hands over the codes and scale themselves.
             gathered = getattr(w, "quantized", None)
-            q = gathered() if gathered is not None else quantize(w.detach(), spec)
-            entry = {"q": q, "dq": {}}
+            dq, last = None, self._cache[1] if self._cache is not None else {}
+            if gathered is not None:
+                q = gathered()
+            elif spec.bits == 1.58 and _native(self.config.kernels, native.takes_weight(
+                w, spec.granularity, dt
+            )):  # fmt: skip
+                # Last step's buffers are overwritten where nothing holds them any more.
+                codes = last.get("q").codes if last.get("q") is not None else None
+                old = (codes, last.get("dq", {}).get(dt))
+                fits = native.reusable(old[0], w.shape, torch.int8)
+                fits = fits and native.reusable(old[1], w.shape, dt)
+                q, dq = native.ternary_quantize(
+                    w.detach(), spec.granularity, dt, old if fits else (None, None)
+                )
+            else:
+                q = quantize(w.detach(), spec)
+            entry = {"q": q, "dq": {dt: dq} if dq is not None else {}}
+            # The last step's laid-out weights, whose buffers `integer_gemm` may reuse.
+            spare = {k: v for k, v in last.get("prepared", {}).items() if k != "spare"}
+            entry["prepared"] = {"spare": spare} if cacheable else None
             entry["mask"] = clip_mask(w.detach(), q, spec) if spec.ste == "clipped" else None
             if q.zero_point is None and spec.granularity in ("tensor", "channel"):
-                entry["codes_t"] = q.codes.t().contiguous()
+                entry["codes"] = q.codes
                 entry["scale_row"] = q.scale.reshape(1, -1) if q.scale.dim() else q.scale
+                entry["code_max"] = 1 if spec.bits in (1, 1.58) else 2 ** (int(spec.bits) - 1)
             if cacheable:
                 self._cache = (key, entry)
         if dt not in entry["dq"]:
             entry["dq"][dt] = dequantize(entry["q"], torch.float32).to(dt)
-        return (
-            entry["dq"][dt],
-            entry.get("codes_t"),
-            entry.get("scale_row"),
-            entry["mask"],
-            entry["q"],
-        )
+        return entry["dq"][dt], entry["mask"], entry["q"], entry
 
     def _perturb_weight(self, w_q: torch.Tensor, q: Quantized, dt: torch.dtype) -> torch.Tensor:
         """The weight the forward uses when quantization is blended in, partial (Quant-Noise)
@@ -397,9 +498,10 @@ class BitLinear(nn.Linear):
             x = self.norm(x)
         cfg = self.config
         dt = _compute_dtype(x)
-        w_q, codes_t, scale_row, mask, q = self._quantize_weight(dt)
+        w_q, mask, q, entry = self._quantize_weight(dt)
+        integer = q is not None and "codes" in entry
         if q is not None and self._weight_is_perturbed():
-            w_q, codes_t = self._perturb_weight(w_q, q, dt), None  # no longer integer
+            w_q, integer = self._perturb_weight(w_q, q, dt), False  # no longer integer
         a_spec = cfg.activation_spec()
         blend_a = a_spec is not None and self.activation_blend < 1.0
         static_a = a_spec is not None and self.act_observer is not None
@@ -412,15 +514,16 @@ class BitLinear(nn.Linear):
             and a_spec.symmetric
             and a_spec.granularity == "token"
         ):
-            n = x.numel() // x.shape[-1] if x.shape[-1] else 0
-            use_int = (
-                cfg.integer_matmul
-                and codes_t is not None
-                and _int_mm_supported(n, self.in_features, self.out_features, x.device)
-            )
+            run, scale_row = None, None
+            if integer:
+                n = x.numel() // x.shape[-1] if x.shape[-1] else 0
+                run = integer_gemm(
+                    cfg, entry["codes"], n, dt, x.device, entry["prepared"], entry["code_max"]
+                )
+                scale_row = entry["scale_row"]
             y = _FusedBitLinear.apply(
-                x, self.weight, self.bias, w_q, codes_t, scale_row, mask,
-                int(a_spec.bits), use_int, dt,
+                x, self.weight, self.bias, w_q, run, scale_row, mask,
+                int(a_spec.bits), cfg.kernels, dt,
             )  # fmt: skip
             return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
         if static_a:

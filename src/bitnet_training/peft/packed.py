@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BitNetError
-from ..nn.bitlinear import BitLinear, _compute_dtype, _FusedBitLinear, _int_mm_supported
+from ..nn.bitlinear import BitLinear, _compute_dtype, _FusedBitLinear, integer_gemm
 from ..quant.config import QATConfig
 from ..quant.fake_quant import fake_quantize
 from ..quant.functional import Quantized, dequantize
@@ -220,21 +220,16 @@ class PackedTernaryLinear(nn.Module):
                 and a_spec.symmetric
                 and a_spec.granularity == "token"
             ):
-                codes_t = scale_row = None
+                run = scale_row = None
                 if self.granularity in ("tensor", "channel"):
-                    codes_t = codes.t().contiguous()
+                    n = x.numel() // x.shape[-1] if x.shape[-1] else 0
+                    run = integer_gemm(cfg, codes, n, dt, x.device)
                     s = self.weight_scale.float()
                     scale_row = s.reshape(1, -1) if s.dim() else s
-                n = x.numel() // x.shape[-1] if x.shape[-1] else 0
-                use_int = (
-                    cfg.integer_matmul
-                    and codes_t is not None
-                    and _int_mm_supported(n, self.in_features, self.out_features, x.device)
-                )
                 # w_q stands in for the latent weight: it needs no gradient.
                 y = _FusedBitLinear.apply(
-                    x, w_q, self.bias, w_q, codes_t, scale_row, None,
-                    int(a_spec.bits), use_int, dt,
+                    x, w_q, self.bias, w_q, run, scale_row, None,
+                    int(a_spec.bits), cfg.kernels, dt,
                 )  # fmt: skip
                 return y.reshape(*x.shape[:-1], self.out_features)
             if a_spec is not None:

@@ -71,6 +71,18 @@ class QATConfig(Section):
     integer_matmul: bool = Field(
         True, description="fused: an exact integer GEMM of the codes where the backend allows"
     )
+    gemm: Literal["auto", "onednn", "int_mm", "float"] = Field(
+        "auto",
+        description="the integer GEMM's kernel: oneDNN's int8 linear, torch._int_mm, or the "
+        "codes in the compute dtype; auto: the fastest, measured once per shape (all exact, "
+        "same results)",
+    )
+    kernels: Literal["auto", "native", "torch"] = Field(
+        "auto",
+        description="the quantizers' kernels on CPU: native fuses each into one C pass (built "
+        "with the C compiler on first use), torch runs PyTorch ops; auto: native where it "
+        "builds (same values)",
+    )
     cache_quantized_weight: bool = Field(
         True, description="quantize each weight once per optimizer step, not per forward"
     )
@@ -151,6 +163,15 @@ class QATConfig(Section):
         for name, broken, allowed in rules:
             if broken:
                 raise ConfigError(name, getattr(self, name), allowed)
+        if self.kernels == "native":
+            from . import native  # builds the kernel once per process
+
+            if native.library() is None:
+                raise ConfigError(
+                    "kernels",
+                    "native",
+                    f"auto or torch here: it cannot be built ({native.build_error()})",
+                )
         return self
 
     @property

@@ -106,6 +106,13 @@ def _ungroup_scale(s: torch.Tensor, granularity: str) -> torch.Tensor:
     return s.squeeze(-1) if granularity == "group" else s
 
 
+def absmean_scale(w: torch.Tensor, granularity: str = "tensor", group_size=None) -> torch.Tensor:
+    """gamma of the ternary and binary quantizers: mean(|W|) per slice, clamped below at
+    `SCALE_EPS`, float32 (shaped as `ternary_quantize` returns it)."""
+    wg = _grouped(w.float(), granularity, group_size)
+    return _ungroup_scale(_reduce(wg, granularity, "mean").clamp(min=SCALE_EPS), granularity)
+
+
 def ternary_quantize(
     w: torch.Tensor, granularity: str = "tensor", group_size: int | None = None
 ) -> Quantized:

@@ -1,0 +1,167 @@
+"""Exact GEMMs of int8 activation codes with integer (ternary) weight codes, chosen per
+machine by measurement.
+
+Every kernel here returns `torch._int_mm(a, w.t()).to(dt)`: the exact integer product
+rounded once to the compute dtype, so which one runs changes the time, never a bit of the
+result (tests check each against `_int_mm`; `choose` checks again on its probe):
+
+    onednn  oneDNN's quantized linear (`torch.ops.onednn.qlinear_pointwise`, what inductor
+            uses for int8 models), s8 x s8 -> float32 / bf16 on AMX or AVX-512 VNNI, with
+            the weight prepacked once per optimizer step. CPU, float32 and bf16.
+    int_mm  `torch._int_mm` (s8 x s8 -> s32), then a cast. CPU, and CUDA's int8 tensor cores.
+    float   a GEMM of the same codes held in the compute dtype (bf16 / float32 / float64):
+            exact because codes and every partial sum (below 128 * 2^17 = 2^24) are
+            representable and these GEMMs accumulate in at least float32.
+
+`choose` times the kernels the device allows on a random probe of the layer's shape (laying
+out the weight, which happens once per optimizer step, plus one product), once per (device,
+dtype, rows rounded up to a power of two, in, out) per process, and caches the winner;
+`QATConfig(gemm=...)` names one instead.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .native import reusable
+
+KERNELS = ("onednn", "int_mm", "float")
+# Integer sums stay exact below 2^24 (a float32 significand) and inside int32.
+MAX_IN_FEATURES = 2**17
+
+_DECISIONS: dict[tuple, str] = {}
+
+
+def unavailable(
+    kernel: str, n: int, k: int, m: int, dt: torch.dtype, device, code_max: int = 1
+) -> str | None:
+    """Why `kernel` cannot run an (n, k) x (k, m) product in `dt` on `device`, for weight
+    codes of magnitude up to `code_max` (None: it can)."""
+    dev = torch.device(device).type
+    if k >= MAX_IN_FEATURES:
+        return f"in_features {k} >= 2^17 (int32 sums could overflow)"
+    if kernel == "onednn":
+        if dev != "cpu":
+            return "oneDNN's quantized linear runs on CPU only"
+        if dt not in (torch.float32, torch.bfloat16):
+            return f"oneDNN's quantized linear outputs float32 or bf16, not {dt}"
+        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops, "onednn")):
+            return "this PyTorch build has no oneDNN"
+        if not hasattr(torch.ops.onednn, "qlinear_pointwise"):
+            return "this PyTorch build has no onednn.qlinear_pointwise"
+        return None
+    if kernel == "int_mm":
+        if dev == "cpu":
+            return None
+        if dev == "cuda":
+            ok = n > 16 and k % 8 == 0 and m % 8 == 0
+            return None if ok else "CUDA's _int_mm needs more than 16 rows and k, m multiples of 8"
+        return f"torch._int_mm does not run on {dev}"
+    if kernel == "float":
+        if dt not in (torch.bfloat16, torch.float32, torch.float64):
+            return f"a {dt} GEMM does not accumulate exactly"
+        if 128 * code_max * k >= 2**24:
+            return f"in_features {k} with codes up to {code_max}: float32 sums could round"
+        cuda = torch.backends.cuda.matmul
+        if dev == "cuda" and dt == torch.bfloat16 and cuda.allow_bf16_reduced_precision_reduction:
+            return "cuBLAS may add bf16 partial sums in bf16 (see its reduced-precision flag)"
+        return None
+    raise ValueError(f"unknown GEMM kernel {kernel!r}; one of {', '.join(KERNELS)}")
+
+
+class Prepared:
+    """A weight's codes (out, in), int8, laid out for one kernel and compute dtype."""
+
+    __slots__ = ("dt", "kernel", "operand")
+
+    def __init__(
+        self, kernel: str, codes: torch.Tensor, dt: torch.dtype, reuse: Prepared | None = None
+    ):
+        """`reuse`: the same kernel's layout of an earlier weight of this shape, whose buffer
+        is overwritten if nothing else holds it (no fresh memory to fault in)."""
+        self.kernel, self.dt = kernel, dt
+        old = reuse.operand if reuse is not None and reuse.kernel == kernel else None
+        if kernel == "onednn":
+            m = codes.shape[0]
+            packed = torch.ops.onednn.qlinear_prepack(codes.contiguous(), None)
+            ones = torch.ones(m, dtype=torch.float32)
+            self.operand = (packed, ones, torch.zeros(m, dtype=torch.int64))
+        elif kernel == "int_mm":
+            shape = codes.shape[::-1]
+            fits = reusable(old, shape, torch.int8)
+            self.operand = old.copy_(codes.t()) if fits else codes.t().contiguous()
+        else:
+            fits = reusable(old, codes.shape, dt)
+            self.operand = old.copy_(codes) if fits else codes.to(dt)
+
+    def __call__(self, a: torch.Tensor) -> torch.Tensor:
+        """int8 codes (n, in) -> the exact product (n, out), rounded once to `dt`."""
+        if self.kernel == "onednn":
+            packed, ones, zeros = self.operand
+            return torch.ops.onednn.qlinear_pointwise(
+                a, 1.0, 0, packed, ones, zeros, None, 1.0, 0, self.dt, "none", [], ""
+            )
+        if self.kernel == "int_mm":
+            return torch._int_mm(a, self.operand).to(self.dt)
+        return F.linear(a.to(self.dt), self.operand)
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def choose(
+    n: int, k: int, m: int, dt: torch.dtype, device, allowed=KERNELS, code_max: int = 1
+) -> str | None:
+    """The fastest kernel of `allowed` for this shape, measured once and cached; None when
+    none of them can run it. Under `torch.compile` nothing is measured: `int_mm` if it can."""
+    device = torch.device(device)
+    usable = [kn for kn in allowed if unavailable(kn, n, k, m, dt, device, code_max) is None]
+    if len(usable) <= 1 or torch.compiler.is_compiling():
+        return "int_mm" if "int_mm" in usable else (usable[0] if usable else None)
+    key = (device.type, dt, _bucket(n), k, m, tuple(usable))
+    if key not in _DECISIONS:
+        _DECISIONS[key] = _measure(usable, _bucket(n), k, m, dt, device)
+    return _DECISIONS[key]
+
+
+def _measure(usable, n, k, m, dt, device) -> str:
+    # A private generator: measuring must not move the global RNG (bit-exact resume).
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randint(-128, 128, (n, k), generator=g, device=device, dtype=torch.int8)
+    w = torch.randint(-1, 2, (m, k), generator=g, device=device, dtype=torch.int8)
+    with torch.no_grad():
+        want = (a.double() @ w.double().t()).to(dt)
+        best, best_t = None, float("inf")
+        for kernel in usable:
+            run = Prepared(kernel, w, dt)
+            if not torch.equal(run(a), want):  # not exact on this machine: never chosen
+                continue
+            # Laying out the weight is paid once per optimizer step (the weight changes),
+            # so it counts in full beside one product.
+            t = min(_timed(lambda kn=kernel: Prepared(kn, w, dt), device) for _ in range(2))
+            t += min(_timed(lambda r=run: r(a), device) for _ in range(3))
+            if t < best_t:
+                best, best_t = kernel, t
+    return best or ("int_mm" if "int_mm" in usable else usable[0])
+
+
+def _timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def decisions() -> dict[str, str]:
+    """The kernels chosen so far in this process: '(device dtype) rows x in -> out': kernel."""
+    out = {}
+    for (dev, dt, n, k, m, _), kernel in sorted(_DECISIONS.items(), key=str):
+        out[f"{dev} {str(dt).removeprefix('torch.')} {n} x {k} -> {m}"] = kernel
+    return out

@@ -1,0 +1,75 @@
+"""The integer GEMM kernels: each equals torch._int_mm rounded once to the compute dtype."""
+
+import pytest
+import torch
+
+from bitnet_training.quant import gemm
+
+SHAPES = [(1, 3, 2), (7, 64, 10), (37, 384, 128), (256, 1000, 3)]
+
+
+def _codes(n, k, m, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    a[0, : min(k, 4)] = -128  # the extremes
+    w = torch.randint(-1, 2, (m, k), generator=g, dtype=torch.int8)
+    return a, w
+
+
+@pytest.mark.parametrize("kernel", gemm.KERNELS)
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_each_kernel_equals_int_mm_rounded_once(kernel, dt, shape):
+    n, k, m = shape
+    why = gemm.unavailable(kernel, n, k, m, dt, "cpu")
+    if why is not None:
+        assert (kernel == "onednn" and dt == torch.float64) or "oneDNN" in why
+        pytest.skip(why)
+    a, w = _codes(n, k, m)
+    want = torch._int_mm(a, w.t().contiguous()).to(dt)
+    got = gemm.Prepared(kernel, w, dt)(a)
+    assert got.dtype == dt and torch.equal(got, want)
+
+
+def test_a_laid_out_weight_is_rewritten_in_place_when_free():
+    a, w = _codes(8, 32, 16)
+    _, w2 = _codes(8, 32, 16, seed=1)
+    for kernel in ("int_mm", "float"):
+        first = gemm.Prepared(kernel, w, torch.float32)
+        buf = first.operand
+        second = gemm.Prepared(kernel, w2, torch.float32, reuse=first)
+        assert second.operand is buf  # nothing else held it
+        assert torch.equal(second(a), torch._int_mm(a, w2.t().contiguous()).float())
+        held = second.operand.view(-1)  # now a view holds it: a fresh buffer is taken
+        third = gemm.Prepared(kernel, w, torch.float32, reuse=second)
+        assert third.operand is not buf and held.data_ptr() == buf.data_ptr()
+
+
+def test_unavailable_says_why():
+    assert "float64" in gemm.unavailable("onednn", 8, 64, 8, torch.float64, "cpu")
+    assert "2^17" in gemm.unavailable("int_mm", 8, 2**17, 8, torch.float32, "cpu")
+    # Weight codes up to 128 (8-bit weights): float32 sums stay exact only for short rows.
+    assert gemm.unavailable("float", 8, 512, 8, torch.float32, "cpu", code_max=128) is None
+    assert "could round" in gemm.unavailable("float", 8, 1024, 8, torch.float32, "cpu", 128)
+    assert "exactly" in gemm.unavailable("float", 8, 64, 8, torch.float16, "cpu")
+    with pytest.raises(ValueError, match="unknown GEMM kernel"):
+        gemm.unavailable("cutlass", 8, 64, 8, torch.float32, "cpu")
+
+
+def test_choice_is_measured_once_and_leaves_the_global_rng_alone(monkeypatch):
+    monkeypatch.setattr(gemm, "_DECISIONS", {})
+    calls = []
+    real = gemm._measure
+    monkeypatch.setattr(gemm, "_measure", lambda *a: calls.append(a) or real(*a))
+    state = torch.get_rng_state()
+    first = gemm.choose(100, 96, 40, torch.float32, "cpu")
+    assert torch.equal(torch.get_rng_state(), state)
+    assert first in gemm.KERNELS
+    # The same shape (rows rounded up to a power of two) is not measured again.
+    assert gemm.choose(120, 96, 40, torch.float32, "cpu") == first
+    assert len(calls) == 1
+    assert gemm.decisions() == {"cpu float32 128 x 96 -> 40": first}
+    # One allowed kernel: nothing to measure.
+    assert gemm.choose(100, 96, 40, torch.float32, "cpu", ("float",)) == "float"
+    assert len(calls) == 1
+    assert gemm.choose(8, 2**17, 8, torch.float32, "cpu") is None

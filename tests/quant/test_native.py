@@ -1,0 +1,141 @@
+"""The native (C) quantizer kernels against the PyTorch composition they replace: the same
+codes, scales and values, bit for bit."""
+
+import pytest
+import torch
+
+from bitnet_training import QATConfig
+from bitnet_training.errors import ConfigError
+from bitnet_training.quant import native
+from bitnet_training.quant.functional import dequantize, ternary_quantize, wide
+
+needs_native = pytest.mark.skipif(
+    native.library() is None, reason=f"native kernels unavailable: {native.build_error()}"
+)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def torch_activation_quant(x, bits):
+    """The eager form (bitnet_training.nn.bitlinear's fallback): inv = qp / absmax."""
+    xf = wide(x)
+    inv = (2 ** (bits - 1) - 1) / xf.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-5)
+    return (xf * inv).round_().to(torch.int8), inv
+
+
+def hard_inputs(dtype, rows=67, cols=131, seed=0):
+    """Random rows of mixed scale, exact ties (k + 1/2 after scaling), zeros, tiny rows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g) * 10
+    x[1] = 0
+    x[2] = 1e-7
+    x[3] = torch.randint(-254, 255, (cols,), generator=g) / 2  # halves: ties for round()
+    x[3, 0] = 127  # absmax 127: scale 1, so every half is an exact tie
+    x[4, 5] = -1e4  # one outlier
+    return x.to(dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_activation_codes_and_scales_equal_the_torch_form(dtype, bits):
+    for seed in range(4):
+        x = hard_inputs(dtype, seed=seed)
+        codes, inv = native.quantize_activations(x, bits)
+        want_codes, want_inv = torch_activation_quant(x, bits)
+        assert codes.dtype == torch.int8 and inv.dtype == want_inv.dtype
+        assert torch.equal(codes, want_codes)
+        assert torch.equal(inv, want_inv)
+
+
+@needs_native
+def test_activation_quantizer_takes_non_contiguous_input_and_many_threads():
+    x = hard_inputs(torch.float32, rows=600, cols=256).t()  # 256 x 600, transposed view
+    codes, inv = native.quantize_activations(x, 8)
+    want_codes, want_inv = torch_activation_quant(x, 8)
+    assert torch.equal(codes, want_codes) and torch.equal(inv, want_inv)
+
+
+@needs_native
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ternary_codes_and_dequantized_weight_equal_the_torch_form(granularity, dtype):
+    for seed in range(3):
+        w = hard_inputs(torch.float32, rows=48, cols=80, seed=seed) * 0.02
+        w[7, :5] = torch.tensor([0.5, -0.5, 1.5, -1.5, 0.49999997]) * w.abs().mean()
+        q, dq = native.ternary_quantize(w, granularity, dtype)
+        want = ternary_quantize(w, granularity)
+        assert torch.equal(q.codes, want.codes)
+        assert torch.equal(q.scale, want.scale)
+        assert dq.dtype == dtype
+        assert torch.equal(dq, dequantize(want, torch.float32).to(dtype))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rebuilt_activations_equal_torch_div(dtype):
+    codes, inv = torch_activation_quant(hard_inputs(torch.float32, seed=5), 8)
+    s = inv.to(dtype)
+    assert torch.equal(native.rebuild_activations(codes, s), torch.div(codes, s).to(dtype))
+    out = torch.empty(codes.shape, dtype=dtype)
+    assert native.rebuild_activations(codes, s, out) is out
+    assert torch.equal(out, torch.div(codes, s).to(dtype))
+
+
+def test_reusable_only_when_nothing_else_holds_the_buffer():
+    t = torch.empty(4, 3)
+    assert native.reusable(t, (4, 3), torch.float32)
+    assert not native.reusable(t, (3, 4), torch.float32)
+    assert not native.reusable(t, (4, 3), torch.bfloat16)
+    view = t[:2]
+    assert not native.reusable(t, (4, 3), torch.float32)
+    del view
+    assert native.reusable(t, (4, 3), torch.float32)
+
+    class Save(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            ctx.save_for_backward(b)
+            return a * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g, None
+
+    y = Save.apply(torch.ones(2, requires_grad=True), t)
+    assert not native.reusable(t, (4, 3), torch.float32)  # autograd holds it
+    del y
+    assert native.reusable(t, (4, 3), torch.float32)
+
+
+@needs_native
+def test_the_kernel_is_built_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITNET_TRAINING_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_state", {})
+    assert native.library() is not None and native.build_error() is None
+    built = list(tmp_path.glob("bitlinear_cpu-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(native, "_state", {})
+    assert native.library() is not None
+    assert [p.stat().st_mtime_ns for p in tmp_path.glob("*.so")] == [stamp]
+    assert not list(tmp_path.glob("*.so.tmp*")) and len(list(tmp_path.iterdir())) == 1
+
+
+def test_without_a_compiler_torch_runs_and_native_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITNET_TRAINING_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    assert native.library() is None
+    assert "no C compiler" in native.build_error()
+    with pytest.raises(ConfigError, match="kernels.*cannot be built.*no C compiler"):
+        QATConfig(kernels="native")
+    QATConfig(kernels="auto")  # falls back to the PyTorch ops, same values
+
+    from bitnet_training import BitLinear
+
+    layer = BitLinear(16, 8, config=QATConfig())
+    ref = BitLinear(16, 8, config=QATConfig(kernels="torch"))
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(5, 16)
+    assert torch.equal(layer(x), ref(x))
