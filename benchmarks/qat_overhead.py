@@ -259,6 +259,7 @@ def main():
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=8, help="timed steps per variant")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--compile-only", action="store_true", help="only the torch.compile rows")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument(
         "--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (default both)"
@@ -285,7 +286,7 @@ def main():
     print("\n## Step time (forward + backward + AdamW), median of", args.steps, "interleaved steps")
     print(f"{'precision':9} {'mode':8} " + " ".join(f"{v + ' ms':>12}" for v in VARIANTS)
           + f" {'ours/off':>9} {'ref/off':>8} {'hf/off':>7} {'ours/ref':>9}")  # fmt: skip
-    modes = [False] if args.no_compile else [False, True]
+    modes = [False] if args.no_compile else [True] if args.compile_only else [False, True]
     precisions = args.precisions.split(",")
     for compiled in modes:
         for precision in precisions:

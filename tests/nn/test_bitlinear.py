@@ -271,6 +271,9 @@ def test_torch_compile_matches_eager():
     ye.square().sum().backward()
     for a, b in zip(grads, (xe.grad, layer.weight.grad, layer.bias.grad), strict=True):
         assert torch.equal(a, b)
+    # One graph: the kernel choices (native or not, which GEMM) do not break it.
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(layer)(x).graph_break_count == 0
 
 
 KERNEL_CHOICES = [

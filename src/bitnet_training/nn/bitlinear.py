@@ -65,8 +65,10 @@ def integer_gemm(
     if not config.integer_matmul or codes is None:
         return None
     out_f, in_f = codes.shape
-    if config.gemm == "auto" and codes.device.type == "cpu" and not native.real(codes):
-        allowed = ("int_mm",)  # fake tensors (the planner's trace): nothing to measure
+    if config.gemm == "auto" and (
+        torch.compiler.is_compiling() or (codes.device.type == "cpu" and not native.real(codes))
+    ):
+        allowed = ("int_mm",)  # traced, or fake tensors (the planner's): nothing to measure
     elif config.gemm == "auto":
         allowed = gemm.KERNELS if prepared is not None else ("int_mm", "float")
     else:
@@ -138,20 +140,20 @@ class _RebuiltActivations(threading.local):
     spare = None  # a freed x_q's buffer, for the next rebuild
 
     def get(self, codes: torch.Tensor, inv: torch.Tensor, dt: torch.dtype, kernels: str):
-        if self.key == (id(codes), dt) and self.ref() is codes:
-            return self.value
         # Exactly the reference's x_q in float32; in a lower precision straight in that
         # dtype (one pass instead of two).
         s = inv if dt == torch.float32 else inv.to(dt)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # first: ids do not trace
             return torch.div(codes, s).to(dt)
+        if self.key == (id(codes), dt) and self.ref() is codes:
+            return self.value
         # The last x_q's buffer is overwritten when nothing else holds it (one spare per
         # thread, kept between steps: no fresh memory to fault in).
         spare = self.value if self.value is not None else self.spare
         self.value = self.key = self.spare = None
         out = spare if native.reusable(spare, codes.shape, dt) else None
         del spare
-        if _native(kernels, codes.numel() > 0 and native.supports(s)):
+        if _native(kernels, lambda: codes.numel() > 0 and native.supports(s)):
             x_q = native.rebuild_activations(codes, s, out)
         else:
             x_q = torch.div(codes, s, out=out) if out is not None else torch.div(codes, s).to(dt)
@@ -165,13 +167,13 @@ class _RebuiltActivations(threading.local):
 _REBUILT = _RebuiltActivations()
 
 
-def _native(kernels: str, applies: bool) -> bool:
-    """Whether a quantizer runs its native kernel: `qat.kernels` allows it, the kernel takes
-    the tensor (`applies`), it is not traced by `torch.compile`, and it is built."""
+def _native(kernels: str, applies) -> bool:
+    """Whether a quantizer runs its native kernel: `qat.kernels` allows it, it is not traced
+    by `torch.compile`, the kernel takes the tensor (`applies()`), and it is built."""
     return (
         kernels != "torch"
-        and applies
-        and not torch.compiler.is_compiling()
+        and not torch.compiler.is_compiling()  # first: the checks below do not trace
+        and applies()
         and (kernels == "native" or native.library() is not None)
     )
 
@@ -184,7 +186,7 @@ def _quantize_activations(x2: torch.Tensor, bits: int, kernel: str):
     The native kernel (`kernel` "auto" where it is built, or "native") computes the same codes
     and scales in one fused pass; "torch" (and under `torch.compile`) the PyTorch ops below.
     """
-    if _native(kernel, x2.numel() > 0 and native.supports(x2)):
+    if _native(kernel, lambda: x2.numel() > 0 and native.supports(x2)):
         return native.quantize_activations(x2, bits)
     xf = wide(x2)
     qp = 2 ** (bits - 1) - 1
@@ -429,9 +431,9 @@ class BitLinear(nn.Linear):
             dq, last = None, self._cache[1] if self._cache is not None else {}
             if gathered is not None:
                 q = gathered()
-            elif spec.bits == 1.58 and _native(self.config.kernels, native.takes_weight(
-                w, spec.granularity, dt
-            )):  # fmt: skip
+            elif spec.bits == 1.58 and _native(
+                self.config.kernels, lambda: native.takes_weight(w, spec.granularity, dt)
+            ):
                 # Last step's buffers are overwritten where nothing holds them any more.
                 codes = last.get("q").codes if last.get("q") is not None else None
                 old = (codes, last.get("dq", {}).get(dt))
@@ -443,8 +445,10 @@ class BitLinear(nn.Linear):
             else:
                 q = quantize(w.detach(), spec)
             entry = {"q": q, "dq": {dt: dq} if dq is not None else {}}
-            # The last step's laid-out weights, whose buffers `integer_gemm` may reuse.
-            spare = {k: v for k, v in last.get("prepared", {}).items() if k != "spare"}
+            # The last step's laid-out weights, whose buffers `integer_gemm` may reuse
+            # (oneDNN's prepacked weights cannot be written into: not kept).
+            last_prepared = last.get("prepared") or {}
+            spare = {k: v for k, v in last_prepared.items() if k[0] in ("int_mm", "float")}
             entry["prepared"] = {"spare": spare} if cacheable else None
             entry["mask"] = clip_mask(w.detach(), q, spec) if spec.ste == "clipped" else None
             if q.zero_point is None and spec.granularity in ("tensor", "channel"):
