@@ -338,3 +338,19 @@ def test_a_graph_still_alive_keeps_its_quantized_weight_when_the_weight_changes(
     with torch.no_grad():
         ref.weight.mul_(-1.7)
     assert torch.equal(y2, ref(x))
+
+
+def test_inference_mode_forwards_then_training_steps():
+    """Generation under torch.inference_mode between training steps: its cached weight and
+    shared activation codes are inference tensors, which a training forward must not use."""
+    torch.manual_seed(0)
+    layer = BitLinear(64, 32)
+    x = torch.randn(4, 64)
+    for _ in range(2):
+        with torch.inference_mode():
+            y_inf = layer(x)
+        y = layer(x)  # the same tensor object: the shared-codes lookup sees it again
+        y.square().sum().backward()
+        assert torch.equal(y_inf, y.detach())
+        with torch.no_grad():
+            layer.weight.add_(0.01)  # the next step's weight

@@ -108,20 +108,25 @@ class _ActivationCodes(threading.local):
     q_proj, k_proj and v_proj (and gate_proj, up_proj) read the same tensor: quantizing it
     once and saving one set of codes for all of them saves time and activation memory. An
     entry is reused only for the very same tensor object at the same version (an in-place
-    change bumps it) and bit width.
+    change bumps it), bit width and inference mode (codes made under inference mode cannot
+    be saved for a backward).
     """
 
     ref = None  # weakref to the input tensor
-    key = None  # (version, bits)
-    value = None  # (codes_i8, inv)
+    key = None  # (version, bits, inference mode)
+    value = None  # (codes_i8, inv, the codes converted to float dtypes)
+
+    @staticmethod
+    def _key(x: torch.Tensor, bits: int) -> tuple:
+        return x._version, bits, torch.is_inference_mode_enabled()
 
     def lookup(self, x: torch.Tensor, bits: int):
-        if self.ref is not None and self.ref() is x and self.key == (x._version, bits):
+        if self.ref is not None and self.ref() is x and self.key == self._key(x, bits):
             return self.value
         return None
 
     def store(self, x: torch.Tensor, bits: int, value) -> None:
-        self.ref, self.key, self.value = weakref.ref(x), (x._version, bits), value
+        self.ref, self.key, self.value = weakref.ref(x), self._key(x, bits), value
 
 
 _ACT_CODES = _ActivationCodes()
@@ -213,15 +218,21 @@ class _FusedBitLinear(torch.autograd.Function):
             share = not torch.compiler.is_compiling() and not x.is_inference()
             shared = _ACT_CODES.lookup(x, bits) if share else None
             if shared is not None:
-                codes_i8, inv = shared
+                codes_i8, inv, converted = shared
             else:
                 codes_i8, inv = _quantize_activations(x.reshape(-1, in_f), bits, act_kernel)
+                converted = {}  # the codes in a float dtype, for the `float` GEMM kernel
                 if share:
-                    _ACT_CODES.store(x, bits, (codes_i8, inv))
+                    _ACT_CODES.store(x, bits, (codes_i8, inv, converted))
             if gemm_fn is not None:
                 # Exact integer GEMM (rounded once to dt), then both scales:
                 # y = (x_q W_q^T) * gamma / s.
-                y = gemm_fn(codes_i8)
+                a = codes_i8
+                if gemm_fn.kernel == "float":  # converted once for the layers sharing codes
+                    if dt not in converted:
+                        converted[dt] = codes_i8.to(dt)
+                    a = converted[dt]
+                y = gemm_fn(a)
                 if w_scale_row.dim() == 0:  # per-tensor gamma folds into the per-token scale
                     y = y.mul_((w_scale_row / inv).to(dt))
                 else:
@@ -422,7 +433,10 @@ class BitLinear(nn.Linear):
             and not torch.compiler.is_compiling()
             and not w.is_inference()  # no version counter to key the cache on
         )
-        key = (w._version, w.data_ptr(), w.dtype, w.device, spec) if cacheable else None
+        # Tensors made under inference mode cannot be saved for a backward: an entry made
+        # there serves only inference-mode forwards.
+        inference = torch.is_inference_mode_enabled()
+        key = (w._version, w.data_ptr(), w.dtype, w.device, spec, inference) if cacheable else None
         if cacheable and self._cache is not None and self._cache[0] == key:
             entry = self._cache[1]
         else:

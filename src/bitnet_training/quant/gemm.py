@@ -98,7 +98,8 @@ class Prepared:
             self.operand = old.copy_(codes) if fits else codes.to(dt)
 
     def __call__(self, a: torch.Tensor) -> torch.Tensor:
-        """int8 codes (n, in) -> the exact product (n, out), rounded once to `dt`."""
+        """int8 codes (n, in) -> the exact product (n, out), rounded once to `dt`. The
+        `float` kernel also takes the codes already in `dt`."""
         if self.kernel == "onednn":
             packed, ones, zeros = self.operand
             return torch.ops.onednn.qlinear_pointwise(
@@ -106,7 +107,7 @@ class Prepared:
             )
         if self.kernel == "int_mm":
             return torch._int_mm(a, self.operand).to(self.dt)
-        return F.linear(a.to(self.dt), self.operand)
+        return F.linear(a if a.dtype == self.dt else a.to(self.dt), self.operand)
 
 
 def _bucket(n: int) -> int:

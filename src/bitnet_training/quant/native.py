@@ -176,6 +176,8 @@ def reusable(t: torch.Tensor | None, shape, dtype) -> bool:
     step, about 25 ms)."""
     if t is None or t.shape != shape or t.dtype != dtype or not t.is_contiguous():
         return False
+    if t.is_inference() != torch.is_inference_mode_enabled():
+        return False  # an inference tensor serves inference mode only, and the reverse
     use_count = getattr(torch._C, "_storage_Use_Count", None)
     if use_count is None or not hasattr(t, "_use_count"):
         return False
