@@ -434,9 +434,11 @@ class BitLinear(nn.Linear):
             and not w.is_inference()  # no version counter to key the cache on
         )
         # Tensors made under inference mode cannot be saved for a backward: an entry made
-        # there serves only inference-mode forwards.
-        inference = torch.is_inference_mode_enabled()
-        key = (w._version, w.data_ptr(), w.dtype, w.device, spec, inference) if cacheable else None
+        # there serves only inference-mode forwards. (Never traced: not cacheable then.)
+        key = None
+        if cacheable:
+            inference = torch.is_inference_mode_enabled()
+            key = (w._version, w.data_ptr(), w.dtype, w.device, spec, inference)
         if cacheable and self._cache is not None and self._cache[0] == key:
             entry = self._cache[1]
         else:

@@ -134,7 +134,8 @@ def _measure(usable, n, k, m, dt, device) -> str:
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randint(-128, 128, (n, k), generator=g, device=device, dtype=torch.int8)
     w = torch.randint(-1, 2, (m, k), generator=g, device=device, dtype=torch.int8)
-    with torch.no_grad():
+    # Outside any autocast region the caller is in: the reference product is float64.
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
         want = (a.double() @ w.double().t()).to(dt)
         best, best_t = None, float("inf")
         for kernel in usable:
