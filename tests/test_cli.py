@@ -74,6 +74,7 @@ def test_train_eval_generate_resume(tmp_path, capsys, corpus):
     )
     assert code == 0, err
     assert "val loss" in out and "bits/byte" in out and "sample" in out
+    assert "kernels      quantizers " in out and "integer GEMM " in out
     assert (out_dir / "checkpoint-00000020").is_dir()
     assert (out_dir / "latest").read_text().strip() == "checkpoint-00000020"
     records = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]

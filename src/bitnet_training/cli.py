@@ -241,6 +241,21 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _kernels_line() -> str | None:
+    """What ran the quantized layers: the quantizer kernels and the integer GEMMs chosen
+    (None when no layer took the integer path)."""
+    from collections import Counter
+
+    from .quant import gemm, native
+
+    chosen = Counter(gemm.decisions().values())
+    if not chosen:
+        return None
+    gemms = ", ".join(f"{k} ({n} shape{'s' if n > 1 else ''})" for k, n in chosen.most_common())
+    quantizers = "native" if native.built() else "PyTorch ops"
+    return f"kernels      quantizers {quantizers}; integer GEMM {gemms}"
+
+
 def _print_summary(run: recipe.Run, result, sample: str | None = None) -> None:
     cfg, data, model = run.config, run.data, unwrap(run.model)
     m = result.metrics
@@ -272,6 +287,9 @@ def _print_summary(run: recipe.Run, result, sample: str | None = None) -> None:
             else "set data.val_files"
         )
         lines.append(f"validation   none (no validation text: {hint})")
+    kernels = _kernels_line()
+    if kernels:
+        lines.append(kernels)
     lines.append(f"wall time    {result.wall_time_s:.1f} s")
     lines.append(f"checkpoint   {result.last_checkpoint}")
     if result.best_checkpoint and result.best_checkpoint != result.last_checkpoint:

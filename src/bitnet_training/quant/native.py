@@ -122,6 +122,11 @@ def library() -> ctypes.CDLL | None:
     return _state["lib"]
 
 
+def built() -> bool:
+    """Whether the library has been built and loaded in this process (builds nothing)."""
+    return _state.get("lib") is not None
+
+
 def build_error() -> str | None:
     """Why the native kernel is unavailable (None: it is available, or not yet tried)."""
     library()
