@@ -2,7 +2,8 @@
 
 Variants, all the same model, weights and batch:
   off        quantization off (plain nn.Linear): the baseline
-  ours       BitLinear (fused int8-saving autograd function, integer GEMM, cached weight)
+  ours       BitLinear (fused int8-saving autograd function, native quantizer kernels, the
+             exact integer GEMM chosen per shape by measurement, cached weight)
   reference  the BitNet team's published training form, written here:
              y = linear(x + sg(q_a(x) - x), W + sg(q_w(W) - W)), per-token int8, absmean W
   hf         transformers' AutoBitLinear in online-quantization mode
@@ -14,7 +15,7 @@ is measured for each variant in a fresh subprocess: the peak growth of the heap 
 bytes in use, sampled after every ATen op) during one training step, and the bytes autograd
 saves for the backward. Never asserts a time: it prints a table.
 
-    python benchmarks/qat_overhead.py                # everything (~10 min on 2 cores)
+    python benchmarks/qat_overhead.py                # everything (~4-10 min on 2 cores)
     python benchmarks/qat_overhead.py --no-compile --steps 5
 """
 
