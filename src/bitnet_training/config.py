@@ -371,7 +371,11 @@ CONDITIONAL_KEYS: list[tuple[str, Any, str]] = [
         for k, methods in METHOD_KEYS.items()
     ),
     ("qat.integer_matmul", lambda c: c.qat.fused, "qat.fused=true"),
-    ("qat.gemm", lambda c: c.qat.fused and c.qat.integer_matmul, "qat.integer_matmul=true"),
+    (
+        "qat.gemm",
+        lambda c: c.qat.fused and c.qat.integer_matmul,
+        "qat.fused=true and qat.integer_matmul=true",
+    ),
     (
         "qat.weight_bits",
         lambda c: c.qat.enable_weight_quantization,

@@ -354,3 +354,28 @@ def test_inference_mode_forwards_then_training_steps():
         assert torch.equal(y_inf, y.detach())
         with torch.no_grad():
             layer.weight.add_(0.01)  # the next step's weight
+
+
+def test_weights_saved_under_saved_tensor_hooks_are_never_overwritten():
+    """A hook (save_on_cpu, offloading) may keep the very w_q object, which reference counts
+    cannot see: a graph built under one keeps its quantized weight across new steps."""
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16)
+    ours = BitLinear.from_linear(copy.deepcopy(lin), QATConfig())
+    ref = BitLinear.from_linear(
+        copy.deepcopy(lin), QATConfig(kernels="torch", gemm="int_mm", cache_quantized_weight=False)
+    )
+    x2 = torch.randn(8, 32)
+    results = []
+    for layer in (ours, ref):
+        x = torch.ones(8, 32).requires_grad_()  # its gradient reads the saved w_q
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            loss = layer(x).square().mean()
+        for _ in range(2):  # two new steps' weights, each quantized and used
+            with torch.no_grad():
+                layer.weight.mul_(1.3)
+            layer(x2)
+        loss.backward()
+        results.append((loss, x.grad, layer.weight.grad))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

@@ -84,13 +84,14 @@ def test_rebuilt_activations_equal_torch_div(dtype):
 
 def test_reusable_only_when_nothing_else_holds_the_buffer():
     t = torch.empty(4, 3)
-    assert native.reusable(t, (4, 3), torch.float32)
-    assert not native.reusable(t, (3, 4), torch.float32)
-    assert not native.reusable(t, (4, 3), torch.bfloat16)
+    assert native.reusable(t, (4, 3), torch.float32, "cpu")
+    assert not native.reusable(t, (3, 4), torch.float32, "cpu")
+    assert not native.reusable(t, (4, 3), torch.bfloat16, "cpu")
+    assert not native.reusable(t, (4, 3), torch.float32, "meta")  # another device
     view = t[:2]
-    assert not native.reusable(t, (4, 3), torch.float32)
+    assert not native.reusable(t, (4, 3), torch.float32, "cpu")
     del view
-    assert native.reusable(t, (4, 3), torch.float32)
+    assert native.reusable(t, (4, 3), torch.float32, "cpu")
 
     class Save(torch.autograd.Function):
         @staticmethod
@@ -103,9 +104,9 @@ def test_reusable_only_when_nothing_else_holds_the_buffer():
             return g, None
 
     y = Save.apply(torch.ones(2, requires_grad=True), t)
-    assert not native.reusable(t, (4, 3), torch.float32)  # autograd holds it
+    assert not native.reusable(t, (4, 3), torch.float32, "cpu")  # autograd holds it
     del y
-    assert native.reusable(t, (4, 3), torch.float32)
+    assert native.reusable(t, (4, 3), torch.float32, "cpu")
 
 
 @needs_native
@@ -139,3 +140,53 @@ def test_without_a_compiler_torch_runs_and_native_is_refused(tmp_path, monkeypat
     ref.load_state_dict(layer.state_dict())
     x = torch.randn(5, 16)
     assert torch.equal(layer(x), ref(x))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_and_inf_propagate_as_in_the_torch_form(dtype):
+    """A NaN in a token keeps that token's scale NaN (the loss must not hide divergence);
+    an infinite one gives scale 0. Codes, scales and dequantized weights match PyTorch's."""
+    x = hard_inputs(torch.float32, rows=6, cols=40)
+    x[0, 3] = float("nan")
+    x[1, 7] = float("inf")
+    x[2, 0] = -float("inf")
+    x = x.to(dtype)
+    codes, inv = native.quantize_activations(x, 8)
+    want_codes, want_inv = torch_activation_quant(x, 8)
+    assert torch.equal(codes, want_codes)
+    torch.testing.assert_close(inv, want_inv, rtol=0, atol=0, equal_nan=True)
+    assert inv[0].isnan().all() and inv[3:].isfinite().all()
+    for bad in (float("nan"), float("inf"), 3e38):
+        w = hard_inputs(torch.float32, rows=8, cols=16) * 0.02
+        w[2, 2] = bad
+        q, dq = native.ternary_quantize(w, "tensor", dtype)
+        want = ternary_quantize(w, "tensor")
+        assert torch.equal(q.codes, want.codes)
+        want_dq = dequantize(want, torch.float32).to(dtype)
+        torch.testing.assert_close(dq, want_dq, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_native
+def test_output_buffers_of_the_wrong_kind_are_refused():
+    codes = torch.zeros(4, 8, dtype=torch.int8)
+    s = torch.ones(4, 1)
+    for out in (
+        torch.empty(4, 8, dtype=torch.bfloat16),
+        torch.empty(8, 4),
+        torch.empty(4, 16)[:, :8],
+    ):
+        with pytest.raises(ValueError, match="output buffer"):
+            native.rebuild_activations(codes, s, out)
+    with pytest.raises(ValueError, match="output buffer"):
+        native.ternary_quantize(
+            torch.randn(4, 8), "tensor", torch.float32, (None, torch.empty(4, 8, device="meta"))
+        )
+
+
+def test_a_named_compiler_that_does_not_exist_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITNET_TRAINING_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(native, "_state", {})
+    assert native.library() is None
+    assert "no-such-cc is not an executable compiler" in native.build_error()

@@ -156,7 +156,7 @@ class _RebuiltActivations(threading.local):
         # thread, kept between steps: no fresh memory to fault in).
         spare = self.value if self.value is not None else self.spare
         self.value = self.key = self.spare = None
-        out = spare if native.reusable(spare, codes.shape, dt) else None
+        out = spare if native.reusable(spare, codes.shape, dt, codes.device) else None
         del spare
         if _native(kernels, lambda: codes.numel() > 0 and native.supports(s)):
             x_q = native.rebuild_activations(codes, s, out)
@@ -170,6 +170,15 @@ class _RebuiltActivations(threading.local):
 
 
 _REBUILT = _RebuiltActivations()
+
+
+def _saved_tensor_hooks_on() -> bool:
+    """Whether saved-tensor hooks (`save_on_cpu`, offloading, ...) are on: they may keep the
+    very tensor object autograd saves, which reference counts cannot see."""
+    if torch.compiler.is_compiling():
+        return False  # nothing is cached while tracing
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(True) is not None
 
 
 def _native(kernels: str, applies) -> bool:
@@ -453,8 +462,9 @@ class BitLinear(nn.Linear):
                 # Last step's buffers are overwritten where nothing holds them any more.
                 codes = last.get("q").codes if last.get("q") is not None else None
                 old = (codes, last.get("dq", {}).get(dt))
-                fits = native.reusable(old[0], w.shape, torch.int8)
-                fits = fits and native.reusable(old[1], w.shape, dt)
+                fits = not last.get("pinned")
+                fits = fits and native.reusable(old[0], w.shape, torch.int8, w.device)
+                fits = fits and native.reusable(old[1], w.shape, dt, w.device)
                 q, dq = native.ternary_quantize(
                     w.detach(), spec.granularity, dt, old if fits else (None, None)
                 )
@@ -519,6 +529,8 @@ class BitLinear(nn.Linear):
         cfg = self.config
         dt = _compute_dtype(x)
         w_q, mask, q, entry = self._quantize_weight(dt)
+        if entry is not None and _saved_tensor_hooks_on():
+            entry["pinned"] = True  # a hook may keep w_q itself: never overwrite it
         integer = q is not None and "codes" in entry
         if q is not None and self._weight_is_perturbed():
             w_q, integer = self._perturb_weight(w_q, q, dt), False  # no longer integer

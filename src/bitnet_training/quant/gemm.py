@@ -92,10 +92,10 @@ class Prepared:
             self.operand = (packed, ones, torch.zeros(m, dtype=torch.int64))
         elif kernel == "int_mm":
             shape = codes.shape[::-1]
-            fits = reusable(old, shape, torch.int8)
+            fits = reusable(old, shape, torch.int8, codes.device)
             self.operand = old.copy_(codes.t()) if fits else codes.t().contiguous()
         else:
-            fits = reusable(old, codes.shape, dt)
+            fits = reusable(old, codes.shape, dt, codes.device)
             self.operand = old.copy_(codes) if fits else codes.to(dt)
 
     def __call__(self, a: torch.Tensor) -> torch.Tensor:
@@ -122,11 +122,15 @@ def choose(
     none of them can run it. Under `torch.compile` nothing is measured: `int_mm` if it can."""
     device = torch.device(device)
     usable = [kn for kn in allowed if unavailable(kn, n, k, m, dt, device, code_max) is None]
-    if len(usable) <= 1 or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return "int_mm" if "int_mm" in usable else (usable[0] if usable else None)
+    if not usable:
+        return None
     key = (device.type, dt, _bucket(n), k, m, tuple(usable))
-    if key not in _DECISIONS:
-        _DECISIONS[key] = _measure(usable, _bucket(n), k, m, dt, device)
+    if key not in _DECISIONS:  # one usable kernel: recorded as chosen, nothing measured
+        _DECISIONS[key] = (
+            usable[0] if len(usable) == 1 else _measure(usable, _bucket(n), k, m, dt, device)
+        )
     return _DECISIONS[key]
 
 

@@ -50,10 +50,13 @@ def cache_dir() -> Path:
 
 
 def _compiler() -> str | None:
-    for cc in (os.environ.get("CC"), "cc", "gcc"):
-        if cc and shutil.which(cc):
-            return cc
-    return None
+    """$CC if set (it must exist), else `cc` or `gcc` on PATH."""
+    cc = os.environ.get("CC")
+    if cc:
+        if shutil.which(cc) is None:
+            raise RuntimeError(f"CC={cc} is not an executable compiler")
+        return cc
+    return next((c for c in ("cc", "gcc") if shutil.which(c)), None)
 
 
 def _cpu_id() -> str:
@@ -174,12 +177,15 @@ def quantize_activations(x2: torch.Tensor, bits: int) -> tuple[torch.Tensor, tor
     return codes, inv
 
 
-def reusable(t: torch.Tensor | None, shape, dtype) -> bool:
-    """Whether `t` can be overwritten as a fresh (shape, dtype) tensor: nothing else holds it
-    or a view of it (autograd's saved tensors included). Writing into such a buffer instead
-    of allocating spares the page faults of fresh memory (measured: 11k of them per `tiny`
-    step, about 25 ms)."""
+def reusable(t: torch.Tensor | None, shape, dtype, device) -> bool:
+    """Whether `t` can be overwritten as a fresh (shape, dtype) tensor on `device`: nothing
+    else holds it or a view of it (autograd's saved tensors included; a saved-tensor hook
+    that keeps the very Python object is invisible here, so callers pin what they saved
+    under one). Writing into such a buffer instead of allocating spares the page faults of
+    fresh memory (measured: 11k of them per `tiny` step, about 25 ms)."""
     if t is None or t.shape != shape or t.dtype != dtype or not t.is_contiguous():
+        return False
+    if t.device != torch.device(device):
         return False
     if t.is_inference() != torch.is_inference_mode_enabled():
         return False  # an inference tensor serves inference mode only, and the reverse
@@ -188,6 +194,16 @@ def reusable(t: torch.Tensor | None, shape, dtype) -> bool:
         return False
     # One reference from `t` itself and one from the storage object asked about.
     return t._use_count() == 1 and use_count(t.untyped_storage()._cdata) == 2
+
+
+def _check_out(t: torch.Tensor, shape, dtype) -> None:
+    # The kernels write through raw pointers: anything but a plain contiguous CPU buffer of
+    # the right shape and dtype would be written out of bounds.
+    if not (real(t) and t.shape == shape and t.dtype == dtype and t.is_contiguous()):
+        raise ValueError(
+            f"output buffer: expected a contiguous CPU {dtype} tensor of shape {tuple(shape)}, "
+            f"got {type(t).__name__} {t.dtype} {tuple(t.shape)} on {t.device}"
+        )
 
 
 def rebuild_activations(
@@ -201,6 +217,7 @@ def rebuild_activations(
     codes, s = codes.contiguous(), s.contiguous()
     if out is None:
         out = torch.empty(codes.shape, dtype=s.dtype)
+    _check_out(out, codes.shape, s.dtype)
     fn = getattr(lib, f"rebuild_{_SUFFIX[s.dtype]}")
     fn(codes.data_ptr(), codes.shape[0], codes.shape[1], s.data_ptr(), out.data_ptr(),
        torch.get_num_threads())  # fmt: skip
@@ -218,11 +235,13 @@ def ternary_quantize(
     lib = library()
     if lib is None:
         raise RuntimeError(f"the native ternary quantizer is unavailable: {build_error()}")
+    gamma = absmean_scale(w, granularity)  # on w as given: the reference's summation order
     w = w.contiguous()
-    gamma = absmean_scale(w, granularity)
     rows, k = w.shape[0], w[0].numel() if w.shape[0] else 0
     codes = out[0] if out[0] is not None else torch.empty(w.shape, dtype=torch.int8)
     dq = out[1] if out[1] is not None else torch.empty(w.shape, dtype=dt)
+    _check_out(codes, w.shape, torch.int8)
+    _check_out(dq, w.shape, dt)
     fn = getattr(lib, f"ternary_{_SUFFIX[dt]}")
     fn(w.data_ptr(), rows, k, gamma.contiguous().data_ptr(), int(gamma.dim() > 0),
        codes.data_ptr(), dq.data_ptr(), torch.get_num_threads())  # fmt: skip

@@ -33,17 +33,22 @@ static inline float bf16_to_f32(uint16_t h) {
             const T *xr = x + r * k;                                                       \
             int8_t *cr = codes + r * k;                                                    \
             W m = 0;                                                                       \
-            _Pragma("omp simd reduction(max:m)")                                           \
+            int nan = 0;                                                                   \
+            _Pragma("omp simd reduction(max:m) reduction(|:nan)")                          \
             for (int64_t j = 0; j < k; j++) {                                              \
                 W a = LOAD(xr[j]);                                                         \
+                nan |= a != a;                                                             \
                 a = a < 0 ? -a : a;                                                        \
                 m = a > m ? a : m;                                                         \
             }                                                                              \
-            m = m < eps ? eps : m;                                                         \
+            m = nan ? (W)NAN : (m < eps ? eps : m); /* a NaN row keeps a NaN scale */      \
             W s = ((W)1 / m) * qp;                                                         \
             inv[r] = s;                                                                    \
             _Pragma("omp simd")                                                            \
-            for (int64_t j = 0; j < k; j++) cr[j] = (int8_t)(int32_t)nearbyint(LOAD(xr[j]) * s); \
+            for (int64_t j = 0; j < k; j++) {                                              \
+                W t = LOAD(xr[j]) * s; /* NaN -> code 0, as PyTorch casts it here */       \
+                cr[j] = t != t ? 0 : (int8_t)(int32_t)nearbyint(t);                        \
+            }                                                                              \
         }                                                                                  \
     }
 
@@ -75,8 +80,9 @@ static inline uint16_t f32_to_bf16(float f) { /* round half to even; NaN kept qu
 #define STORE_F64(v) ((double)(v))
 
 /* t = w * (1 / gamma); round half to even then clamp to [-1, 1] is: 1 above 0.5, -1 below
- * -0.5, else 0 (a tie at +-0.5 rounds to the even 0; one at +-1.5 is clamped to +-1). The
- * dequantized value is then dt(+-gamma) or 0, rounded once as dt(code * gamma) is. */
+ * -0.5, else 0 (a tie at +-0.5 rounds to the even 0; one at +-1.5 is clamped to +-1; NaN
+ * gives 0, as PyTorch's cast of NaN to int8 does here). The dequantized value is then
+ * dt(+-gamma) or dt(0 * gamma), rounded once as dt(code * gamma) is. */
 #define TERNARY(NAME, OUT_T, STORE)                                                        \
     void NAME(const float *w, int64_t rows, int64_t k, const float *gamma, int per_row,    \
               int8_t *codes, OUT_T *dq, int threads) {                                     \
@@ -84,7 +90,7 @@ static inline uint16_t f32_to_bf16(float f) { /* round half to even; NaN kept qu
         _Pragma("omp parallel for num_threads(nt) schedule(static)")                       \
         for (int64_t r = 0; r < rows; r++) {                                               \
             float g = gamma[per_row ? r : 0], ig = 1.0f / g;                               \
-            OUT_T pos = STORE(g), neg = STORE(-g), zero = STORE(0.0f);                     \
+            OUT_T pos = STORE(g), neg = STORE(-g), zero = STORE(0.0f * g); /* NaN if g is */ \
             const float *wr = w + r * k;                                                   \
             _Pragma("omp simd")                                                            \
             for (int64_t j = 0; j < k; j++) {                                              \
