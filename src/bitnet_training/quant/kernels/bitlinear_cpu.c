@@ -44,11 +44,15 @@ static inline float bf16_to_f32(uint16_t h) {
             m = nan ? (W)NAN : (m < eps ? eps : m); /* a NaN row keeps a NaN scale */      \
             W s = ((W)1 / m) * qp;                                                         \
             inv[r] = s;                                                                    \
-            _Pragma("omp simd")                                                            \
-            for (int64_t j = 0; j < k; j++) {                                              \
-                W t = LOAD(xr[j]) * s; /* NaN -> code 0, as PyTorch casts it here */       \
-                cr[j] = t != t ? 0 : (int8_t)(int32_t)nearbyint(t);                        \
+            if (nan || m == (W)INFINITY) { /* NaN products: code 0, as PyTorch casts them */ \
+                for (int64_t j = 0; j < k; j++) {                                          \
+                    W t = LOAD(xr[j]) * s;                                                 \
+                    cr[j] = t != t ? 0 : (int8_t)(int32_t)nearbyint(t);                    \
+                }                                                                          \
+                continue;                                                                  \
             }                                                                              \
+            _Pragma("omp simd")                                                            \
+            for (int64_t j = 0; j < k; j++) cr[j] = (int8_t)(int32_t)nearbyint(LOAD(xr[j]) * s); \
         }                                                                                  \
     }
 
