@@ -65,10 +65,17 @@ def integer_gemm(
     if not config.integer_matmul or codes is None:
         return None
     out_f, in_f = codes.shape
-    if config.gemm == "auto" and (
-        torch.compiler.is_compiling() or (codes.device.type == "cpu" and not native.real(codes))
-    ):
-        allowed = ("int_mm",)  # traced, or fake tensors (the planner's): nothing to measure
+    if config.gemm == "auto" and torch.compiler.is_compiling():
+        allowed = ("int_mm",)  # traced: nothing to measure
+    elif config.gemm == "auto" and codes.device.type == "cpu" and not native.real(codes):
+        # Fake tensors (the memory planner's trace): the kernel a real run here would
+        # choose, measured on real tensors, so the plan holds its weight layout. oneDNN's
+        # prepacked weight (one byte per weight, like _int_mm's) has no fake kernel.
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            kernel = gemm.choose(n, in_f, out_f, dt, device, gemm.KERNELS, code_max)
+        allowed = ("int_mm",) if kernel in (None, "onednn") else (kernel,)
     elif config.gemm == "auto":
         allowed = gemm.KERNELS if prepared is not None else ("int_mm", "float")
     else:
