@@ -2,8 +2,9 @@
 
 Variants, all the same model, weights and batch:
   off        quantization off (plain nn.Linear): the baseline
-  ours       BitLinear (fused int8-saving autograd function, native quantizer kernels, the
-             exact integer GEMM chosen per shape by measurement, cached weight)
+  ours       BitLinear (fused int8-saving autograd function, native quantizer kernels, in
+             fp32 the exact integer GEMM chosen per shape by measurement, in bf16 the float
+             GEMM of the quantized values, cached weight)
   reference  the BitNet team's published training form, written here:
              y = linear(x + sg(q_a(x) - x), W + sg(q_w(W) - W)), per-token int8, absmean W
   hf         transformers' AutoBitLinear in online-quantization mode
@@ -297,9 +298,11 @@ def main():
                   f"{t['ours'] / t['off']:9.3f} {t['reference'] / t['off']:8.3f} "
                   f"{t['hf'] / t['off']:7.3f} {t['ours'] / t['reference']:9.3f}",
                   flush=True)  # fmt: skip
-    print("\n## Integer GEMM kernels `ours` chose (measured on this machine, cached per shape)")
+    print("\n## Matmuls `ours` ran: integer GEMM kernels chosen (measured here, per shape)")
     for shape, kernel in gemm.decisions().items():
         print(f"{shape:40} {kernel}")
+    for where in gemm.dequantized():
+        print(f"{where + ' (all shapes)':40} float GEMM of x_q, w_q (integer_matmul=auto)")
     print(f"native quantizers: {native.build_error() or 'built'}")
     if args.no_memory:
         return

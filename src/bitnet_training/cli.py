@@ -242,18 +242,23 @@ def cmd_train(args) -> int:
 
 
 def _kernels_line() -> str | None:
-    """What ran the quantized layers: the quantizer kernels and the integer GEMMs chosen
-    (None when no layer took the integer path)."""
+    """What ran the quantized layers' matmuls and quantizers: the float GEMM of the
+    quantized values and / or the integer GEMMs chosen (None when no fused layer ran)."""
     from collections import Counter
 
     from .quant import gemm, native
 
+    parts = [f"float GEMM of x_q, w_q ({where})" for where in gemm.dequantized()]
     chosen = Counter(gemm.decisions().values())
-    if not chosen:
+    if chosen:
+        parts.append(
+            "integer GEMM "
+            + ", ".join(f"{k} ({n} shape{'s' if n > 1 else ''})" for k, n in chosen.most_common())
+        )
+    if not parts:
         return None
-    gemms = ", ".join(f"{k} ({n} shape{'s' if n > 1 else ''})" for k, n in chosen.most_common())
     quantizers = "native" if native.built() else "PyTorch ops"
-    return f"kernels      quantizers {quantizers}; integer GEMM {gemms}"
+    return f"kernels      quantizers {quantizers}; {'; '.join(parts)}"
 
 
 def _print_summary(run: recipe.Run, result, sample: str | None = None) -> None:

@@ -373,8 +373,8 @@ CONDITIONAL_KEYS: list[tuple[str, Any, str]] = [
     ("qat.integer_matmul", lambda c: c.qat.fused, "qat.fused=true"),
     (
         "qat.gemm",
-        lambda c: c.qat.fused and c.qat.integer_matmul,
-        "qat.fused=true and qat.integer_matmul=true",
+        lambda c: c.qat.fused and c.qat.integer_matmul is not False,
+        "qat.fused=true and qat.integer_matmul true or auto",
     ),
     (
         "qat.weight_bits",

@@ -163,6 +163,8 @@ def _is_number(x: Any) -> bool:
 
 
 def _num(x: Any) -> str:
+    if isinstance(x, bool):
+        return str(x).lower()  # as YAML and the command line spell it
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from bitnet_training import BitLinear, QATConfig
 from bitnet_training.errors import BitNetError, ConfigError
 from bitnet_training.nn.norm import RMSNorm
+from bitnet_training.quant.functional import dequantize, ternary_quantize
 
 
 def ref_weight_quant(w):
@@ -254,16 +255,18 @@ def test_layers_reading_the_same_input_share_its_codes():
     assert not torch.allclose(k(x2), y_before)
 
 
-def test_torch_compile_matches_eager():
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_torch_compile_matches_eager(precision):
     pytest.importorskip("torch._inductor")
     lin = nn.Linear(32, 16)
     layer = BitLinear.from_linear(lin)
     x = torch.randn(8, 32)
     compiled = torch.compile(layer, backend="aot_eager")  # traces the graph; no C++ build
     # Traced, the PyTorch quantizer ops and _int_mm run; eager, the native kernels and the
-    # measured GEMM: the same bits, forward and backward.
+    # measured GEMM (in bf16 both the float GEMM of x_q): the same bits, both directions.
     xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
-    yc, ye = compiled(xc), layer(xe)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        yc, ye = compiled(xc), layer(xe)
     assert torch.equal(yc, ye)
     yc.square().sum().backward()
     grads = (xc.grad, layer.weight.grad.clone(), layer.bias.grad.clone())
@@ -281,7 +284,7 @@ KERNEL_CHOICES = [
     dict(gemm="int_mm", kernels="native"),
     dict(gemm="float", kernels="native"),
     dict(gemm="onednn", kernels="native"),
-    dict(gemm="auto", kernels="auto"),
+    dict(gemm="auto", kernels="auto", integer_matmul=True),
 ]
 
 
@@ -379,3 +382,61 @@ def test_weights_saved_under_saved_tensor_hooks_are_never_overwritten():
         results.append((loss, x.grad, layer.weight.grad))
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_runs_the_float_gemm_of_the_quantized_values(dtype):
+    """integer_matmul=auto in bf16 / fp16: y = linear(x_q, w_q) in that dtype, x_q = codes / s
+    rounded once (the quantizer's own pass natively, PyTorch ops otherwise: same bits), the
+    same x_q in the backward; equal to integer_matmul=False, and to the reference's formula
+    up to the dtype's rounding."""
+    from bitnet_training.nn.bitlinear import uses_integer_gemm
+
+    assert not uses_integer_gemm(QATConfig(), dtype)
+    assert uses_integer_gemm(QATConfig(), torch.float32)
+    assert uses_integer_gemm(QATConfig(gemm="int_mm"), dtype)  # a named kernel: integer
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40)
+    x = torch.randn(3, 11, 96) * 2
+    results = []
+    for config in (
+        QATConfig(),
+        QATConfig(kernels="torch"),
+        QATConfig(integer_matmul=False),
+        QATConfig(integer_matmul=False, kernels="torch"),
+    ):
+        layer = BitLinear.from_linear(copy.deepcopy(lin), config)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype):
+            y = layer(xi)
+            if not results:  # what the layer computes, written out
+                xf = x.reshape(-1, 96)
+                inv = 127 / xf.abs().amax(-1, keepdim=True).clamp(min=1e-5)
+                x_q = (xf * inv).round().to(torch.int8).div(inv).to(dtype)
+                w_q = dequantize(ternary_quantize(lin.weight.detach()), torch.float32).to(dtype)
+                assert torch.equal(y.reshape(-1, 40), F.linear(x_q, w_q, lin.bias.to(dtype)))
+        y.float().square().sum().backward()
+        results.append((y, xi.grad, layer.weight.grad, layer.bias.grad))
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    with torch.autocast("cpu", dtype=dtype):
+        y_ref = ref_bitlinear(x, lin.weight, lin.bias)
+    torch.testing.assert_close(results[0][0].float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_fp16_small_activations_keep_their_values():
+    """The scale s = 127 / max|x| of a token with max |x| = 1e-4 is above fp16's range: x_q is
+    computed with s in float32 and rounded once, so it is neither 0 nor NaN, forward and
+    backward (a scale rounded to fp16 first would be inf)."""
+    torch.manual_seed(0)
+    layer = BitLinear(64, 16, bias=False)
+    x = (torch.randn(4, 64) * 1e-4).requires_grad_()
+    for config in (QATConfig(), QATConfig(integer_matmul=True), QATConfig(kernels="torch")):
+        layer.config = config
+        layer.weight.grad = None
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = layer(x)
+        y.float().sum().backward()
+        assert y.isfinite().all() and y.abs().max() > 0
+        assert layer.weight.grad.isfinite().all() and layer.weight.grad.abs().max() > 0

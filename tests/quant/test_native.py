@@ -74,12 +74,38 @@ def test_ternary_codes_and_dequantized_weight_equal_the_torch_form(granularity, 
 @needs_native
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rebuilt_activations_equal_torch_div(dtype):
-    codes, inv = torch_activation_quant(hard_inputs(torch.float32, seed=5), 8)
-    s = inv.to(dtype)
-    assert torch.equal(native.rebuild_activations(codes, s), torch.div(codes, s).to(dtype))
+    x = hard_inputs(torch.float64 if dtype == torch.float64 else torch.float32, seed=5)
+    codes, inv = torch_activation_quant(x, 8)
+    want = codes.div(inv).to(dtype)  # the quotient in the scale's precision, rounded once
+    assert torch.equal(native.rebuild_activations(codes, inv, dtype), want)
     out = torch.empty(codes.shape, dtype=dtype)
-    assert native.rebuild_activations(codes, s, out) is out
-    assert torch.equal(out, torch.div(codes, s).to(dtype))
+    assert native.rebuild_activations(codes, inv, dtype, out) is out
+    assert torch.equal(out, want)
+    with pytest.raises(ValueError, match="no kernel for torch.bfloat16 scales"):
+        native.rebuild_activations(codes, inv.bfloat16(), dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("to", DTYPES, ids=str)
+def test_the_quantizer_pass_also_writes_the_quantized_activations(dtype, to):
+    """x_q from the quantizer's own pass equals the rebuild (and `codes.div(s).to(dt)`),
+    NaN and infinite tokens included."""
+    x = hard_inputs(torch.float32, seed=6)
+    x[0, 3], x[1, 7] = float("nan"), float("inf")
+    x = x.to(dtype)
+    if not native.takes_activations(x, to):
+        assert (dtype == torch.float64) != (to == torch.float64)  # f64 pairs with f64 only
+        return
+    codes, inv, x_q = native.quantize_activations(x, 8, to)
+    want_codes, want_inv = torch_activation_quant(x, 8)
+    assert torch.equal(codes, want_codes) and x_q.dtype == to
+    torch.testing.assert_close(inv, want_inv, rtol=0, atol=0, equal_nan=True)
+    want = codes.div(inv).to(to)
+    torch.testing.assert_close(x_q, want, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(
+        native.rebuild_activations(codes, inv, to), want, rtol=0, atol=0, equal_nan=True
+    )
 
 
 def test_reusable_only_when_nothing_else_holds_the_buffer():
@@ -177,7 +203,7 @@ def test_output_buffers_of_the_wrong_kind_are_refused():
         torch.empty(4, 16)[:, :8],
     ):
         with pytest.raises(ValueError, match="output buffer"):
-            native.rebuild_activations(codes, s, out)
+            native.rebuild_activations(codes, s, torch.float32, out)
     with pytest.raises(ValueError, match="output buffer"):
         native.ternary_quantize(
             torch.randn(4, 8), "tensor", torch.float32, (None, torch.empty(4, 8, device="meta"))

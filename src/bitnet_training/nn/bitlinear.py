@@ -11,7 +11,8 @@ gradients (tests compare them):
 
 * the fused autograd function saves the int8 activation codes and one scale per token for
   the backward instead of the full-precision quantized activations (4x smaller in fp32, 2x
-  in bf16), and can run the forward matmul as an exact integer GEMM of the codes;
+  in bf16), and runs the forward matmul as an exact integer GEMM of the codes in float32
+  (in bf16 / fp16, where the float GEMM is as fast, that GEMM of the quantized values);
 * the weight is quantized once per optimizer step, not once per micro-batch: the quantized
   weight is cached and recomputed only when the latent weight changes (its version counter).
 """
@@ -45,6 +46,17 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def uses_integer_gemm(config: QATConfig, dt: torch.dtype) -> bool:
+    """Whether the fused forward in compute dtype `dt` runs the exact integer GEMM of the
+    codes (`QATConfig.integer_matmul`): `auto` does in float32 / float64, where it is both
+    exact and faster than their float GEMM, and where `gemm` names a kernel; in bf16 / fp16
+    it runs the float GEMM of the quantized values x_q W_q^T, the reference's own numbers,
+    with no per-token rescaling pass (AMX and tensor cores run that GEMM as fast as int8)."""
+    if config.integer_matmul == "auto":
+        return dt in (torch.float32, torch.float64) or config.gemm != "auto"
+    return config.integer_matmul
+
+
 def integer_gemm(
     config: QATConfig,
     codes: torch.Tensor | None,
@@ -62,7 +74,9 @@ def integer_gemm(
     without it the weight is laid out on every call, so oneDNN's prepacking is not chosen.
     `code_max` bounds the weight codes' magnitude (1 for ternary and binary weights).
     """
-    if not config.integer_matmul or codes is None:
+    if codes is None or not uses_integer_gemm(config, dt):
+        if codes is not None and not torch.compiler.is_compiling():
+            gemm.note_dequantized(device, dt)
         return None
     out_f, in_f = codes.shape
     if config.gemm == "auto" and torch.compiler.is_compiling():
@@ -139,6 +153,16 @@ class _ActivationCodes(threading.local):
 _ACT_CODES = _ActivationCodes()
 
 
+def _dequantized(codes, inv, dt, kernels: str, out=None) -> torch.Tensor:
+    """x_q = codes / s, rounded once to `dt` (`codes.div(inv).to(dt)`), into `out` if given
+    (a native kernel or a float32 division only)."""
+    if _native(kernels, lambda: codes.numel() > 0 and native.takes_scales(inv, dt)):
+        return native.rebuild_activations(codes, inv, dt, out)
+    if out is not None and dt == inv.dtype:
+        return torch.div(codes, inv, out=out)
+    return codes.div(inv).to(dt)
+
+
 class _RebuiltActivations(threading.local):
     """The quantized activations x_q = codes / s last rebuilt in a backward, per thread.
 
@@ -152,11 +176,9 @@ class _RebuiltActivations(threading.local):
     spare = None  # a freed x_q's buffer, for the next rebuild
 
     def get(self, codes: torch.Tensor, inv: torch.Tensor, dt: torch.dtype, kernels: str):
-        # Exactly the reference's x_q in float32; in a lower precision straight in that
-        # dtype (one pass instead of two).
-        s = inv if dt == torch.float32 else inv.to(dt)
+        # The forward's x_q (the reference's own in float32).
         if torch.compiler.is_compiling():  # first: ids do not trace
-            return torch.div(codes, s).to(dt)
+            return codes.div(inv).to(dt)
         if self.key == (id(codes), dt) and self.ref() is codes:
             return self.value
         # The last x_q's buffer is overwritten when nothing else holds it (one spare per
@@ -165,10 +187,7 @@ class _RebuiltActivations(threading.local):
         self.value = self.key = self.spare = None
         out = spare if native.reusable(spare, codes.shape, dt, codes.device) else None
         del spare
-        if _native(kernels, lambda: codes.numel() > 0 and native.supports(s)):
-            x_q = native.rebuild_activations(codes, s, out)
-        else:
-            x_q = torch.div(codes, s, out=out) if out is not None else torch.div(codes, s).to(dt)
+        x_q = _dequantized(codes, inv, dt, kernels, out)
         self.ref, self.key, self.value = weakref.ref(codes, self._drop), (id(codes), dt), x_q
         return x_q
 
@@ -199,27 +218,32 @@ def _native(kernels: str, applies) -> bool:
     )
 
 
-def _quantize_activations(x2: torch.Tensor, bits: int, kernel: str):
-    """BitNet reference activation quantizer on (N, in): int8 codes and s = Qp / max|x|.
+def _quantize_activations(x2: torch.Tensor, bits: int, kernel: str, dequantized=None):
+    """BitNet reference activation quantizer on (N, in): int8 codes, s = Qp / max|x| and,
+    with `dequantized` a dtype, x_q = codes / s in it (else None).
 
     codes = clamp(round(x * s), -Qp - 1, Qp), s per token with max|x| clamped at 1e-5. With
     s from the row's own absmax, |x * s| <= Qp, so the clamp can never act and is skipped.
-    The native kernel (`kernel` "auto" where it is built, or "native") computes the same codes
-    and scales in one fused pass; "torch" (and under `torch.compile`) the PyTorch ops below.
+    The native kernel (`kernel` "auto" where it is built, or "native") computes the same
+    values in one fused pass; "torch" (and under `torch.compile`) the PyTorch ops below.
     """
-    if _native(kernel, lambda: x2.numel() > 0 and native.supports(x2)):
-        return native.quantize_activations(x2, bits)
+    if _native(kernel, lambda: native.takes_activations(x2, dequantized)):
+        out = native.quantize_activations(x2, bits, dequantized)
+        return out if dequantized is not None else (*out, None)
     xf = wide(x2)
     qp = 2 ** (bits - 1) - 1
     inv = qp / xf.abs().amax(dim=-1, keepdim=True).clamp_(min=SCALE_EPS)
-    return (xf * inv).round_().to(torch.int8), inv
+    codes = (xf * inv).round_().to(torch.int8)
+    return codes, inv, None if dequantized is None else codes.div(inv).to(dequantized)
 
 
 class _FusedBitLinear(torch.autograd.Function):
     """linear(q_a(x), w_q) + b with per-token symmetric absmax activation quantization.
 
-    Saves int8 codes (N, in) and the per-token scales s (N, 1) for the backward, where the
-    quantized activations x_q = codes / s are rebuilt for the weight gradient. The activation
+    The matmul is the exact integer GEMM `gemm_fn` of the codes, rescaled per token and per
+    weight, or (None) the float GEMM of x_q = codes / s with w_q in `dt`. Saves int8 codes
+    (N, in) and the per-token scales s (N, 1) for the backward, where x_q is rebuilt for the
+    weight gradient. The activation
     gradient passes straight through (an absmax grid never clamps), the weight gradient goes
     to the latent weight (masked by `w_mask` for the clipped STE). In float32 the gradients
     equal the reference form's exactly; under bf16 autocast up to bf16 rounding.
@@ -236,8 +260,13 @@ class _FusedBitLinear(torch.autograd.Function):
             if shared is not None:
                 codes_i8, inv, converted = shared
             else:
-                codes_i8, inv = _quantize_activations(x.reshape(-1, in_f), bits, act_kernel)
-                converted = {}  # the codes in a float dtype, for the `float` GEMM kernel
+                # With no integer GEMM, x_q comes out of the quantizer's own pass.
+                codes_i8, inv, x_q = _quantize_activations(
+                    x.reshape(-1, in_f), bits, act_kernel, None if gemm_fn else dt
+                )
+                # What the layers sharing the codes also use: ("codes", dt), the codes in
+                # dt for the `float` GEMM kernel; ("x_q", dt), the quantized activations.
+                converted = {} if x_q is None else {("x_q", dt): x_q}
                 if share:
                     _ACT_CODES.store(x, bits, (codes_i8, inv, converted))
             if gemm_fn is not None:
@@ -245,9 +274,9 @@ class _FusedBitLinear(torch.autograd.Function):
                 # y = (x_q W_q^T) * gamma / s.
                 a = codes_i8
                 if gemm_fn.kernel == "float":  # converted once for the layers sharing codes
-                    if dt not in converted:
-                        converted[dt] = codes_i8.to(dt)
-                    a = converted[dt]
+                    if ("codes", dt) not in converted:
+                        converted["codes", dt] = codes_i8.to(dt)
+                    a = converted["codes", dt]
                 y = gemm_fn(a)
                 if w_scale_row.dim() == 0:  # per-tensor gamma folds into the per-token scale
                     y = y.mul_((w_scale_row / inv).to(dt))
@@ -256,8 +285,9 @@ class _FusedBitLinear(torch.autograd.Function):
                 if bias is not None:
                     y = y.add_(bias.to(dt))
             else:
-                x_q = codes_i8.div(inv).to(dt)
-                y = F.linear(x_q, w_q, None if bias is None else bias.to(dt))
+                if ("x_q", dt) not in converted:
+                    converted["x_q", dt] = _dequantized(codes_i8, inv, dt, act_kernel)
+                y = F.linear(converted["x_q", dt], w_q, None if bias is None else bias.to(dt))
         ctx.save_for_backward(codes_i8, inv, w_q, w_mask)
         ctx.meta = (x.dtype, weight.dtype, None if bias is None else bias.dtype, dt, lead)
         ctx.kernels = act_kernel

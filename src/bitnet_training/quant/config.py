@@ -68,8 +68,12 @@ class QATConfig(Section):
         description="one autograd function saving int8 activation codes for the backward "
         "(less memory, same gradients)",
     )
-    integer_matmul: bool = Field(
-        True, description="fused: an exact integer GEMM of the codes where the backend allows"
+    integer_matmul: Literal["auto", True, False] = Field(
+        "auto",
+        description="fused: the forward matmul as an exact integer GEMM of the codes (true) or "
+        "the float GEMM of the quantized values (false); auto: integer in float32 / float64, "
+        "float in bf16 / fp16 (the reference's numbers, as fast there) unless gemm names a "
+        "kernel",
     )
     gemm: Literal["auto", "onednn", "int_mm", "float"] = Field(
         "auto",

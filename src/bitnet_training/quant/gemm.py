@@ -33,6 +33,7 @@ KERNELS = ("onednn", "int_mm", "float")
 MAX_IN_FEATURES = 2**17
 
 _DECISIONS: dict[tuple, str] = {}
+_DEQUANTIZED: set[tuple[str, torch.dtype]] = set()  # where the float GEMM of x_q, w_q ran
 ROUNDS = 5  # timed rounds per kernel when choosing
 
 
@@ -175,3 +176,14 @@ def decisions() -> dict[str, str]:
     for (dev, dt, n, k, m, _), kernel in sorted(_DECISIONS.items(), key=str):
         out[f"{dev} {str(dt).removeprefix('torch.')} {n} x {k} -> {m}"] = kernel
     return out
+
+
+def note_dequantized(device, dt: torch.dtype) -> None:
+    """Record that a fused layer ran the float GEMM of the quantized values (no integer
+    GEMM) on `device` in `dt`, for `dequantized()`."""
+    _DEQUANTIZED.add((torch.device(device).type, dt))
+
+
+def dequantized() -> list[str]:
+    """Where fused layers ran the float GEMM of the quantized values: 'device dtype'."""
+    return sorted(f"{dev} {str(dt).removeprefix('torch.')}" for dev, dt in _DEQUANTIZED)

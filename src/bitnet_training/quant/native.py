@@ -11,7 +11,7 @@ holds the source, the compiler and the CPU's model and flags. It goes under
 `$BITNET_TRAINING_CACHE` (default `$XDG_CACHE_HOME/bitnet-training`, else
 `~/.cache/bitnet-training`), written atomically, so concurrent processes (torchrun ranks)
 can build it at once. Without a C compiler (`$CC`, else `cc` / `gcc`) the PyTorch
-composition runs instead; `QATConfig(activation_kernel="native")` makes that an error.
+composition runs instead; `QATConfig(kernels="native")` makes that an error.
 """
 
 from __future__ import annotations
@@ -97,10 +97,10 @@ def _build() -> ctypes.CDLL:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    for name, real in (("f32", ctypes.c_float), ("bf16", ctypes.c_float), ("f16", ctypes.c_float),
-                       ("f64", ctypes.c_double)):  # fmt: skip
+    for name in _ACT_KERNELS:
+        real = ctypes.c_double if name.endswith("f64") else ctypes.c_float
         fn = getattr(lib, f"act_quant_{name}")
-        fn.argtypes = (ptr, i64, i64, real, real, ptr, ptr, i32)
+        fn.argtypes = (ptr, i64, i64, real, real, ptr, ptr, ptr, i32)
         fn.restype = None
     for name in _SUFFIX.values():
         fn = getattr(lib, f"ternary_{name}")
@@ -137,6 +137,9 @@ def build_error() -> str | None:
 
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
+# act_quant_<input>_<x_q dtype>: float inputs with float32 scales, or float64 throughout.
+_LOW = ("f32", "bf16", "f16")
+_ACT_KERNELS = (*(f"{a}_{b}" for a in _LOW for b in _LOW), "f64_f64")
 
 
 def real(t: torch.Tensor) -> bool:
@@ -154,27 +157,47 @@ def supports(x: torch.Tensor) -> bool:
     return x.dtype in _SUFFIX and real(x)
 
 
-def quantize_activations(x2: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activations(
+    x2: torch.Tensor, bits: int, dequantized: torch.dtype | None = None
+) -> tuple[torch.Tensor, ...]:
     """BitNet's per-token absmax quantizer of (N, K) `x2` in one fused pass.
 
     Returns int8 codes (N, K) and s = Qp / max|x| per row, (N, 1), in float32 (float64 for
     a float64 input): the same values as `bitnet_training.nn.bitlinear`'s PyTorch form.
+    With `dequantized` a dtype, also the quantized activations x_q = codes / s in it, from
+    the same pass (`rebuild_activations`' values): (codes, s, x_q).
     """
     lib = library()
     if lib is None:
         raise RuntimeError(f"the native activation quantizer is unavailable: {build_error()}")
     x2 = x2.contiguous()
     n, k = x2.shape
-    wide = torch.float64 if x2.dtype == torch.float64 else torch.float32
-    codes = torch.empty((n, k), dtype=torch.int8)
-    inv = torch.empty((n, 1), dtype=wide)
     if k == 0:
         raise ValueError("quantize_activations: rows of length 0 have no absmax")
-    fn = getattr(lib, f"act_quant_{_SUFFIX[x2.dtype]}")
+    wide = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    out = dequantized or (torch.float64 if wide == torch.float64 else torch.float32)
+    name = f"{_SUFFIX[x2.dtype]}_{_SUFFIX[out]}"
+    if name not in _ACT_KERNELS:
+        raise ValueError(f"quantize_activations: no kernel from {x2.dtype} to x_q in {out}")
+    codes = torch.empty((n, k), dtype=torch.int8)
+    inv = torch.empty((n, 1), dtype=wide)
+    x_q = torch.empty((n, k), dtype=out) if dequantized is not None else None
     qp = float(2 ** (bits - 1) - 1)
-    fn(x2.data_ptr(), n, k, qp, SCALE_EPS, codes.data_ptr(), inv.data_ptr(),
-       torch.get_num_threads())  # fmt: skip
-    return codes, inv
+    getattr(lib, f"act_quant_{name}")(
+        x2.data_ptr(), n, k, qp, SCALE_EPS, codes.data_ptr(), inv.data_ptr(),
+        None if x_q is None else x_q.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return (codes, inv) if x_q is None else (codes, inv, x_q)
+
+
+def takes_activations(x: torch.Tensor, dequantized: torch.dtype | None = None) -> bool:
+    """Whether `quantize_activations` takes `x` (a real, non-empty CPU float tensor), with
+    x_q in `dequantized` if given."""
+    if not (supports(x) and x.numel() > 0):
+        return False
+    if dequantized is None:
+        return True
+    return f"{_SUFFIX[x.dtype]}_{_SUFFIX.get(dequantized)}" in _ACT_KERNELS
 
 
 def reusable(t: torch.Tensor | None, shape, dtype, device) -> bool:
@@ -207,21 +230,30 @@ def _check_out(t: torch.Tensor, shape, dtype) -> None:
 
 
 def rebuild_activations(
-    codes: torch.Tensor, s: torch.Tensor, out: torch.Tensor | None = None
+    codes: torch.Tensor, s: torch.Tensor, dt: torch.dtype, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x_q = codes / s per row, in s's dtype: `torch.div(codes, s)` for int8 codes (N, K) and
-    s (N, 1) in float32 / bf16 / float16 / float64, in one pass (into `out` if given)."""
+    """x_q = codes / s per row, rounded once to `dt`: `codes.div(s).to(dt)` for int8 codes
+    (N, K) and float32 s (N, 1) (float64 s for a float64 `dt`), in one pass (into `out` if
+    given)."""
     lib = library()
     if lib is None:
         raise RuntimeError(f"the native kernels are unavailable: {build_error()}")
+    if not takes_scales(s, dt):
+        raise ValueError(f"rebuild_activations: no kernel for {s.dtype} scales to {dt}")
     codes, s = codes.contiguous(), s.contiguous()
     if out is None:
-        out = torch.empty(codes.shape, dtype=s.dtype)
-    _check_out(out, codes.shape, s.dtype)
-    fn = getattr(lib, f"rebuild_{_SUFFIX[s.dtype]}")
+        out = torch.empty(codes.shape, dtype=dt)
+    _check_out(out, codes.shape, dt)
+    fn = getattr(lib, f"rebuild_{_SUFFIX[dt]}")
     fn(codes.data_ptr(), codes.shape[0], codes.shape[1], s.data_ptr(), out.data_ptr(),
        torch.get_num_threads())  # fmt: skip
     return out
+
+
+def takes_scales(s: torch.Tensor, dt: torch.dtype) -> bool:
+    """Whether `rebuild_activations` takes scales `s` (real, CPU) to x_q in `dt`."""
+    want = torch.float64 if dt == torch.float64 else torch.float32
+    return dt in _SUFFIX and real(s) and s.dtype == want
 
 
 def ternary_quantize(

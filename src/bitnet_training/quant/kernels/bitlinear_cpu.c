@@ -4,10 +4,11 @@
  *   m = max(|x|) clamped below at eps;  s = (1 / m) * qp;  codes = round_half_even(x * s)
  * computed exactly as the eager PyTorch composition does it (x widened to float32, or kept
  * in float64; `qp / t` in PyTorch is `t.reciprocal() * qp`), so codes and scales are
- * bit-identical to it. |x * s| <= qp + rounding, so no clamp is needed.
+ * bit-identical to it. |x * s| <= qp + rounding, so no clamp is needed. Given an output,
+ * the same pass also writes the quantized activations x_q = dt(code / s) (as rebuild_*).
  *
  * ternary_*: the ternary weight codes and the dequantized weight in one pass (below).
- * rebuild_*: the quantized activations from their codes, for the backward (below).
+ * rebuild_*: the quantized activations from their codes (below).
  *
  * Rows are split over `threads` OpenMP threads (the libgomp torch itself loaded).
  */
@@ -24,9 +25,9 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-#define ACT_QUANT(NAME, T, W, LOAD)                                                        \
+#define ACT_QUANT(NAME, T, W, LOAD, OUT_T, STORE)                                          \
     void NAME(const T *x, int64_t rows, int64_t k, W qp, W eps, int8_t *codes, W *inv,     \
-              int threads) {                                                               \
+              OUT_T *xq, int threads) {                                                    \
         int nt = rows * k >= PARALLEL_MIN ? threads : 1;                                   \
         _Pragma("omp parallel for num_threads(nt) schedule(static)")                       \
         for (int64_t r = 0; r < rows; r++) {                                               \
@@ -49,21 +50,18 @@ static inline float bf16_to_f32(uint16_t h) {
                     W t = LOAD(xr[j]) * s;                                                 \
                     cr[j] = t != t ? 0 : (int8_t)(int32_t)nearbyint(t);                    \
                 }                                                                          \
-                continue;                                                                  \
+            } else {                                                                       \
+                _Pragma("omp simd")                                                        \
+                for (int64_t j = 0; j < k; j++)                                            \
+                    cr[j] = (int8_t)(int32_t)nearbyint(LOAD(xr[j]) * s);                   \
             }                                                                              \
-            _Pragma("omp simd")                                                            \
-            for (int64_t j = 0; j < k; j++) cr[j] = (int8_t)(int32_t)nearbyint(LOAD(xr[j]) * s); \
+            if (xq) { /* x_q = OUT_T(code / s) while the row is in cache (see rebuild_*) */ \
+                OUT_T *qr = xq + r * k;                                                    \
+                _Pragma("omp simd")                                                        \
+                for (int64_t j = 0; j < k; j++) qr[j] = STORE((W)cr[j] / s);               \
+            }                                                                              \
         }                                                                                  \
     }
-
-#define LOAD_F32(v) (v)
-#define LOAD_BF16(v) bf16_to_f32(v)
-#define LOAD_F16(v) ((float)(v))
-
-ACT_QUANT(act_quant_f32, float, float, LOAD_F32)
-ACT_QUANT(act_quant_bf16, uint16_t, float, LOAD_BF16)
-ACT_QUANT(act_quant_f16, _Float16, float, LOAD_F16)
-ACT_QUANT(act_quant_f64, double, double, LOAD_F32)
 
 /* ternary_*: BitNet b1.58's absmean weight quantizer given gamma (per tensor, or per row
  * when per_row is set), in one pass writing both outputs:
@@ -111,23 +109,37 @@ TERNARY(ternary_bf16, uint16_t, STORE_BF16)
 TERNARY(ternary_f16, _Float16, STORE_F16)
 TERNARY(ternary_f64, double, STORE_F64)
 
-/* rebuild_*: the quantized activations from their codes for the weight gradient,
- *   x_q = dt(code / s[row])      s already in dt, the quotient computed in float32
- * (float64 for float64), as PyTorch's `torch.div(codes_int8, s.to(dt))` rounds it. */
-#define LOAD_F16_S(v) ((float)(v))
-#define REBUILD(NAME, T, W, LOAD, STORE)                                                   \
-    void NAME(const int8_t *codes, int64_t rows, int64_t k, const T *s, T *out,           \
+/* rebuild_*: the quantized activations from their codes (the forward's matmul operand, and
+ * the backward's for the weight gradient),
+ *   x_q = dt(code / s[row])      s in float32 (float64 for float64), the quotient in it,
+ * as PyTorch's `codes_int8.div(s).to(dt)` rounds it: once, at the end (no scale rounded to
+ * a low precision first: a bf16 or float16 s would overflow for small activations). */
+#define REBUILD(NAME, W, OUT_T, STORE)                                                     \
+    void NAME(const int8_t *codes, int64_t rows, int64_t k, const W *s, OUT_T *out,       \
               int threads) {                                                               \
         int nt = rows * k >= PARALLEL_MIN ? threads : 1;                                   \
         _Pragma("omp parallel for num_threads(nt) schedule(static)")                       \
         for (int64_t r = 0; r < rows; r++) {                                               \
-            W sr = LOAD(s[r]);                                                             \
+            W sr = s[r];                                                                   \
             _Pragma("omp simd")                                                            \
             for (int64_t j = 0; j < k; j++) out[r * k + j] = STORE((W)codes[r * k + j] / sr); \
         }                                                                                  \
     }
 
-REBUILD(rebuild_f32, float, float, LOAD_F32, STORE_F32)
-REBUILD(rebuild_bf16, uint16_t, float, LOAD_BF16, STORE_BF16)
-REBUILD(rebuild_f16, _Float16, float, LOAD_F16_S, STORE_F16)
-REBUILD(rebuild_f64, double, double, LOAD_F32, STORE_F64)
+REBUILD(rebuild_f32, float, float, STORE_F32)
+REBUILD(rebuild_bf16, float, uint16_t, STORE_BF16)
+REBUILD(rebuild_f16, float, _Float16, STORE_F16)
+REBUILD(rebuild_f64, double, double, STORE_F64)
+
+/* act_quant_<input dtype>_<x_q dtype>: x_q is written only where a pointer is given. */
+#define LOAD_F32(v) (v)
+#define LOAD_BF16(v) bf16_to_f32(v)
+#define LOAD_F16(v) ((float)(v))
+#define ACT_QUANT_TO(IN, T, LOAD)                                                          \
+    ACT_QUANT(act_quant_##IN##_f32, T, float, LOAD, float, STORE_F32)                      \
+    ACT_QUANT(act_quant_##IN##_bf16, T, float, LOAD, uint16_t, STORE_BF16)                 \
+    ACT_QUANT(act_quant_##IN##_f16, T, float, LOAD, _Float16, STORE_F16)
+ACT_QUANT_TO(f32, float, LOAD_F32)
+ACT_QUANT_TO(bf16, uint16_t, LOAD_BF16)
+ACT_QUANT_TO(f16, _Float16, LOAD_F16)
+ACT_QUANT(act_quant_f64_f64, double, double, LOAD_F32, double, STORE_F64)
