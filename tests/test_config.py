@@ -47,6 +47,8 @@ def test_yaml_quirks(tmp_path):
         ("qat.weight_bits=3.5", "qat.weight_bits=3.5 is invalid"),
         ("training.mixed_precision=no", "training.mixed_precision='no' is invalid"),
         ("quantize=maybe", "quantize='maybe' is invalid: expected true or false"),
+        ("qat.integer_matmul=1", "qat.integer_matmul=1 is invalid: expected auto, true or false"),
+        ("qat.integer_matmul=yes!", "qat.integer_matmul='yes!' is invalid: expected auto, true"),
         ("model_preset=huge", "model_preset='huge' is invalid"),
         ("training.max_steps.x=1", "'training.max_steps' has no sub-keys"),
         ("training.seed", "is not of the form key=value"),
@@ -299,6 +301,19 @@ def test_pretrained_excludes_other_model_keys(tmp_path):
 def test_settings_without_effect_are_refused(overrides, message):
     with pytest.raises(BitNetError, match=message):
         load_config(None, overrides)
+
+
+def test_a_config_printed_before_integer_matmul_auto_loads(tmp_path):
+    """`qat.integer_matmul: true` was the default: an earlier version's printed config holds
+    it, with `qat.fused: false` too, and loads back."""
+    data = RunConfig().to_dict()
+    data["qat"].update(fused=False, integer_matmul=True)
+    f = tmp_path / "old.yaml"
+    f.write_text(yaml.safe_dump(data))
+    cfg = load_config(str(f))
+    assert cfg.qat.integer_matmul is True and not cfg.qat.fused
+    assert load_config(None, ["qat.integer_matmul=false"]).qat.integer_matmul is False
+    assert load_config(None, []).qat.integer_matmul == "auto"
 
 
 def test_settings_with_effect_and_defaults_load():

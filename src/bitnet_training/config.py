@@ -370,7 +370,8 @@ CONDITIONAL_KEYS: list[tuple[str, Any, str]] = [
         (f"peft.{k}", lambda c, m=methods: c.peft.method in m, f"peft.method {' / '.join(methods)}")
         for k, methods in METHOD_KEYS.items()
     ),
-    ("qat.integer_matmul", lambda c: c.qat.fused, "qat.fused=true"),
+    # `true` was the default before `auto`: the printed configs of earlier versions hold it.
+    ("qat.integer_matmul", lambda c: c.qat.fused or c.qat.integer_matmul is True, "qat.fused=true"),
     (
         "qat.gemm",
         lambda c: c.qat.fused and c.qat.integer_matmul is not False,

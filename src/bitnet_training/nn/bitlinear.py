@@ -51,7 +51,8 @@ def uses_integer_gemm(config: QATConfig, dt: torch.dtype) -> bool:
     codes (`QATConfig.integer_matmul`): `auto` does in float32 / float64, where it is both
     exact and faster than their float GEMM, and where `gemm` names a kernel; in bf16 / fp16
     it runs the float GEMM of the quantized values x_q W_q^T, the reference's own numbers,
-    with no per-token rescaling pass (AMX and tensor cores run that GEMM as fast as int8)."""
+    with no per-token rescaling pass (AMX and tensor cores run that GEMM as fast as int8).
+    `true` runs it wherever a kernel can (`quant.gemm.unavailable`: never in float16)."""
     if config.integer_matmul == "auto":
         return dt in (torch.float32, torch.float64) or config.gemm != "auto"
     return config.integer_matmul
@@ -75,8 +76,6 @@ def integer_gemm(
     `code_max` bounds the weight codes' magnitude (1 for ternary and binary weights).
     """
     if codes is None or not uses_integer_gemm(config, dt):
-        if codes is not None and not torch.compiler.is_compiling():
-            gemm.note_dequantized(device, dt)
         return None
     out_f, in_f = codes.shape
     if config.gemm == "auto" and torch.compiler.is_compiling():
@@ -148,6 +147,12 @@ class _ActivationCodes(threading.local):
 
     def store(self, x: torch.Tensor, bits: int, value) -> None:
         self.ref, self.key, self.value = weakref.ref(x), self._key(x, bits), value
+
+    def release(self) -> None:
+        """Drop the float copies (x_q, codes in a float dtype) of the entry; the codes stay.
+        A later lookup that needs them converts again."""
+        if self.value is not None:
+            self.value[2].clear()
 
 
 _ACT_CODES = _ActivationCodes()
@@ -285,6 +290,8 @@ class _FusedBitLinear(torch.autograd.Function):
                 if bias is not None:
                     y = y.add_(bias.to(dt))
             else:
+                if not torch.compiler.is_compiling():
+                    gemm.note_dequantized(x.device, dt)  # for the run's summary
                 if ("x_q", dt) not in converted:
                     converted["x_q", dt] = _dequantized(codes_i8, inv, dt, act_kernel)
                 y = F.linear(converted["x_q", dt], w_q, None if bias is None else bias.to(dt))
@@ -297,6 +304,9 @@ class _FusedBitLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if not torch.compiler.is_compiling():  # (nothing is shared while tracing)
+            # The forward is over: the shared x_q (or codes in dt) need not outlive it.
+            _ACT_CODES.release()
         codes_i8, inv, w_q, w_mask = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype, dt, lead = ctx.meta
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(dt)

@@ -142,6 +142,14 @@ class QATConfig(Section):
         "observer's first calibration",
     )
 
+    @field_validator("integer_matmul", mode="before")
+    @classmethod
+    def _not_a_number(cls, v):
+        # A Literal of True / False would also take 1 and 0.0 (they compare equal).
+        if not isinstance(v, bool) and v != "auto":
+            raise ValueError("expected auto, true or false")
+        return v
+
     @field_validator("weight_bit_stages")
     @classmethod
     def _in_order(cls, stages):

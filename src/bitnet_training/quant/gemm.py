@@ -45,6 +45,8 @@ def unavailable(
     dev = torch.device(device).type
     if k >= MAX_IN_FEATURES:
         return f"in_features {k} >= 2^17 (int32 sums could overflow)"
+    if dt == torch.float16:
+        return "float16 cannot hold the integer sums (above 65504) or small tokens' scales"
     if kernel == "onednn":
         if dev != "cpu":
             return "oneDNN's quantized linear runs on CPU only"
