@@ -183,7 +183,7 @@ class _RebuiltActivations(threading.local):
     def get(self, codes: torch.Tensor, inv: torch.Tensor, dt: torch.dtype, kernels: str):
         # The forward's x_q (the reference's own in float32).
         if torch.compiler.is_compiling():  # first: ids do not trace
-            return codes.div(inv).to(dt)
+            return _dequantized(codes, inv, dt, kernels)
         if self.key == (id(codes), dt) and self.ref() is codes:
             return self.value
         # The last x_q's buffer is overwritten when nothing else holds it (one spare per
@@ -225,7 +225,8 @@ def _native(kernels: str, applies) -> bool:
 
 def _quantize_activations(x2: torch.Tensor, bits: int, kernel: str, dequantized=None):
     """BitNet reference activation quantizer on (N, in): int8 codes, s = Qp / max|x| and,
-    with `dequantized` a dtype, x_q = codes / s in it (else None).
+    with `dequantized` a dtype, x_q = codes / s in it where the native pass writes it (else
+    None: `_dequantized` computes the same values).
 
     codes = clamp(round(x * s), -Qp - 1, Qp), s per token with max|x| clamped at 1e-5. With
     s from the row's own absmax, |x * s| <= Qp, so the clamp can never act and is skipped.
@@ -238,8 +239,7 @@ def _quantize_activations(x2: torch.Tensor, bits: int, kernel: str, dequantized=
     xf = wide(x2)
     qp = 2 ** (bits - 1) - 1
     inv = qp / xf.abs().amax(dim=-1, keepdim=True).clamp_(min=SCALE_EPS)
-    codes = (xf * inv).round_().to(torch.int8)
-    return codes, inv, None if dequantized is None else codes.div(inv).to(dequantized)
+    return (xf * inv).round_().to(torch.int8), inv, None
 
 
 class _FusedBitLinear(torch.autograd.Function):
@@ -248,10 +248,10 @@ class _FusedBitLinear(torch.autograd.Function):
     The matmul is the exact integer GEMM `gemm_fn` of the codes, rescaled per token and per
     weight, or (None) the float GEMM of x_q = codes / s with w_q in `dt`. Saves int8 codes
     (N, in) and the per-token scales s (N, 1) for the backward, where x_q is rebuilt for the
-    weight gradient. The activation
-    gradient passes straight through (an absmax grid never clamps), the weight gradient goes
-    to the latent weight (masked by `w_mask` for the clipped STE). In float32 the gradients
-    equal the reference form's exactly; under bf16 autocast up to bf16 rounding.
+    weight gradient. The activation gradient passes straight through (an absmax grid never
+    clamps), the weight gradient goes to the latent weight (masked by `w_mask` for the
+    clipped STE). In float32 the gradients equal the reference form's exactly; under bf16
+    autocast up to bf16 rounding.
     """
 
     @staticmethod
@@ -265,7 +265,7 @@ class _FusedBitLinear(torch.autograd.Function):
             if shared is not None:
                 codes_i8, inv, converted = shared
             else:
-                # With no integer GEMM, x_q comes out of the quantizer's own pass.
+                # With no integer GEMM, x_q comes out of the native quantizer's own pass.
                 codes_i8, inv, x_q = _quantize_activations(
                     x.reshape(-1, in_f), bits, act_kernel, None if gemm_fn else dt
                 )
