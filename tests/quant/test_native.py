@@ -7,7 +7,7 @@ import torch
 from bitnet_training import QATConfig
 from bitnet_training.errors import ConfigError
 from bitnet_training.quant import native
-from bitnet_training.quant.functional import dequantize, ternary_quantize, wide
+from bitnet_training.quant.functional import absmean_scale, dequantize, ternary_quantize, wide
 
 needs_native = pytest.mark.skipif(
     native.library() is None, reason=f"native kernels unavailable: {native.build_error()}"
@@ -69,6 +69,79 @@ def test_ternary_codes_and_dequantized_weight_equal_the_torch_form(granularity, 
         assert torch.equal(q.scale, want.scale)
         assert dq.dtype == dtype
         assert torch.equal(dq, dequantize(want, torch.float32).to(dtype))
+
+
+def wide_range_weight(shape, seed=0):
+    """Magnitudes over ~10 decades: float32 sums of these depend on the order of addition."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * torch.exp(torch.randn(shape, generator=g) * 3)
+
+
+# Sizes around the 8-lane vector, the 32-element cascade group and the 32768-element split.
+ABSMEAN_SHAPES = [(1, 16), (3, 7), (2, 8), (33, 1000), (128, 384), (1024, 384), (384, 1024)]
+ABSMEAN_SHAPES += [(1, 32768), (1, 40000), (5, 32768), (2, 16385), (3, 100003), (4096, 16)]
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3, 8, 16])
+def test_absmean_kernel_equals_torch_mean_bit_for_bit(threads):
+    """gamma in one pass equals `w.abs().mean()` (and its per-row form) bit for bit: the same
+    cascade summation, the same split of a whole-tensor sum between threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    order_mattered = False
+    try:
+        for i, shape in enumerate(ABSMEAN_SHAPES):
+            w = wide_range_weight(shape, seed=i)
+            for per_row in (False, True):
+                want = absmean_scale(w, "channel" if per_row else "tensor")
+                got = native.absmean_kernel(w, per_row, threads)
+                if got is None:  # rows of fewer than 8: left to PyTorch
+                    assert per_row and shape[1] < 8
+                    continue
+                assert got.shape == want.shape
+                assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (shape, per_row)
+                naive = (w.abs().double().sum() / w.numel()).float()
+                order_mattered |= not per_row and not torch.equal(naive, want)
+    finally:
+        torch.set_num_threads(before)
+    assert order_mattered  # the data can tell summation orders apart
+
+
+@needs_native
+def test_absmean_kernel_past_float32_exact_counts():
+    w = wide_range_weight((4097, 4097))  # 16785409 elements: the count rounds in float32
+    assert torch.equal(native.absmean_kernel(w, False, torch.get_num_threads()), w.abs().mean())
+
+
+@needs_native
+def test_absmean_checks_the_kernel_once_per_shape_and_keeps_torch_where_it_differs(monkeypatch):
+    monkeypatch.setattr(native, "_ABSMEAN_CHECKED", {})
+    calls = []
+    real_kernel = native.absmean_kernel
+
+    def spy(w, per_row, threads):
+        calls.append(tuple(w.shape))
+        return real_kernel(w, per_row, threads)
+
+    monkeypatch.setattr(native, "absmean_kernel", spy)
+    w = wide_range_weight((64, 96))
+    want = w.abs().mean()
+    for _ in range(3):
+        assert torch.equal(native.absmean(w, "tensor"), want)
+    assert calls == [(64, 96)] * 3
+    assert native._ABSMEAN_CHECKED[(64, 96), False, torch.get_num_threads()] is True
+    calls.clear()
+    assert torch.equal(native.absmean(w.t(), "tensor"), w.t().abs().mean())
+    assert calls == []  # not contiguous: PyTorch's own
+
+    # A kernel that disagrees with this PyTorch (one whose sum kernel changed): PyTorch's
+    # values on the first call, and from then on for that shape.
+    monkeypatch.setattr(native, "absmean_kernel", lambda w, per_row, threads: want + 1)
+    v = wide_range_weight((32, 40))
+    for _ in range(2):
+        assert torch.equal(native.absmean(v, "tensor"), v.abs().mean())
+    assert native._ABSMEAN_CHECKED[(32, 40), False, torch.get_num_threads()] is False
 
 
 @needs_native

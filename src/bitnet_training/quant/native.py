@@ -102,6 +102,8 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, f"act_quant_{name}")
         fn.argtypes = (ptr, i64, i64, real, real, ptr, ptr, ptr, i32)
         fn.restype = None
+    lib.absmean_f32.argtypes = (ptr, i64, i64, i32, ctypes.c_float, i32, ptr)
+    lib.absmean_f32.restype = i32
     for name in _SUFFIX.values():
         fn = getattr(lib, f"ternary_{name}")
         fn.argtypes = (ptr, i64, i64, ptr, i32, ptr, ptr, i32)
@@ -256,6 +258,41 @@ def takes_scales(s: torch.Tensor, dt: torch.dtype) -> bool:
     return dt in _SUFFIX and real(s) and s.dtype == want
 
 
+def absmean_kernel(w: torch.Tensor, per_row: bool, threads: int) -> torch.Tensor | None:
+    """The C kernel's gamma of a contiguous float32 CPU weight, as it would be with `threads`
+    threads (None: a shape it leaves to PyTorch, fewer than 8 summed at once)."""
+    rows, k = w.shape[0], w[0].numel() if w.shape[0] else 0
+    gamma = torch.empty((rows, 1) if per_row else (), dtype=torch.float32)
+    fn = library().absmean_f32
+    if fn(w.data_ptr(), rows, k, int(per_row), SCALE_EPS, threads, gamma.data_ptr()):
+        return None
+    return gamma
+
+
+_ABSMEAN_CHECKED: dict = {}  # (shape, per row, threads) -> whether it equalled PyTorch's
+
+
+def absmean(w: torch.Tensor, granularity: str) -> torch.Tensor:
+    """`quant.functional.absmean_scale(w, granularity)` (per tensor or per output channel) of a
+    float32 CPU weight, bit for bit, in one pass over `w` with no |w| temporary.
+
+    The C kernel repeats PyTorch's summation order. The first call per shape, granularity and
+    thread count also runs PyTorch's and compares the bits; where they ever differ (a PyTorch
+    whose sum kernel changed), PyTorch's own runs for that key from then on."""
+    per_row, threads = granularity == "channel", torch.get_num_threads()
+    key = (tuple(w.shape), per_row, threads)
+    if library() is None or not _ABSMEAN_CHECKED.get(key, True) or not w.is_contiguous():
+        return absmean_scale(w, granularity)
+    gamma = absmean_kernel(w, per_row, threads)
+    if key not in _ABSMEAN_CHECKED or gamma is None:
+        ref = absmean_scale(w, granularity)
+        _ABSMEAN_CHECKED[key] = gamma is not None and torch.equal(
+            ref.view(torch.int32), gamma.view(torch.int32)
+        )
+        return ref
+    return gamma
+
+
 def ternary_quantize(
     w: torch.Tensor, granularity: str, dt: torch.dtype, out=(None, None)
 ) -> tuple[Quantized, torch.Tensor]:
@@ -263,11 +300,11 @@ def ternary_quantize(
     channel) and its dequantized form in `dt`, the codes and `dt` values in one pass, into
     `out` = (codes, dequantized) buffers where given.
 
-    gamma is PyTorch's own mean of |W| (the same summation order as the reference)."""
+    gamma is `absmean` above: PyTorch's mean of |W| (the reference's summation order)."""
     lib = library()
     if lib is None:
         raise RuntimeError(f"the native ternary quantizer is unavailable: {build_error()}")
-    gamma = absmean_scale(w, granularity)  # on w as given: the reference's summation order
+    gamma = absmean(w, granularity)  # on w as given: the reference's summation order
     w = w.contiguous()
     rows, k = w.shape[0], w[0].numel() if w.shape[0] else 0
     codes = out[0] if out[0] is not None else torch.empty(w.shape, dtype=torch.int8)

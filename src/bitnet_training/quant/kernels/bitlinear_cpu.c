@@ -63,6 +63,113 @@ static inline float bf16_to_f32(uint16_t h) {
         }                                                                                  \
     }
 
+/* absmean_f32: gamma = mean(|W|) clamped below at eps, per tensor (or per row when per_row
+ * is set), bit-identical to PyTorch's `w.abs().mean()` (`.mean(dim=1, keepdim=True)`) on a
+ * contiguous float32 CPU tensor, in one pass over W and no |W| temporary. That mean is
+ * PyTorch's sum divided by the count in float32, and its float sum is a fixed-order cascade
+ * (aten/src/ATen/native/cpu/SumKernel.cpp, which runs its AVX2 build, 8 lanes, also on
+ * AVX-512 CPUs): reproduced here operation for operation, including how a whole-tensor sum
+ * over >= GRAIN_SIZE elements is split between `threads` threads and the partial sums
+ * combined. quant.native checks the result against PyTorch's once per shape and thread
+ * count and uses PyTorch's own from then on if they ever differ. */
+#define SUM_LANES 8      /* at::vec::Vectorized<float>::size() in the kernel PyTorch runs */
+#define GRAIN_SIZE 32768 /* at::internal::GRAIN_SIZE */
+
+static inline int64_t ceil_log2(int64_t x) { /* at::native::utils::CeilLog2 */
+    return x <= 2 ? 1 : 64 - __builtin_clzll((uint64_t)(x - 1));
+}
+
+/* row_sum over `size` rows of 4 accumulators of `lanes` floats (multi_row_sum: partial sums
+ * kept in 4 levels, each level flushed into the next every 2^level_power additions). */
+#define CASCADE_LEVELS(LANES)                                                              \
+    const int64_t lp = ceil_log2(size) / 4 > 4 ? ceil_log2(size) / 4 : 4;                  \
+    const int64_t step = (int64_t)1 << lp, mask = step - 1;                                \
+    float acc[4][4 * (LANES)];                                                             \
+    memset(acc, 0, sizeof acc);                                                            \
+    int64_t i = 0;                                                                         \
+    for (; i + step <= size;) {                                                            \
+        for (int64_t j = 0; j < step; ++j, ++i)                                            \
+            for (int l = 0; l < 4 * (LANES); l++) acc[0][l] += LOAD(i * 4 * (LANES) + l);  \
+        for (int j = 1; j < 4; ++j) {                                                      \
+            for (int l = 0; l < 4 * (LANES); l++) {                                        \
+                acc[j][l] += acc[j - 1][l];                                                \
+                acc[j - 1][l] = 0;                                                         \
+            }                                                                              \
+            if ((i & (mask << (j * lp))) != 0) break;                                      \
+        }                                                                                  \
+    }                                                                                      \
+    for (; i < size; ++i)                                                                  \
+        for (int l = 0; l < 4 * (LANES); l++) acc[0][l] += LOAD(i * 4 * (LANES) + l);      \
+    for (int j = 1; j < 4; ++j)                                                            \
+        for (int l = 0; l < 4 * (LANES); l++) acc[0][l] += acc[j][l];
+
+/* The plain sum of n floats (the combination of the threads' partial sums). */
+static float scalar_sum(const float *x, int64_t n) {
+    const int64_t size = n / 4;
+#define LOAD(idx) x[idx]
+    CASCADE_LEVELS(1)
+#undef LOAD
+    for (int64_t v = size * 4; v < n; v++) acc[0][0] += x[v];
+    return ((acc[0][0] + acc[0][1]) + acc[0][2]) + acc[0][3];
+}
+
+/* sum(|x|) over n >= SUM_LANES contiguous floats (vectorized_inner_sum). */
+static float abs_sum(const float *x, int64_t n) {
+    const int64_t nvec = n / SUM_LANES, size = nvec / 4;
+#define LOAD(idx) fabsf(x[idx])
+    CASCADE_LEVELS(SUM_LANES)
+#undef LOAD
+    for (int64_t v = size * 4; v < nvec; v++) /* leftover vectors: into accumulator 0 */
+        for (int l = 0; l < SUM_LANES; l++) acc[0][l] += fabsf(x[v * SUM_LANES + l]);
+    for (int k = 1; k < 4; k++)
+        for (int l = 0; l < SUM_LANES; l++) acc[0][l] += acc[0][k * SUM_LANES + l];
+    float s = 0; /* the scalar tail first, then the lanes in order */
+    for (int64_t j = nvec * SUM_LANES; j < n; j++) s += fabsf(x[j]);
+    for (int l = 0; l < SUM_LANES; l++) s += acc[0][l];
+    return s;
+}
+
+static inline float clamp_eps(float g, float eps) { return g < eps ? eps : g; } /* NaN kept */
+
+/* 0: done; 1: a shape this does not reproduce (fewer than SUM_LANES summed at once, or too
+ * many threads): the caller uses PyTorch's. */
+int absmean_f32(const float *w, int64_t rows, int64_t k, int per_row, float eps, int threads,
+                float *gamma) {
+    int64_t n = rows * k;
+    if (per_row && rows > 1) { /* one output per row: each row summed whole, in one thread */
+        if (k < SUM_LANES) return 1;
+        int nt = n >= GRAIN_SIZE ? threads : 1;
+        _Pragma("omp parallel for num_threads(nt) schedule(static)")
+        for (int64_t r = 0; r < rows; r++)
+            gamma[r] = clamp_eps((0.0f + abs_sum(w + r * k, k)) / (float)k, eps);
+        return 0;
+    }
+    /* One output: below GRAIN_SIZE (or one thread) one serial sum; else TensorIterator's
+     * two-pass reduction: min(threads, ceil(n / GRAIN_SIZE)) equal chunks, each summed into
+     * its own slot of a `threads`-long buffer of zeros, then that buffer summed. */
+    if (n < GRAIN_SIZE || threads <= 1) {
+        if (n < SUM_LANES) return 1;
+        gamma[0] = clamp_eps((0.0f + abs_sum(w, n)) / (float)n, eps);
+        return 0;
+    }
+    if (threads > 256) return 1;
+    float partial[256] = {0};
+    int64_t nt = (n + GRAIN_SIZE - 1) / GRAIN_SIZE;
+    nt = nt < threads ? nt : threads;
+    int64_t chunk = (n + nt - 1) / nt;
+    int nth = (int)nt;
+    _Pragma("omp parallel for num_threads(nth) schedule(static)")
+    for (int64_t t = 0; t < nt; t++) {
+        int64_t b = t * chunk, e = b + chunk < n ? b + chunk : n;
+        partial[t] = b < e ? 0.0f + abs_sum(w + b, e - b) : 0.0f;
+    }
+    /* The buffer's own sum: vectorized once it holds a whole vector (abs is the identity
+     * on these non-negative sums). */
+    float total = threads >= SUM_LANES ? abs_sum(partial, threads) : scalar_sum(partial, threads);
+    gamma[0] = clamp_eps((0.0f + total) / (float)n, eps);
+    return 0;
+}
+
 /* ternary_*: BitNet b1.58's absmean weight quantizer given gamma (per tensor, or per row
  * when per_row is set), in one pass writing both outputs:
  *   codes = clamp(round_half_even(w * (1 / gamma)), -1, 1)      int8
