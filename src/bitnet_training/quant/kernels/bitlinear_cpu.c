@@ -7,6 +7,7 @@
  * bit-identical to it. |x * s| <= qp + rounding, so no clamp is needed. Given an output,
  * the same pass also writes the quantized activations x_q = dt(code / s) (as rebuild_*).
  *
+ * absmean_f32: the ternary weight scale gamma = mean(|W|), as PyTorch sums it (below).
  * ternary_*: the ternary weight codes and the dequantized weight in one pass (below).
  * rebuild_*: the quantized activations from their codes (below).
  *
@@ -25,7 +26,7 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-#define ACT_QUANT(NAME, T, W, LOAD, OUT_T, STORE)                                          \
+#define ACT_QUANT(NAME, T, W, LOAD, OUT_T, ROW)                                            \
     void NAME(const T *x, int64_t rows, int64_t k, W qp, W eps, int8_t *codes, W *inv,     \
               OUT_T *xq, int threads) {                                                    \
         int nt = rows * k >= PARALLEL_MIN ? threads : 1;                                   \
@@ -55,11 +56,7 @@ static inline float bf16_to_f32(uint16_t h) {
                 for (int64_t j = 0; j < k; j++)                                            \
                     cr[j] = (int8_t)(int32_t)nearbyint(LOAD(xr[j]) * s);                   \
             }                                                                              \
-            if (xq) { /* x_q = OUT_T(code / s) while the row is in cache (see rebuild_*) */ \
-                OUT_T *qr = xq + r * k;                                                    \
-                _Pragma("omp simd")                                                        \
-                for (int64_t j = 0; j < k; j++) qr[j] = STORE((W)cr[j] / s);               \
-            }                                                                              \
+            if (xq) ROW(cr, k, s, xq + r * k); /* x_q while the row is in cache */         \
         }                                                                                  \
     }
 
@@ -221,32 +218,58 @@ TERNARY(ternary_f64, double, STORE_F64)
  *   x_q = dt(code / s[row])      s in float32 (float64 for float64), the quotient in it,
  * as PyTorch's `codes_int8.div(s).to(dt)` rounds it: once, at the end (no scale rounded to
  * a low precision first: a bf16 or float16 s would overflow for small activations). */
-#define REBUILD(NAME, W, OUT_T, STORE)                                                     \
+#define XQ_ROW(NAME, W, OUT_T, STORE)                                                      \
+    static inline void NAME(const int8_t *c, int64_t k, W s, OUT_T *out) {                 \
+        _Pragma("omp simd")                                                                \
+        for (int64_t j = 0; j < k; j++) out[j] = STORE((W)c[j] / s);                       \
+    }
+XQ_ROW(xq_row_f32, float, float, STORE_F32)
+XQ_ROW(xq_row_f16, float, _Float16, STORE_F16)
+XQ_ROW(xq_row_f64, double, double, STORE_F64)
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+/* bf16 rows: with AVX512-BF16, vcvtneps2bf16 rounds 16 quotients at once, half to even and
+ * NaN made quiet as f32_to_bf16 does. It reads float32 subnormals as zero, but a quotient
+ * code / s is never one: s = qp / max|x| with max|x| >= eps, so a nonzero |code / s| is at
+ * least eps / qp, far above float32's smallest normal. */
+static inline void xq_row_bf16(const int8_t *c, int64_t k, float s, uint16_t *out) {
+    int64_t j = 0;
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    const __m512 vs = _mm512_set1_ps(s);
+    for (; j + 16 <= k; j += 16) {
+        __m512i wide = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + j)));
+        __m256bh h = _mm512_cvtneps_pbh(_mm512_div_ps(_mm512_cvtepi32_ps(wide), vs));
+        _mm256_storeu_si256((__m256i *)(out + j), (__m256i)h);
+    }
+#endif
+    for (; j < k; j++) out[j] = f32_to_bf16((float)c[j] / s);
+}
+
+#define REBUILD(NAME, W, OUT_T, ROW)                                                       \
     void NAME(const int8_t *codes, int64_t rows, int64_t k, const W *s, OUT_T *out,       \
               int threads) {                                                               \
         int nt = rows * k >= PARALLEL_MIN ? threads : 1;                                   \
         _Pragma("omp parallel for num_threads(nt) schedule(static)")                       \
-        for (int64_t r = 0; r < rows; r++) {                                               \
-            W sr = s[r];                                                                   \
-            _Pragma("omp simd")                                                            \
-            for (int64_t j = 0; j < k; j++) out[r * k + j] = STORE((W)codes[r * k + j] / sr); \
-        }                                                                                  \
+        for (int64_t r = 0; r < rows; r++) ROW(codes + r * k, k, s[r], out + r * k);       \
     }
 
-REBUILD(rebuild_f32, float, float, STORE_F32)
-REBUILD(rebuild_bf16, float, uint16_t, STORE_BF16)
-REBUILD(rebuild_f16, float, _Float16, STORE_F16)
-REBUILD(rebuild_f64, double, double, STORE_F64)
+REBUILD(rebuild_f32, float, float, xq_row_f32)
+REBUILD(rebuild_bf16, float, uint16_t, xq_row_bf16)
+REBUILD(rebuild_f16, float, _Float16, xq_row_f16)
+REBUILD(rebuild_f64, double, double, xq_row_f64)
 
 /* act_quant_<input dtype>_<x_q dtype>: x_q is written only where a pointer is given. */
 #define LOAD_F32(v) (v)
 #define LOAD_BF16(v) bf16_to_f32(v)
 #define LOAD_F16(v) ((float)(v))
 #define ACT_QUANT_TO(IN, T, LOAD)                                                          \
-    ACT_QUANT(act_quant_##IN##_f32, T, float, LOAD, float, STORE_F32)                      \
-    ACT_QUANT(act_quant_##IN##_bf16, T, float, LOAD, uint16_t, STORE_BF16)                 \
-    ACT_QUANT(act_quant_##IN##_f16, T, float, LOAD, _Float16, STORE_F16)
+    ACT_QUANT(act_quant_##IN##_f32, T, float, LOAD, float, xq_row_f32)                     \
+    ACT_QUANT(act_quant_##IN##_bf16, T, float, LOAD, uint16_t, xq_row_bf16)                \
+    ACT_QUANT(act_quant_##IN##_f16, T, float, LOAD, _Float16, xq_row_f16)
 ACT_QUANT_TO(f32, float, LOAD_F32)
 ACT_QUANT_TO(bf16, uint16_t, LOAD_BF16)
 ACT_QUANT_TO(f16, _Float16, LOAD_F16)
-ACT_QUANT(act_quant_f64_f64, double, double, LOAD_F32, double, STORE_F64)
+ACT_QUANT(act_quant_f64_f64, double, double, LOAD_F32, double, xq_row_f64)
