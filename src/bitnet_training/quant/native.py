@@ -1,10 +1,12 @@
-"""The fused CPU activation quantizer: a small C kernel built with the system's C compiler
-on first use, cached on disk, and called through ctypes.
+"""BitLinear's fused CPU quantizers: small C kernels built with the system's C compiler on
+first use, cached on disk, and called through ctypes.
 
-One pass over each token's row (absmax, then codes while the row is still in cache) instead
-of the six whole-tensor passes of the PyTorch composition (widen, abs, amax, scale, round,
-cast); codes and scales are bit-identical to that composition (tests compare them). Measured
-4-6x faster at 2048 x 384..1024 on 2 cores (`benchmarks/qat_overhead.py --kernels`).
+The activation quantizer makes one pass over each token's row (absmax, then codes while the
+row is still in cache) instead of the six whole-tensor passes of the PyTorch composition
+(widen, abs, amax, scale, round, cast), measured 4-6x faster at 2048 x 384..1024 on 2 cores.
+The weight's gamma, its ternary codes with the dequantized weight, and the backward's x_q
+are one pass each. Every output is bit-identical to the PyTorch composition it replaces
+(tests compare them).
 
 The library is compiled with `-O3 -march=native` for the CPU it runs on, so the cache key
 holds the source, the compiler and the CPU's model and flags. It goes under
