@@ -1,6 +1,10 @@
 """The native (C) quantizer kernels against the PyTorch composition they replace: the same
 codes, scales and values, bit for bit."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -115,6 +119,70 @@ def test_absmean_kernel_past_float32_exact_counts():
 
 
 @needs_native
+def test_absmean_kernel_follows_the_team_openmp_gives(tmp_path):
+    """Under OMP_THREAD_LIMIT PyTorch splits a sum between fewer threads than it reports;
+    the kernel splits it the same way (a fresh process: the limit is read at start)."""
+    script = tmp_path / "limit.py"
+    script.write_text(
+        "import torch\n"
+        "from bitnet_training.quant import native\n"
+        "torch.set_num_threads(8)\n"
+        "w = native._order_probe((256, 1536))\n"
+        "got = native.absmean_kernel(w, False, torch.get_num_threads())\n"
+        "assert torch.equal(got.view(torch.int32), w.abs().mean().view(torch.int32))\n"
+    )
+    env = {**os.environ, "OMP_THREAD_LIMIT": "2"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_order_probe_tells_thread_splits_apart():
+    before = torch.get_num_threads()
+    try:
+        sums = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            sums.append(native._order_probe((256, 1536)).abs().mean())
+    finally:
+        torch.set_num_threads(before)
+    assert not torch.equal(sums[0], sums[1])
+
+
+@needs_native
+def test_absmean_takes_only_float32_matrices_natively():
+    for w in (torch.randn(64, 64, dtype=torch.float64), torch.randn(64, 64).bfloat16()):
+        assert torch.equal(native.absmean(w, "tensor"), absmean_scale(w, "tensor"))
+        with pytest.raises(ValueError, match="contiguous 2-D float32"):
+            native.absmean_kernel(w, False, 1)
+    w = torch.randn(4, 8, 8)  # 3-D: PyTorch's
+    assert torch.equal(native.absmean(w, "tensor"), w.abs().mean())
+
+
+@needs_native
+def test_absmean_catches_a_kernel_that_agrees_on_the_weight_but_sums_in_another_order(
+    monkeypatch,
+):
+    monkeypatch.setattr(native, "_ABSMEAN_CHECKED", {})
+
+    def one_thread_order(w, per_row, threads):  # PyTorch's sum, split as for one thread
+        torch.set_num_threads(1)
+        try:
+            return w.abs().mean()
+        finally:
+            torch.set_num_threads(threads)
+
+    monkeypatch.setattr(native, "absmean_kernel", one_thread_order)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w = torch.full((256, 1536), 0.25)  # every order sums it exactly: the check passes
+        assert torch.equal(native.absmean(w, "tensor"), w.abs().mean())
+        assert native._ABSMEAN_CHECKED[(256, 1536), False, 2] is False  # the probe did not
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_native
 def test_absmean_checks_the_kernel_once_per_shape_and_keeps_torch_where_it_differs(monkeypatch):
     monkeypatch.setattr(native, "_ABSMEAN_CHECKED", {})
     calls = []
@@ -129,7 +197,7 @@ def test_absmean_checks_the_kernel_once_per_shape_and_keeps_torch_where_it_diffe
     want = w.abs().mean()
     for _ in range(3):
         assert torch.equal(native.absmean(w, "tensor"), want)
-    assert calls == [(64, 96)] * 3
+    assert calls == [(64, 96)] * 4  # the first call also ran the order probe
     assert native._ABSMEAN_CHECKED[(64, 96), False, torch.get_num_threads()] is True
     calls.clear()
     assert torch.equal(native.absmean(w.t(), "tensor"), w.t().abs().mean())
@@ -173,6 +241,24 @@ def test_every_code_over_scales_of_every_magnitude_rebuilds_bit_for_bit(dtype):
     got = native.rebuild_activations(codes, s[:, None].contiguous(), dtype)
     bits = torch.int16 if dtype != torch.float32 else torch.int32
     assert torch.equal(got.view(bits), want.view(bits))
+
+
+@needs_native
+def test_rebuild_with_scales_past_2_to_126_keeps_subnormal_quotients():
+    """bf16 x_q's vector conversion reads float32 subnormals as zero: a scale so large that
+    code / s is subnormal (never the quantizer's own) takes the exact scalar path."""
+    codes = torch.tensor([[1, -2, 3, 4] * 8 + [1]], dtype=torch.int8)  # 33: vector + tail
+    for scale in (1e38, -1e38, 2.0**126, 3.4e38):
+        s = torch.tensor([[scale]])
+        got = native.rebuild_activations(codes, s, torch.bfloat16)
+        assert torch.equal(got.view(torch.int16), codes.div(s).to(torch.bfloat16).view(torch.int16))
+
+
+@needs_native
+def test_rebuild_refuses_a_scale_count_that_is_not_one_per_row():
+    codes = torch.ones(4, 8, dtype=torch.int8)
+    with pytest.raises(ValueError, match="one scale per row"):
+        native.rebuild_activations(codes, torch.ones(1, 1), torch.float32)
 
 
 @needs_native

@@ -244,6 +244,11 @@ def rebuild_activations(
         raise RuntimeError(f"the native kernels are unavailable: {build_error()}")
     if not takes_scales(s, dt):
         raise ValueError(f"rebuild_activations: no kernel for {s.dtype} scales to {dt}")
+    if codes.dtype != torch.int8 or codes.dim() != 2 or s.numel() != codes.shape[0]:
+        raise ValueError(
+            f"rebuild_activations takes int8 codes (N, K) and one scale per row, not codes "
+            f"{codes.dtype} {tuple(codes.shape)} with scales {tuple(s.shape)}"
+        )
     codes, s = codes.contiguous(), s.contiguous()
     if out is None:
         out = torch.empty(codes.shape, dtype=dt)
@@ -261,9 +266,12 @@ def takes_scales(s: torch.Tensor, dt: torch.dtype) -> bool:
 
 
 def absmean_kernel(w: torch.Tensor, per_row: bool, threads: int) -> torch.Tensor | None:
-    """The C kernel's gamma of a contiguous float32 CPU weight, as it would be with `threads`
-    threads (None: a shape it leaves to PyTorch, fewer than 8 summed at once)."""
-    rows, k = w.shape[0], w[0].numel() if w.shape[0] else 0
+    """The C kernel's gamma of a contiguous 2-D float32 CPU weight, as PyTorch's would be with
+    `threads` threads (None: a case it leaves to PyTorch: fewer than 8 summed at once, or
+    more threads than it sizes for)."""
+    if not (real(w) and w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous()):
+        raise ValueError("absmean_kernel takes a contiguous 2-D float32 CPU tensor")
+    rows, k = w.shape
     gamma = torch.empty((rows, 1) if per_row else (), dtype=torch.float32)
     fn = library().absmean_f32
     if fn(w.data_ptr(), rows, k, int(per_row), SCALE_EPS, threads, gamma.data_ptr()):
@@ -274,25 +282,47 @@ def absmean_kernel(w: torch.Tensor, per_row: bool, threads: int) -> torch.Tensor
 _ABSMEAN_CHECKED: dict = {}  # (shape, per row, threads) -> whether it equalled PyTorch's
 
 
+def _order_probe(shape) -> torch.Tensor:
+    """A float32 tensor whose sum depends on the order of addition: magnitudes spread over
+    40 binades by index (no random generator is touched)."""
+    i = torch.arange(shape[0] * shape[1], dtype=torch.int64)
+    exponent = (i * 7919 % 40 + 107) << 23  # 2^-20 .. 2^19
+    mantissa = (i * 2654435761) & 0x7FFFFF
+    return (exponent | mantissa).to(torch.int32).view(torch.float32).reshape(shape)
+
+
 def absmean(w: torch.Tensor, granularity: str) -> torch.Tensor:
     """`quant.functional.absmean_scale(w, granularity)` (per tensor or per output channel) of a
     float32 CPU weight, bit for bit, in one pass over `w` with no |w| temporary.
 
     The C kernel repeats PyTorch's summation order. The first call per shape, granularity and
-    thread count also runs PyTorch's and compares the bits; where they ever differ (a PyTorch
-    whose sum kernel changed), PyTorch's own runs for that key from then on."""
+    thread count also runs PyTorch's on `w` and on a tensor of that shape whose sum depends
+    on the order, and compares the bits; where they differ (a PyTorch whose sum kernel
+    changed, an OpenMP that splits the work otherwise), PyTorch's own runs for that key from
+    then on. Anything but a contiguous 2-D float32 CPU tensor goes to PyTorch's directly."""
     per_row, threads = granularity == "channel", torch.get_num_threads()
     key = (tuple(w.shape), per_row, threads)
-    if library() is None or not _ABSMEAN_CHECKED.get(key, True) or not w.is_contiguous():
+    if (
+        library() is None
+        or not _ABSMEAN_CHECKED.get(key, True)
+        or not (real(w) and w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous())
+    ):
         return absmean_scale(w, granularity)
     gamma = absmean_kernel(w, per_row, threads)
     if key not in _ABSMEAN_CHECKED or gamma is None:
         ref = absmean_scale(w, granularity)
-        _ABSMEAN_CHECKED[key] = gamma is not None and torch.equal(
-            ref.view(torch.int32), gamma.view(torch.int32)
-        )
+        same = gamma is not None and _same_bits(gamma, ref)
+        if same:
+            probe = _order_probe(w.shape)
+            got = absmean_kernel(probe, per_row, threads)
+            same = got is not None and _same_bits(got, absmean_scale(probe, granularity))
+        _ABSMEAN_CHECKED[key] = same
         return ref
     return gamma
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
 def ternary_quantize(

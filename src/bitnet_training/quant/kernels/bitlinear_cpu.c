@@ -14,6 +14,7 @@
  * Rows are split over `threads` OpenMP threads (the libgomp torch itself loaded).
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -142,8 +143,13 @@ int absmean_f32(const float *w, int64_t rows, int64_t k, int per_row, float eps,
         return 0;
     }
     /* One output: below GRAIN_SIZE (or one thread) one serial sum; else TensorIterator's
-     * two-pass reduction: min(threads, ceil(n / GRAIN_SIZE)) equal chunks, each summed into
-     * its own slot of a `threads`-long buffer of zeros, then that buffer summed. */
+     * two-pass reduction. at::parallel_for opens a parallel region with no num_threads
+     * clause and splits the range into min(team size, ceil(n / GRAIN_SIZE)) equal chunks,
+     * the team being what OpenMP actually gives (OMP_THREAD_LIMIT or OMP_DYNAMIC can make
+     * it smaller than `threads`); each chunk is summed into its own slot of a
+     * `threads`-long buffer of zeros, then that buffer is summed. This library shares
+     * PyTorch's libgomp and is called from the thread that set its thread count, so the
+     * same region here gets the same team. */
     if (n < GRAIN_SIZE || threads <= 1) {
         if (n < SUM_LANES) return 1;
         gamma[0] = clamp_eps((0.0f + abs_sum(w, n)) / (float)n, eps);
@@ -151,15 +157,17 @@ int absmean_f32(const float *w, int64_t rows, int64_t k, int per_row, float eps,
     }
     if (threads > 256) return 1;
     float partial[256] = {0};
-    int64_t nt = (n + GRAIN_SIZE - 1) / GRAIN_SIZE;
-    nt = nt < threads ? nt : threads;
-    int64_t chunk = (n + nt - 1) / nt;
-    int nth = (int)nt;
-    _Pragma("omp parallel for num_threads(nth) schedule(static)")
-    for (int64_t t = 0; t < nt; t++) {
-        int64_t b = t * chunk, e = b + chunk < n ? b + chunk : n;
-        partial[t] = b < e ? 0.0f + abs_sum(w + b, e - b) : 0.0f;
+    int fail = 0;
+    _Pragma("omp parallel")
+    {
+        int64_t team = omp_get_num_threads(), tid = omp_get_thread_num();
+        int64_t nt = (n + GRAIN_SIZE - 1) / GRAIN_SIZE;
+        nt = nt < team ? nt : team;
+        int64_t chunk = (n + nt - 1) / nt, b = tid * chunk, e = b + chunk < n ? b + chunk : n;
+        if (team > threads) fail = 1; /* a team larger than the buffer PyTorch would size */
+        else if (b < e) partial[tid] = 0.0f + abs_sum(w + b, e - b);
     }
+    if (fail) return 1;
     /* The buffer's own sum: vectorized once it holds a whole vector (abs is the identity
      * on these non-negative sums). */
     float total = threads >= SUM_LANES ? abs_sum(partial, threads) : scalar_sum(partial, threads);
@@ -232,14 +240,15 @@ XQ_ROW(xq_row_f64, double, double, STORE_F64)
 #endif
 
 /* bf16 rows: with AVX512-BF16, vcvtneps2bf16 rounds 16 quotients at once, half to even and
- * NaN made quiet as f32_to_bf16 does. It reads float32 subnormals as zero, but a quotient
- * code / s is never one: s = qp / max|x| with max|x| >= eps, so a nonzero |code / s| is at
- * least eps / qp, far above float32's smallest normal. */
+ * NaN made quiet as f32_to_bf16 does. It reads float32 subnormals as zero, so it runs only
+ * where no quotient can be one. */
 static inline void xq_row_bf16(const int8_t *c, int64_t k, float s, uint16_t *out) {
     int64_t j = 0;
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
     const __m512 vs = _mm512_set1_ps(s);
-    for (; j + 16 <= k; j += 16) {
+    /* |s| <= 2^126: a nonzero |code / s| >= 2^-126 is normal (the quantizer's s is at most
+     * qp / eps, about 1.3e7; a larger s given to rebuild_* takes the scalar path). */
+    for (; fabsf(s) <= 0x1p126f && j + 16 <= k; j += 16) {
         __m512i wide = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + j)));
         __m256bh h = _mm512_cvtneps_pbh(_mm512_div_ps(_mm512_cvtepi32_ps(wide), vs));
         _mm256_storeu_si256((__m256i *)(out + j), (__m256i)h);
