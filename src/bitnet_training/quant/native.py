@@ -282,13 +282,17 @@ def absmean_kernel(w: torch.Tensor, per_row: bool, threads: int) -> torch.Tensor
 _ABSMEAN_CHECKED: dict = {}  # (shape, per row, threads) -> whether it equalled PyTorch's
 
 
-def _order_probe(shape) -> torch.Tensor:
-    """A float32 tensor whose sum depends on the order of addition: magnitudes spread over
-    40 binades by index (no random generator is touched)."""
-    i = torch.arange(shape[0] * shape[1], dtype=torch.int64)
-    exponent = (i * 7919 % 40 + 107) << 23  # 2^-20 .. 2^19
-    mantissa = (i * 2654435761) & 0x7FFFFF
-    return (exponent | mantissa).to(torch.int32).view(torch.float32).reshape(shape)
+def _order_probe(shape, salt: int = 0) -> torch.Tensor:
+    """A float32 tensor whose sum usually depends on the order of addition: exponents over 40
+    binades and fractions scattered by index hashes (`salt` shifts them; no random generator
+    is touched), built a million elements at a time."""
+    n = shape[0] * shape[1]
+    bits = torch.empty(n, dtype=torch.int32)
+    for start in range(0, n, 1 << 20):
+        i = torch.arange(start, min(n, start + (1 << 20)), dtype=torch.int64) + salt * 7777
+        exponent = (i * 7919 % 40 + 107) << 23  # 2^-20 .. 2^19
+        bits[start : start + len(i)] = exponent | ((i * 2654435761) & 0x7FFFFF)
+    return bits.view(torch.float32).reshape(shape)
 
 
 def absmean(w: torch.Tensor, granularity: str) -> torch.Tensor:
@@ -296,10 +300,11 @@ def absmean(w: torch.Tensor, granularity: str) -> torch.Tensor:
     float32 CPU weight, bit for bit, in one pass over `w` with no |w| temporary.
 
     The C kernel repeats PyTorch's summation order. The first call per shape, granularity and
-    thread count also runs PyTorch's on `w` and on a tensor of that shape whose sum depends
-    on the order, and compares the bits; where they differ (a PyTorch whose sum kernel
-    changed, an OpenMP that splits the work otherwise), PyTorch's own runs for that key from
-    then on. Anything but a contiguous 2-D float32 CPU tensor goes to PyTorch's directly."""
+    thread count also runs PyTorch's on `w` and on two tensors of that shape whose sums
+    depend on the order, and compares the bits (a check, not a proof); where they differ (a
+    PyTorch whose sum kernel changed, an OpenMP that splits the work otherwise), PyTorch's
+    own runs for that key from then on. Anything but a contiguous 2-D float32 CPU tensor
+    goes to PyTorch's directly."""
     per_row, threads = granularity == "channel", torch.get_num_threads()
     key = (tuple(w.shape), per_row, threads)
     if (
@@ -312,10 +317,10 @@ def absmean(w: torch.Tensor, granularity: str) -> torch.Tensor:
     if key not in _ABSMEAN_CHECKED or gamma is None:
         ref = absmean_scale(w, granularity)
         same = gamma is not None and _same_bits(gamma, ref)
-        if same:
-            probe = _order_probe(w.shape)
+        for salt in (0, 1) if same else ():
+            probe = _order_probe(w.shape, salt)
             got = absmean_kernel(probe, per_row, threads)
-            same = got is not None and _same_bits(got, absmean_scale(probe, granularity))
+            same = same and got is not None and _same_bits(got, absmean_scale(probe, granularity))
         _ABSMEAN_CHECKED[key] = same
         return ref
     return gamma
