@@ -255,6 +255,27 @@ def test_rebuild_with_scales_past_2_to_126_keeps_subnormal_quotients():
 
 
 @needs_native
+def test_the_integer_sums_are_rescaled_in_place_as_torch_rescales_them():
+    g = torch.Generator().manual_seed(4)
+    acc = torch.randint(-(2**24), 2**24, (300, 77), generator=g, dtype=torch.int32)
+    acc[0, :3] = torch.tensor([2**31 - 1, -(2**31), 2**24 + 1])  # rounds to float32
+    inv = torch.rand(300, 1, generator=g) * 100 + 1e-3
+    gamma, gamma_col = torch.tensor(0.0123), torch.rand(1, 77, generator=g)
+    for scale, want in (
+        (gamma, acc.float().mul_(gamma / inv)),
+        (gamma_col, acc.float().div_(inv).mul_(gamma_col)),
+    ):
+        buf = acc.clone()
+        got = native.rescale_accumulator(buf, inv, scale)
+        assert got.data_ptr() == buf.data_ptr() and got.dtype == torch.float32  # in place
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    with pytest.raises(ValueError, match="int32"):
+        native.rescale_accumulator(acc.float(), inv, gamma)
+    with pytest.raises(ValueError, match="one per row"):
+        native.rescale_accumulator(acc.clone(), inv[:5], gamma)
+
+
+@needs_native
 def test_rebuild_refuses_a_scale_count_that_is_not_one_per_row():
     codes = torch.ones(4, 8, dtype=torch.int8)
     with pytest.raises(ValueError, match="one scale per row"):

@@ -114,9 +114,12 @@ class Prepared:
                 a, 1.0, 0, packed, ones, zeros, None, 1.0, 0, self.dt, "none", [], ""
             )
         if self.kernel == "int_mm":
-            b = self.operand.t() if self.transpose else self.operand
-            return torch._int_mm(a, b).to(self.dt)
+            return self.accumulate(a).to(self.dt)
         return F.linear(a if a.dtype == self.dt else a.to(self.dt), self.operand)
+
+    def accumulate(self, a: torch.Tensor) -> torch.Tensor:
+        """`int_mm` only: the exact int32 sums (n, out), before any rounding to `dt`."""
+        return torch._int_mm(a, self.operand.t() if self.transpose else self.operand)
 
 
 def _bucket(n: int) -> int:

@@ -104,6 +104,8 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, f"act_quant_{name}")
         fn.argtypes = (ptr, i64, i64, real, real, ptr, ptr, ptr, i32)
         fn.restype = None
+    lib.rescale_i32_f32.argtypes = (ptr, i64, i64, ptr, ptr, i32)
+    lib.rescale_i32_f32.restype = None
     lib.absmean_f32.argtypes = (ptr, i64, i64, i32, ctypes.c_float, i32, ptr)
     lib.absmean_f32.restype = i32
     for name in _SUFFIX.values():
@@ -257,6 +259,38 @@ def rebuild_activations(
     fn(codes.data_ptr(), codes.shape[0], codes.shape[1], s.data_ptr(), out.data_ptr(),
        torch.get_num_threads())  # fmt: skip
     return out
+
+
+def takes_accumulator(acc_shape, inv: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether `rescale_accumulator` takes an (N, out) int32 product with per-token scales
+    `inv` (N, 1) and gamma `scale` (per tensor, or (1, out) per output channel), float32."""
+    n, out = acc_shape
+    return (
+        real(inv)
+        and real(scale)
+        and inv.dtype == scale.dtype == torch.float32
+        and inv.numel() == n
+        and (scale.dim() == 0 or scale.numel() == out)
+    )
+
+
+def rescale_accumulator(acc: torch.Tensor, inv: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The integer GEMM's int32 sums (N, out) as float32 with both scales, written over `acc`:
+    `acc.to(float32) * (scale / inv)` for a per-tensor gamma, `acc.to(float32) / inv * scale`
+    per output channel, bit for bit (a float32 view of `acc`'s memory is returned)."""
+    if acc.dtype != torch.int32 or acc.dim() != 2 or not acc.is_contiguous() or not real(acc):
+        raise ValueError("rescale_accumulator takes a contiguous (N, out) int32 CPU tensor")
+    if not takes_accumulator(acc.shape, inv, scale):
+        raise ValueError("rescale_accumulator: float32 scales, one per row and per tensor/column")
+    if scale.dim() == 0:
+        row, col = (scale / inv).contiguous(), None
+    else:
+        row, col = inv.contiguous(), scale.contiguous()
+    library().rescale_i32_f32(
+        acc.data_ptr(), acc.shape[0], acc.shape[1], row.data_ptr(),
+        None if col is None else col.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return acc.view(torch.float32)
 
 
 def takes_scales(s: torch.Tensor, dt: torch.dtype) -> bool:

@@ -270,6 +270,29 @@ REBUILD(rebuild_bf16, float, uint16_t, xq_row_bf16)
 REBUILD(rebuild_f16, float, _Float16, xq_row_f16)
 REBUILD(rebuild_f64, double, double, xq_row_f64)
 
+/* rescale_i32_f32: the exact integer GEMM's int32 sums (rows, cols) to float32 with both
+ * scales, in place (int32 and float32 are both 4 bytes), as PyTorch's
+ *   acc.to(float32).mul_(t)                 t = gamma / s per row     (col == NULL)
+ *   acc.to(float32).div_(s).mul_(gamma)     s per row, gamma per column
+ * computes it (int32 to float32 rounds half to even; one multiply, or a divide then a
+ * multiply: nothing to contract into a fused multiply-add). */
+void rescale_i32_f32(int32_t *acc, int64_t rows, int64_t cols, const float *row,
+                     const float *col, int threads) {
+    int nt = rows * cols >= PARALLEL_MIN ? threads : 1;
+    _Pragma("omp parallel for num_threads(nt) schedule(static)")
+    for (int64_t r = 0; r < rows; r++) {
+        int32_t *a = acc + r * cols;
+        float *y = (float *)a, t = row[r];
+        if (col == NULL) {
+            _Pragma("omp simd")
+            for (int64_t c = 0; c < cols; c++) y[c] = (float)a[c] * t;
+        } else {
+            _Pragma("omp simd")
+            for (int64_t c = 0; c < cols; c++) y[c] = ((float)a[c] / t) * col[c];
+        }
+    }
+}
+
 /* act_quant_<input dtype>_<x_q dtype>: x_q is written only where a pointer is given. */
 #define LOAD_F32(v) (v)
 #define LOAD_BF16(v) bf16_to_f32(v)
