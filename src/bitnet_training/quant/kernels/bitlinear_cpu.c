@@ -10,6 +10,7 @@
  * absmean_f32: the ternary weight scale gamma = mean(|W|), as PyTorch sums it (below).
  * ternary_*: the ternary weight codes and the dequantized weight in one pass (below).
  * rebuild_*: the quantized activations from their codes (below).
+ * rescale_i32_f32: the integer GEMM's int32 sums to float32 with both scales (below).
  *
  * Rows are split over `threads` OpenMP threads (the libgomp torch itself loaded).
  */
