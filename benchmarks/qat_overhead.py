@@ -18,6 +18,10 @@ saves for the backward. Never asserts a time: it prints a table.
 
     python benchmarks/qat_overhead.py                # everything (~4-10 min on 2 cores)
     python benchmarks/qat_overhead.py --no-compile --steps 5
+    python benchmarks/qat_overhead.py --no-compile --repeat 5   # 5 fresh processes per row
+
+On a shared machine one run's ratios move by a few percent: `--repeat N` times each row in N
+fresh processes and prints every run's ratios and their median.
 """
 
 from __future__ import annotations
@@ -194,6 +198,37 @@ def time_variants(args, precision, compiled):
     return {v: statistics.median(ts) for v, ts in times.items()}
 
 
+def timing_child(args) -> None:
+    """Run in a fresh process: one row's median step times and the matmuls `ours` ran."""
+    times = time_variants(args, args.precision, args.compiled)
+    print(json.dumps({"times": times, "decisions": gemm.decisions(), "float": gemm.dequantized()}))
+
+
+_CHILD_MATMULS: dict = {"decisions": {}, "float": set()}  # what the timing processes ran
+
+
+def time_repeated(args, precision, compiled) -> list[dict]:
+    """`args.repeat` runs of one row, each in a fresh process (no heap left by another)."""
+    cmd = [sys.executable, __file__, "--child", "time", "--precision", precision,
+           "--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
+           "--steps", str(args.steps)] + (["--compiled"] if compiled else [])  # fmt: skip
+    runs = []
+    for _ in range(args.repeat):
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        result = json.loads(out.strip().splitlines()[-1])
+        runs.append(result["times"])
+        _CHILD_MATMULS["decisions"].update(result["decisions"])  # the last run's choice
+        _CHILD_MATMULS["float"].update(result["float"])
+    return runs
+
+
+def _row(precision: str, mode: str, t: dict) -> str:
+    cells = " ".join(f"{t[v] * 1e3:12.1f}" for v in VARIANTS)
+    return (f"{precision:9} {mode:8} {cells} {t['ours'] / t['off']:9.3f} "
+            f"{t['reference'] / t['off']:8.3f} {t['hf'] / t['off']:7.3f} "
+            f"{t['ours'] / t['reference']:9.3f}")  # fmt: skip
+
+
 ISA_FLAGS = ("amx_bf16", "amx_int8", "avx512_vnni", "avx512_bf16", "avx512f", "avx2")
 
 
@@ -269,12 +304,19 @@ def main():
     p.add_argument(
         "--profile", choices=["fp32", "bf16"], help="only profile ours against off, by op"
     )
+    p.add_argument(
+        "--repeat", type=int, default=1, help="time each row in N fresh processes (median)"
+    )
     p.add_argument("--child", nargs="?", const="memory", help=argparse.SUPPRESS)
+    p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="ours", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.repeat < 1:
+        p.error(f"--repeat must be at least 1, not {args.repeat}")
     if args.child:
-        return profile_child(args) if args.child == "profile" else memory_child(args)
+        children = {"profile": profile_child, "time": timing_child, "memory": memory_child}
+        return children[args.child](args)
 
     torch.manual_seed(0)
     cfg = ModelConfig.preset(args.model)
@@ -291,17 +333,25 @@ def main():
     modes = [False] if args.no_compile else [True] if args.compile_only else [False, True]
     precisions = args.precisions.split(",")
     for compiled in modes:
+        mode = "compile" if compiled else "eager"
         for precision in precisions:
-            t = time_variants(args, precision, compiled)
-            cells = " ".join(f"{t[v] * 1e3:12.1f}" for v in VARIANTS)
-            print(f"{precision:9} {'compile' if compiled else 'eager':8} {cells} "
-                  f"{t['ours'] / t['off']:9.3f} {t['reference'] / t['off']:8.3f} "
-                  f"{t['hf'] / t['off']:7.3f} {t['ours'] / t['reference']:9.3f}",
-                  flush=True)  # fmt: skip
+            if args.repeat == 1:
+                print(_row(precision, mode, time_variants(args, precision, compiled)), flush=True)
+                continue
+            runs = time_repeated(args, precision, compiled)
+            for i, t in enumerate(runs):
+                print(_row(precision, f"{mode}#{i + 1}", t), flush=True)
+            # The median of each ratio over the runs (ratios, not times: each run's own
+            # baseline is what drift has moved).
+            pairs = (("ours", "off"), ("reference", "off"), ("hf", "off"), ("ours", "reference"))
+            med = [statistics.median(t[a] / t[b] for t in runs) for a, b in pairs]
+            blank = " ".join(f"{'':>12}" for _ in VARIANTS)
+            print(f"{precision:9} {'median':8} {blank} {med[0]:9.3f} {med[1]:8.3f} "
+                  f"{med[2]:7.3f} {med[3]:9.3f}", flush=True)  # fmt: skip
     print("\n## Matmuls `ours` ran: integer GEMM kernels chosen (measured here, per shape)")
-    for shape, kernel in gemm.decisions().items():
+    for shape, kernel in {**gemm.decisions(), **_CHILD_MATMULS["decisions"]}.items():
         print(f"{shape:40} {kernel}")
-    for where in gemm.dequantized():
+    for where in sorted(set(gemm.dequantized()) | _CHILD_MATMULS["float"]):
         print(f"{where + ' (all shapes)':40} float GEMM of x_q, w_q (integer_matmul=auto)")
     print(f"native quantizers: {native.build_error() or 'built'}")
     if args.no_memory:
