@@ -299,11 +299,16 @@ def takes_scales(s: torch.Tensor, dt: torch.dtype) -> bool:
     return dt in _SUFFIX and real(s) and s.dtype == want
 
 
+def _float32_matrix(w: torch.Tensor) -> bool:
+    """A real 2-D float32 CPU tensor: what the weight kernels read."""
+    return real(w) and w.dtype == torch.float32 and w.dim() == 2
+
+
 def absmean_kernel(w: torch.Tensor, per_row: bool, threads: int) -> torch.Tensor | None:
     """The C kernel's gamma of a contiguous 2-D float32 CPU weight, as PyTorch's would be with
     `threads` threads (None: a case it leaves to PyTorch: fewer than 8 summed at once, or
     more threads than it sizes for)."""
-    if not (real(w) and w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous()):
+    if not (_float32_matrix(w) and w.is_contiguous()):
         raise ValueError("absmean_kernel takes a contiguous 2-D float32 CPU tensor")
     rows, k = w.shape
     gamma = torch.empty((rows, 1) if per_row else (), dtype=torch.float32)
@@ -344,7 +349,7 @@ def absmean(w: torch.Tensor, granularity: str) -> torch.Tensor:
     if (
         library() is None
         or not _ABSMEAN_CHECKED.get(key, True)
-        or not (real(w) and w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous())
+        or not (_float32_matrix(w) and w.is_contiguous())
     ):
         return absmean_scale(w, granularity)
     gamma = absmean_kernel(w, per_row, threads)
@@ -391,9 +396,7 @@ def ternary_quantize(
 def takes_weight(w: torch.Tensor, granularity: str, dt: torch.dtype) -> bool:
     """Whether `ternary_quantize` here takes weight `w` (float32, 2-D, on CPU)."""
     return (
-        real(w)
-        and w.dtype == torch.float32
-        and w.dim() == 2
+        _float32_matrix(w)
         and w.numel() > 0
         and granularity in ("tensor", "channel")
         and dt in _SUFFIX
