@@ -49,6 +49,7 @@ def test_yaml_quirks(tmp_path):
         ("quantize=maybe", "quantize='maybe' is invalid: expected true or false"),
         ("qat.integer_matmul=1", "qat.integer_matmul=1 is invalid: expected auto, true or false"),
         ("qat.integer_matmul=yes!", "qat.integer_matmul='yes!' is invalid: expected auto, true"),
+        ("qat.saved_activations=x_q", "qat.saved_activations='x_q' is invalid: expected auto"),
         ("model_preset=huge", "model_preset='huge' is invalid"),
         ("training.max_steps.x=1", "'training.max_steps' has no sub-keys"),
         ("training.seed", "is not of the form key=value"),
@@ -296,6 +297,7 @@ def test_pretrained_excludes_other_model_keys(tmp_path):
         (["training.mixed_precision=bf16", "training.init_scale=1024"], "only with fp16"),
         (["qat.integer_matmul=false", "qat.gemm=onednn"], "qat.integer_matmul true or auto"),
         (["qat.fused=false", "qat.gemm=onednn"], r"qat.fused=true and qat.integer_matmul"),
+        (["qat.fused=false", "qat.saved_activations=codes"], "only with qat.fused=true"),
     ],
 )
 def test_settings_without_effect_are_refused(overrides, message):

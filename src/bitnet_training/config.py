@@ -372,6 +372,7 @@ CONDITIONAL_KEYS: list[tuple[str, Any, str]] = [
     ),
     # `true` was the default before `auto`: the printed configs of earlier versions hold it.
     ("qat.integer_matmul", lambda c: c.qat.fused or c.qat.integer_matmul is True, "qat.fused=true"),
+    ("qat.saved_activations", lambda c: c.qat.fused, "qat.fused=true"),
     (
         "qat.gemm",
         lambda c: c.qat.fused and c.qat.integer_matmul is not False,

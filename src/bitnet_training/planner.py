@@ -7,7 +7,8 @@ two optimizer steps of the run's batch, sequence length and precision are run un
 `MemTracker` (`torch.distributed._tools.mem_tracker`), which records every tensor storage
 alive at the peak by kind: parameters (the latent weights QAT trains), gradients, optimizer
 states, activations (what the forward saves for the backward: BitLinear's int8 activation
-codes and per-token scales, its once-per-step dequantized weight, attention, the logits) and
+codes and per-token scales, or in bf16 its quantized activations, its once-per-step
+dequantized weight, attention, the logits) and
 temporary buffers (the backward's). A 7B-shaped run traces in seconds on a CPU.
 
 Not tensors, and added as a constant: the runtime's own memory (`runtime overhead`): on CPU

@@ -457,13 +457,72 @@ def test_fp16_small_tokens_keep_their_values(per_channel):
 
 
 def test_shared_float_copies_are_released_once_the_backward_starts():
-    """q / k / v share one x_q in the forward; it is not kept through the backward."""
+    """q / k / v share one x_q in the forward; with codes saved it is not kept through the
+    backward."""
     from bitnet_training.nn.bitlinear import _ACT_CODES
 
-    q, k = BitLinear(48, 24, bias=False), BitLinear(48, 16, bias=False)
+    codes = QATConfig(saved_activations="codes")
+    q, k = BitLinear(48, 24, bias=False, config=codes), BitLinear(48, 16, bias=False, config=codes)
     x = torch.randn(4, 48, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = q(x).float().sum() + k(x).float().sum()
     assert ("x_q", torch.bfloat16) in _ACT_CODES.lookup(x, 8)[2]
     y.backward()
     assert _ACT_CODES.lookup(x, 8)[2] == {}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("integer", [False, True], ids=["float-gemm", "integer-gemm"])
+def test_saved_codes_or_values_give_the_same_bits(dtype, integer):
+    """saved_activations: int8 codes and a float32 scale per token (x_q rebuilt in the
+    backward), or x_q itself in the compute dtype; auto saves values in bf16 / fp16 with the
+    float GEMM (where x_q is already made), codes otherwise. Outputs and gradients are the
+    same bits whichever is saved."""
+    if integer and dtype == torch.float16:
+        pytest.skip("no integer GEMM in float16")
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40)
+    x = torch.randn(3, 11, 96) * 2
+    low = dtype != torch.float32
+    results, saved = {}, {}
+    for mode in ("codes", "values", "auto"):
+        config = QATConfig(saved_activations=mode, integer_matmul=integer)
+        layer = BitLinear.from_linear(copy.deepcopy(lin), config)
+        xi = x.clone().requires_grad_()
+
+        def forward(layer=layer, xi=xi):
+            with torch.autocast("cpu", dtype=dtype, enabled=low):
+                return layer(xi)
+
+        saved[mode] = sorted(_saved_activations(forward, 33), key=str)
+        y = forward()
+        y.float().square().sum().backward()
+        results[mode] = (y, xi.grad, layer.weight.grad, layer.bias.grad)
+    assert saved["codes"] == sorted([(torch.int8, 33 * 96), (torch.float32, 33 * 4)], key=str)
+    assert saved["values"] == [(dtype, 33 * 96 * dtype.itemsize)]
+    assert saved["auto"] == saved["values" if low and not integer else "codes"]
+    for mode in ("values", "auto"):
+        for a, b in zip(results["codes"], results[mode], strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_an_input_used_again_after_its_backward_is_quantized_again():
+    """bf16 with x_q saved: no codes are kept, and the backward releases the shared x_q, so
+    the same input (same version) in a later step is quantized again, to the same values;
+    a layer needing codes after one that made none quantizes it again too."""
+    layer = BitLinear(48, 24)
+    x = torch.randn(4, 48, requires_grad=True)
+    grads = []
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        y.float().square().sum().backward()
+        grads.append((y, layer.weight.grad, x.grad))
+        layer.weight.grad = x.grad = None
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+    k = BitLinear(48, 16, config=QATConfig(integer_matmul=True))
+    alone = copy.deepcopy(k)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)  # shares x_q, no codes
+        assert torch.equal(k(x), alone(x.clone()))

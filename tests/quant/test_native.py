@@ -305,6 +305,23 @@ def test_the_quantizer_pass_also_writes_the_quantized_activations(dtype, to):
     )
 
 
+@needs_native
+@pytest.mark.parametrize("to", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_the_quantizer_writes_x_q_alone_when_no_codes_are_wanted(to):
+    """codes=False: no codes tensor, the same scales and x_q bits as with codes (each row's
+    codes go through a scratch row); NaN and infinite tokens included, many threads."""
+    x = hard_inputs(torch.float32, rows=400, seed=7)  # above the one-thread size
+    x[0, 3], x[1, 7] = float("nan"), float("inf")
+    _, inv, x_q = native.quantize_activations(x, 8, to)
+    none, inv2, x_q2 = native.quantize_activations(x, 8, to, codes=False)
+    assert none is None
+    torch.testing.assert_close(inv2, inv, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(x_q2.view(torch.int16 if to != torch.float32 else torch.int32),
+                       x_q.view(torch.int16 if to != torch.float32 else torch.int32))  # fmt: skip
+    with pytest.raises(ValueError, match="codes=False needs a dequantized dtype"):
+        native.quantize_activations(x, 8, codes=False)
+
+
 def test_reusable_only_when_nothing_else_holds_the_buffer():
     t = torch.empty(4, 3)
     assert native.reusable(t, (4, 3), torch.float32, "cpu")

@@ -134,7 +134,7 @@ class _ActivationCodes(threading.local):
 
     ref = None  # weakref to the input tensor
     key = None  # (version, bits, inference mode)
-    value = None  # (codes_i8, inv, the codes converted to float dtypes)
+    value = None  # (codes_i8 or None where none were needed, inv, converted to float dtypes)
 
     @staticmethod
     def _key(x: torch.Tensor, bits: int) -> tuple:
@@ -223,10 +223,13 @@ def _native(kernels: str, applies) -> bool:
     )
 
 
-def _quantize_activations(x2: torch.Tensor, bits: int, kernel: str, dequantized=None):
+def _quantize_activations(
+    x2: torch.Tensor, bits: int, kernel: str, dequantized=None, codes: bool = True
+):
     """BitNet reference activation quantizer on (N, in): int8 codes, s = Qp / max|x| and,
     with `dequantized` a dtype, x_q = codes / s in it where the native pass writes it (else
-    None: `_dequantized` computes the same values).
+    None: `_dequantized` computes the same values). With `codes=False` (and `dequantized`)
+    the native pass writes no codes (None); the PyTorch ops always return them.
 
     codes = clamp(round(x * s), -Qp - 1, Qp), s per token with max|x| clamped at 1e-5. With
     s from the row's own absmax, |x * s| <= Qp, so the clamp can never act and is skipped.
@@ -234,7 +237,7 @@ def _quantize_activations(x2: torch.Tensor, bits: int, kernel: str, dequantized=
     values in one fused pass; "torch" (and under `torch.compile`) the PyTorch ops below.
     """
     if _native(kernel, lambda: native.takes_activations(x2, dequantized)):
-        out = native.quantize_activations(x2, bits, dequantized)
+        out = native.quantize_activations(x2, bits, dequantized, codes or dequantized is None)
         return out if dequantized is not None else (*out, None)
     xf = wide(x2)
     qp = 2 ** (bits - 1) - 1
@@ -246,28 +249,44 @@ class _FusedBitLinear(torch.autograd.Function):
     """linear(q_a(x), w_q) + b with per-token symmetric absmax activation quantization.
 
     The matmul is the exact integer GEMM `gemm_fn` of the codes, rescaled per token and per
-    weight, or (None) the float GEMM of x_q = codes / s with w_q in `dt`. Saves int8 codes
-    (N, in) and the per-token scales s (N, 1) for the backward, where x_q is rebuilt for the
-    weight gradient. The activation gradient passes straight through (an absmax grid never
-    clamps), the weight gradient goes to the latent weight (masked by `w_mask` for the
-    clipped STE). In float32 the gradients equal the reference form's exactly; under bf16
-    autocast up to bf16 rounding.
+    weight, or (None) the float GEMM of x_q = codes / s with w_q in `dt`. Saves for the
+    weight gradient (`saved`, `QATConfig.saved_activations`) either int8 codes (N, in) and
+    the per-token scales s (N, 1), from which the backward rebuilds x_q, or x_q itself in
+    `dt` (in bf16 / fp16 by default, where the float GEMM already made it: no rebuild, and
+    then the codes are not even written). The activation gradient passes straight through
+    (an absmax grid never clamps), the weight gradient goes to the latent weight (masked by
+    `w_mask` for the clipped STE). In float32 the gradients equal the reference form's
+    exactly; under bf16 autocast up to bf16 rounding.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, w_q, gemm_fn, w_scale_row, w_mask, bits, act_kernel, dt):
+    def forward(
+        ctx, x, weight, bias, w_q, gemm_fn, w_scale_row, w_mask, bits, act_kernel, dt, saved
+    ):
         in_f = x.shape[-1]
         lead = x.shape[:-1]
+        # What the backward keeps (QATConfig.saved_activations): x_q itself, or its codes.
+        values = saved == "values" or (
+            saved == "auto" and gemm_fn is None and dt in (torch.bfloat16, torch.float16)
+        )
+        need_codes = gemm_fn is not None or not values
         with torch.autocast(x.device.type, enabled=False):
             # Inference tensors keep no version counter, so they cannot be shared safely.
             share = not torch.compiler.is_compiling() and not x.is_inference()
             shared = _ACT_CODES.lookup(x, bits) if share else None
+            if (
+                shared is not None
+                and shared[0] is None
+                and (need_codes or ("x_q", dt) not in shared[2])
+            ):
+                shared = None  # no codes kept, or x_q released: quantized again
             if shared is not None:
                 codes_i8, inv, converted = shared
             else:
-                # With no integer GEMM, x_q comes out of the native quantizer's own pass.
+                # With no integer GEMM, x_q comes out of the native quantizer's own pass
+                # (alone, when no codes are needed).
                 codes_i8, inv, x_q = _quantize_activations(
-                    x.reshape(-1, in_f), bits, act_kernel, None if gemm_fn else dt
+                    x.reshape(-1, in_f), bits, act_kernel, None if gemm_fn else dt, need_codes
                 )
                 # What the layers sharing the codes also use: ("codes", dt), the codes in
                 # dt for the `float` GEMM kernel; ("x_q", dt), the quantized activations.
@@ -305,7 +324,12 @@ class _FusedBitLinear(torch.autograd.Function):
                 if ("x_q", dt) not in converted:
                     converted["x_q", dt] = _dequantized(codes_i8, inv, dt, act_kernel)
                 y = F.linear(converted["x_q", dt], w_q, None if bias is None else bias.to(dt))
-        ctx.save_for_backward(codes_i8, inv, w_q, w_mask)
+            if values and ("x_q", dt) not in converted:  # after an integer GEMM
+                converted["x_q", dt] = _dequantized(codes_i8, inv, dt, act_kernel)
+        if values:
+            ctx.save_for_backward(converted["x_q", dt], None, w_q, w_mask)
+        else:
+            ctx.save_for_backward(codes_i8, inv, w_q, w_mask)
         ctx.meta = (x.dtype, weight.dtype, None if bias is None else bias.dtype, dt, lead)
         ctx.kernels = act_kernel
         # (N, out): the caller restores the leading dims. A view made here would forbid
@@ -317,19 +341,21 @@ class _FusedBitLinear(torch.autograd.Function):
         if not torch.compiler.is_compiling():  # (nothing is shared while tracing)
             # The forward is over: the shared x_q (or codes in dt) need not outlive it.
             _ACT_CODES.release()
-        codes_i8, inv, w_q, w_mask = ctx.saved_tensors
+        activations, inv, w_q, w_mask = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype, dt, lead = ctx.meta
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(dt)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = (g @ w_q).reshape(*lead, w_q.shape[1]).to(x_dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = (g.t() @ _REBUILT.get(codes_i8, inv, dt, ctx.kernels)).to(w_dtype)
+            # x_q as saved, or rebuilt from the codes (inv: their scales).
+            x_q = activations if inv is None else _REBUILT.get(activations, inv, dt, ctx.kernels)
+            grad_w = (g.t() @ x_q).to(w_dtype)
             if w_mask is not None:
                 grad_w = grad_w * w_mask
         if b_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = g.sum(0).to(b_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 class BitLinear(nn.Linear):
@@ -612,7 +638,7 @@ class BitLinear(nn.Linear):
                 scale_row = entry["scale_row"]
             y = _FusedBitLinear.apply(
                 x, self.weight, self.bias, w_q, run, scale_row, mask,
-                int(a_spec.bits), cfg.kernels, dt,
+                int(a_spec.bits), cfg.kernels, dt, cfg.saved_activations,
             )  # fmt: skip
             return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
         if static_a:

@@ -229,7 +229,7 @@ class PackedTernaryLinear(nn.Module):
                 # w_q stands in for the latent weight: it needs no gradient.
                 y = _FusedBitLinear.apply(
                     x, w_q, self.bias, w_q, run, scale_row, None,
-                    int(a_spec.bits), cfg.kernels, dt,
+                    int(a_spec.bits), cfg.kernels, dt, cfg.saved_activations,
                 )  # fmt: skip
                 return y.reshape(*x.shape[:-1], self.out_features)
             if a_spec is not None:

@@ -75,6 +75,13 @@ class QATConfig(Section):
         "float in bf16 / fp16 (the reference's numbers, as fast there) unless gemm names a "
         "kernel",
     )
+    saved_activations: Literal["auto", "codes", "values"] = Field(
+        "auto",
+        description="fused: what the backward keeps of each quantized input: its int8 codes "
+        "and one scale per token (1 byte an element; x_q rebuilt in the backward) or x_q "
+        "itself in the compute dtype (no rebuild); auto: values where the forward runs the "
+        "float GEMM of x_q in bf16 / fp16 (2 bytes, already made), codes otherwise",
+    )
     gemm: Literal["auto", "onednn", "int_mm", "float"] = Field(
         "auto",
         description="the integer GEMM's kernel: oneDNN's int8 linear, torch._int_mm, or the "

@@ -103,7 +103,7 @@ def _build() -> ctypes.CDLL:
         real = ctypes.c_double if name.endswith("f64") else ctypes.c_float
         fn = getattr(lib, f"act_quant_{name}")
         fn.argtypes = (ptr, i64, i64, real, real, ptr, ptr, ptr, i32)
-        fn.restype = None
+        fn.restype = i32
     lib.rescale_i32_f32.argtypes = (ptr, i64, i64, ptr, ptr, i32)
     lib.rescale_i32_f32.restype = None
     lib.absmean_f32.argtypes = (ptr, i64, i64, i32, ctypes.c_float, i32, ptr)
@@ -164,18 +164,21 @@ def supports(x: torch.Tensor) -> bool:
 
 
 def quantize_activations(
-    x2: torch.Tensor, bits: int, dequantized: torch.dtype | None = None
-) -> tuple[torch.Tensor, ...]:
+    x2: torch.Tensor, bits: int, dequantized: torch.dtype | None = None, codes: bool = True
+) -> tuple[torch.Tensor | None, ...]:
     """BitNet's per-token absmax quantizer of (N, K) `x2` in one fused pass.
 
     Returns int8 codes (N, K) and s = Qp / max|x| per row, (N, 1), in float32 (float64 for
     a float64 input): the same values as `bitnet_training.nn.bitlinear`'s PyTorch form.
     With `dequantized` a dtype, also the quantized activations x_q = codes / s in it, from
-    the same pass (`rebuild_activations`' values): (codes, s, x_q).
+    the same pass (`rebuild_activations`' values): (codes, s, x_q); with `codes=False` as
+    well, the codes are not written (each row's go through a scratch row) and are None.
     """
     lib = library()
     if lib is None:
         raise RuntimeError(f"the native activation quantizer is unavailable: {build_error()}")
+    if not codes and dequantized is None:
+        raise ValueError("quantize_activations: codes=False needs a dequantized dtype")
     x2 = x2.contiguous()
     n, k = x2.shape
     if k == 0:
@@ -185,15 +188,17 @@ def quantize_activations(
     name = f"{_SUFFIX[x2.dtype]}_{_SUFFIX[out]}"
     if name not in _ACT_KERNELS:
         raise ValueError(f"quantize_activations: no kernel from {x2.dtype} to x_q in {out}")
-    codes = torch.empty((n, k), dtype=torch.int8)
+    c = torch.empty((n, k), dtype=torch.int8) if codes else None
     inv = torch.empty((n, 1), dtype=wide)
     x_q = torch.empty((n, k), dtype=out) if dequantized is not None else None
     qp = float(2 ** (bits - 1) - 1)
-    getattr(lib, f"act_quant_{name}")(
-        x2.data_ptr(), n, k, qp, SCALE_EPS, codes.data_ptr(), inv.data_ptr(),
-        None if x_q is None else x_q.data_ptr(), torch.get_num_threads(),
+    failed = getattr(lib, f"act_quant_{name}")(
+        x2.data_ptr(), n, k, qp, SCALE_EPS, None if c is None else c.data_ptr(),
+        inv.data_ptr(), None if x_q is None else x_q.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
-    return (codes, inv) if x_q is None else (codes, inv, x_q)
+    if failed:
+        raise MemoryError(f"quantize_activations: no memory for a scratch row of {k} bytes")
+    return (c, inv) if x_q is None else (c, inv, x_q)
 
 
 def takes_activations(x: torch.Tensor, dequantized: torch.dtype | None = None) -> bool:

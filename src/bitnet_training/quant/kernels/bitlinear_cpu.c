@@ -5,7 +5,9 @@
  * computed exactly as the eager PyTorch composition does it (x widened to float32, or kept
  * in float64; `qp / t` in PyTorch is `t.reciprocal() * qp`), so codes and scales are
  * bit-identical to it. |x * s| <= qp + rounding, so no clamp is needed. Given an output,
- * the same pass also writes the quantized activations x_q = dt(code / s) (as rebuild_*).
+ * the same pass also writes the quantized activations x_q = dt(code / s) (as rebuild_*);
+ * with no codes buffer (NULL) it writes x_q alone. Returns 0, or 1 where a scratch row could
+ * not be allocated (nothing then is complete).
  *
  * absmean_f32: the ternary weight scale gamma = mean(|W|), as PyTorch sums it (below).
  * ternary_*: the ternary weight codes and the dequantized weight in one pass (below).
@@ -17,6 +19,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define PARALLEL_MIN 32768 /* elements below which one thread does the whole call */
@@ -29,37 +32,48 @@ static inline float bf16_to_f32(uint16_t h) {
 }
 
 #define ACT_QUANT(NAME, T, W, LOAD, OUT_T, ROW)                                            \
-    void NAME(const T *x, int64_t rows, int64_t k, W qp, W eps, int8_t *codes, W *inv,     \
-              OUT_T *xq, int threads) {                                                    \
-        int nt = rows * k >= PARALLEL_MIN ? threads : 1;                                   \
-        _Pragma("omp parallel for num_threads(nt) schedule(static)")                       \
-        for (int64_t r = 0; r < rows; r++) {                                               \
-            const T *xr = x + r * k;                                                       \
-            int8_t *cr = codes + r * k;                                                    \
-            W m = 0;                                                                       \
-            int nan = 0;                                                                   \
-            _Pragma("omp simd reduction(max:m) reduction(|:nan)")                          \
-            for (int64_t j = 0; j < k; j++) {                                              \
-                W a = LOAD(xr[j]);                                                         \
-                nan |= a != a;                                                             \
-                a = a < 0 ? -a : a;                                                        \
-                m = a > m ? a : m;                                                         \
+    int NAME(const T *x, int64_t rows, int64_t k, W qp, W eps, int8_t *codes, W *inv,      \
+             OUT_T *xq, int threads) {                                                     \
+        int nt = rows * k >= PARALLEL_MIN ? threads : 1, fail = 0;                         \
+        _Pragma("omp parallel num_threads(nt)")                                            \
+        {                                                                                  \
+            /* No codes wanted: each thread's row goes through its own scratch row. */     \
+            int8_t *scratch = codes ? NULL : (int8_t *)malloc(k);                          \
+            if (!codes && !scratch) {                                                      \
+                _Pragma("omp atomic write") fail = 1;                                      \
             }                                                                              \
-            m = nan ? (W)NAN : (m < eps ? eps : m); /* a NaN row keeps a NaN scale */      \
-            W s = ((W)1 / m) * qp;                                                         \
-            inv[r] = s;                                                                    \
-            if (nan || m == (W)INFINITY) { /* NaN products: code 0, as PyTorch casts them */ \
+            _Pragma("omp for schedule(static)")                                            \
+            for (int64_t r = 0; r < rows; r++) {                                           \
+                if (!codes && !scratch) continue;                                          \
+                const T *xr = x + r * k;                                                   \
+                int8_t *cr = codes ? codes + r * k : scratch;                              \
+                W m = 0;                                                                   \
+                int nan = 0;                                                               \
+                _Pragma("omp simd reduction(max:m) reduction(|:nan)")                      \
                 for (int64_t j = 0; j < k; j++) {                                          \
-                    W t = LOAD(xr[j]) * s;                                                 \
-                    cr[j] = t != t ? 0 : (int8_t)(int32_t)nearbyint(t);                    \
+                    W a = LOAD(xr[j]);                                                     \
+                    nan |= a != a;                                                         \
+                    a = a < 0 ? -a : a;                                                    \
+                    m = a > m ? a : m;                                                     \
                 }                                                                          \
-            } else {                                                                       \
-                _Pragma("omp simd")                                                        \
-                for (int64_t j = 0; j < k; j++)                                            \
-                    cr[j] = (int8_t)(int32_t)nearbyint(LOAD(xr[j]) * s);                   \
+                m = nan ? (W)NAN : (m < eps ? eps : m); /* a NaN row keeps a NaN scale */  \
+                W s = ((W)1 / m) * qp;                                                     \
+                inv[r] = s;                                                                \
+                if (nan || m == (W)INFINITY) { /* NaN products: code 0, as PyTorch does */ \
+                    for (int64_t j = 0; j < k; j++) {                                      \
+                        W t = LOAD(xr[j]) * s;                                             \
+                        cr[j] = t != t ? 0 : (int8_t)(int32_t)nearbyint(t);                \
+                    }                                                                      \
+                } else {                                                                   \
+                    _Pragma("omp simd")                                                    \
+                    for (int64_t j = 0; j < k; j++)                                        \
+                        cr[j] = (int8_t)(int32_t)nearbyint(LOAD(xr[j]) * s);               \
+                }                                                                          \
+                if (xq) ROW(cr, k, s, xq + r * k); /* x_q while the row is in cache */     \
             }                                                                              \
-            if (xq) ROW(cr, k, s, xq + r * k); /* x_q while the row is in cache */         \
+            free(scratch);                                                                 \
         }                                                                                  \
+        return fail;                                                                       \
     }
 
 /* absmean_f32: gamma = mean(|W|) clamped below at eps, per tensor (or per row when per_row
