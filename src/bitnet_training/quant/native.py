@@ -33,7 +33,10 @@ import torch
 from .functional import SCALE_EPS, Quantized, absmean_scale
 
 SOURCE = Path(__file__).with_name("kernels") / "bitlinear_cpu.c"
+# No contraction of a * b + c into a fused multiply-add the source does not write: the
+# kernels round where PyTorch's ops round.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math")
+FLAGS += ("-ffp-contract=off",)
 FLAGS += ("-shared", "-fPIC")
 # OpenMP: the library links libgomp.so.1 by name, which resolves to the copy torch already
 # loaded, so both share one thread pool. Threads per call: torch.get_num_threads().
@@ -108,6 +111,8 @@ def _build() -> ctypes.CDLL:
     lib.rescale_i32_f32.restype = None
     lib.absmean_f32.argtypes = (ptr, i64, i64, i32, ctypes.c_float, i32, ptr)
     lib.absmean_f32.restype = i32
+    lib.quotient_mismatches.argtypes = (i32,)
+    lib.quotient_mismatches.restype = ctypes.c_int64
     for name in _SUFFIX.values():
         fn = getattr(lib, f"ternary_{name}")
         fn.argtypes = (ptr, i64, i64, ptr, i32, ptr, ptr, i32)
@@ -264,6 +269,16 @@ def rebuild_activations(
     fn(codes.data_ptr(), codes.shape[0], codes.shape[1], s.data_ptr(), out.data_ptr(),
        torch.get_num_threads())  # fmt: skip
     return out
+
+
+def quotient_mismatches() -> int:
+    """How many (code, scale) pairs the x_q kernels' division-free quotient gets wrong, over
+    every code -128..127 and every float32 scale in +-[1, 2) (the kernel source says why that
+    covers every scale it is used for): 0, or the kernels are wrong on this machine."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the native kernels are unavailable: {build_error()}")
+    return int(lib.quotient_mismatches(torch.get_num_threads()))
 
 
 def takes_accumulator(acc_shape, inv: torch.Tensor, scale: torch.Tensor) -> bool:

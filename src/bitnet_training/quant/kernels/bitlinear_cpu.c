@@ -12,6 +12,7 @@
  * absmean_f32: the ternary weight scale gamma = mean(|W|), as PyTorch sums it (below).
  * ternary_*: the ternary weight codes and the dequantized weight in one pass (below).
  * rebuild_*: the quantized activations from their codes (below).
+ * quotient_mismatches: the exhaustive check of rebuild's division-free quotient (below).
  * rescale_i32_f32: the integer GEMM's int32 sums to float32 with both scales (below).
  *
  * Rows are split over `threads` OpenMP threads (the libgomp torch itself loaded).
@@ -240,15 +241,69 @@ TERNARY(ternary_f64, double, STORE_F64)
  * the backward's for the weight gradient),
  *   x_q = dt(code / s[row])      s in float32 (float64 for float64), the quotient in it,
  * as PyTorch's `codes_int8.div(s).to(dt)` rounds it: once, at the end (no scale rounded to
- * a low precision first: a bf16 or float16 s would overflow for small activations). */
-#define XQ_ROW(NAME, W, OUT_T, STORE)                                                      \
-    static inline void NAME(const int8_t *c, int64_t k, W s, OUT_T *out) {                 \
-        _Pragma("omp simd")                                                                \
-        for (int64_t j = 0; j < k; j++) out[j] = STORE((W)c[j] / s);                       \
+ * a low precision first: a bf16 or float16 s would overflow for small activations).
+ *
+ * The float32 quotient is taken without a division, which is the slow part of the pass:
+ * with y = 1 / s (once per row), q0 = c * y, r = c - s * q0 (exact, by a fused
+ * multiply-add) and q = q0 + r * y (one more), Markstein's correction of the reciprocal's
+ * product. It is the correctly rounded c / s, bit for bit, for every code -128..127 and
+ * 2^-100 <= |s| <= 2^100: quotient_mismatches() below compares it with the division for
+ * every one of them and every float32 s in [1, 2) (and its negatives), and in that range
+ * every value involved stays a normal float, so the result scales exactly with s's
+ * exponent. Other scales divide. (float64 rows always divide.) */
+#define QUOT_MIN 0x1p-100f
+#define QUOT_MAX 0x1p100f
+
+static inline int quot_fast(float s) {
+    float a = fabsf(s);
+    return a >= QUOT_MIN && a <= QUOT_MAX; /* false for NaN */
+}
+
+static inline float quot(float c, float s, float y) {
+    float q0 = c * y;
+    return fmaf(fmaf(-s, q0, c), y, q0);
+}
+
+#define XQ_ROW_F32(NAME, OUT_T, STORE)                                                     \
+    static inline void NAME(const int8_t *c, int64_t k, float s, OUT_T *out) {             \
+        if (quot_fast(s)) {                                                                \
+            const float y = 1.0f / s;                                                      \
+            _Pragma("omp simd")                                                            \
+            for (int64_t j = 0; j < k; j++) out[j] = STORE(quot((float)c[j], s, y));       \
+        } else {                                                                           \
+            _Pragma("omp simd")                                                            \
+            for (int64_t j = 0; j < k; j++) out[j] = STORE((float)c[j] / s);               \
+        }                                                                                  \
     }
-XQ_ROW(xq_row_f32, float, float, STORE_F32)
-XQ_ROW(xq_row_f16, float, _Float16, STORE_F16)
-XQ_ROW(xq_row_f64, double, double, STORE_F64)
+XQ_ROW_F32(xq_row_f32, float, STORE_F32)
+XQ_ROW_F32(xq_row_f16, _Float16, STORE_F16)
+
+static inline void xq_row_f64(const int8_t *c, int64_t k, double s, double *out) {
+    _Pragma("omp simd")
+    for (int64_t j = 0; j < k; j++) out[j] = (double)c[j] / s;
+}
+
+/* The number of codes -128..127 and float32 scales s = +-m 2^-23, 2^23 <= m < 2^24 (every
+ * float32 in [1, 2) and its negative) whose `quot` differs from c / s in any bit: 0 proves
+ * the identity above (run by the tests). */
+int64_t quotient_mismatches(int threads) {
+    int64_t bad = 0;
+    _Pragma("omp parallel for num_threads(threads) reduction(+:bad) schedule(static)")
+    for (int64_t m = 1 << 23; m < 1 << 24; m++) {
+        for (int sign = -1; sign <= 1; sign += 2) {
+            const float s = (float)(sign * m) * 0x1p-23f, y = 1.0f / s;
+            _Pragma("omp simd reduction(+:bad)")
+            for (int c = -128; c < 128; c++) {
+                float a = quot((float)c, s, y), b = (float)c / s;
+                uint32_t ua, ub;
+                memcpy(&ua, &a, sizeof ua);
+                memcpy(&ub, &b, sizeof ub);
+                bad += ua != ub;
+            }
+        }
+    }
+    return bad;
+}
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
@@ -256,17 +311,20 @@ XQ_ROW(xq_row_f64, double, double, STORE_F64)
 
 /* bf16 rows: with AVX512-BF16, vcvtneps2bf16 rounds 16 quotients at once, half to even and
  * NaN made quiet as f32_to_bf16 does. It reads float32 subnormals as zero, so it runs only
- * where no quotient can be one. */
+ * where no quotient can be one (in the quotient's range above every nonzero |code / s| is at
+ * least 2^-100). */
 static inline void xq_row_bf16(const int8_t *c, int64_t k, float s, uint16_t *out) {
     int64_t j = 0;
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-    const __m512 vs = _mm512_set1_ps(s);
-    /* |s| <= 2^126: a nonzero |code / s| >= 2^-126 is normal (the quantizer's s is at most
-     * qp / eps, about 1.3e7; a larger s given to rebuild_* takes the scalar path). */
-    for (; fabsf(s) <= 0x1p126f && j + 16 <= k; j += 16) {
-        __m512i wide = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + j)));
-        __m256bh h = _mm512_cvtneps_pbh(_mm512_div_ps(_mm512_cvtepi32_ps(wide), vs));
-        _mm256_storeu_si256((__m256i *)(out + j), (__m256i)h);
+    if (quot_fast(s)) {
+        const __m512 vs = _mm512_set1_ps(s), vy = _mm512_set1_ps(1.0f / s);
+        for (; j + 16 <= k; j += 16) {
+            __m512i wide = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + j)));
+            __m512 a = _mm512_cvtepi32_ps(wide);
+            __m512 q0 = _mm512_mul_ps(a, vy);
+            __m512 q = _mm512_fmadd_ps(_mm512_fnmadd_ps(vs, q0, a), vy, q0); /* quot() */
+            _mm256_storeu_si256((__m256i *)(out + j), (__m256i)_mm512_cvtneps_pbh(q));
+        }
     }
 #endif
     for (; j < k; j++) out[j] = f32_to_bf16((float)c[j] / s);
