@@ -31,6 +31,31 @@ def test_each_kernel_equals_int_mm_rounded_once(kernel, dt, shape):
     assert got.dtype == dt and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("kernel", gemm.KERNELS)
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
+def test_scaled_output_is_the_product_times_both_scales(kernel, dt, per_channel):
+    """`scaled`: the layer's y = (a W^T) * gamma / s, the same bits from every kernel and
+    from the native in-place pass (int_mm, float32) as from the PyTorch ops."""
+    n, k, m = 37, 384, 128
+    if gemm.unavailable(kernel, n, k, m, dt, "cpu") is not None:
+        pytest.skip("kernel unavailable here")
+    a, w = _codes(n, k, m)
+    g = torch.Generator().manual_seed(1)
+    inv = torch.rand(n, 1, generator=g) * 100 + 1
+    gamma = torch.rand(1, m, generator=g) + 0.1 if per_channel else torch.tensor(0.03)
+    exact = torch._int_mm(a, w.t().contiguous()).to(dt)
+    if per_channel:
+        want = exact.div_(inv.to(dt)).mul_(gamma.to(dt))
+    else:
+        want = exact.mul_((gamma / inv).to(dt))
+    prepared = gemm.Prepared(kernel, w, dt)
+    assert prepared.out_features == m
+    for native_ok in (True, False):
+        got = prepared.scaled(a, inv, gamma, native_ok)
+        assert got.dtype == dt and got.shape == (n, m) and torch.equal(got, want)
+
+
 def test_int_mm_on_cpu_takes_the_codes_as_they_are():
     a, w = _codes(64, 96, 48)
     prepared = gemm.Prepared("int_mm", w, torch.float32)

@@ -301,21 +301,7 @@ class _FusedBitLinear(torch.autograd.Function):
                     if ("codes", dt) not in converted:
                         converted["codes", dt] = codes_i8.to(dt)
                     a = converted["codes", dt]
-                n_out = (a.shape[0], w_q.shape[0])
-                if (
-                    gemm_fn.kernel == "int_mm"
-                    and dt == torch.float32
-                    and _native(
-                        act_kernel, lambda: native.takes_accumulator(n_out, inv, w_scale_row)
-                    )
-                ):  # one pass: the int32 sums to float32 and both scales, in place
-                    y = native.rescale_accumulator(gemm_fn.accumulate(a), inv, w_scale_row)
-                else:
-                    y = gemm_fn(a)
-                    if w_scale_row.dim() == 0:  # per-tensor gamma folds into the token's scale
-                        y = y.mul_((w_scale_row / inv).to(dt))
-                    else:
-                        y = y.div_(inv.to(dt)).mul_(w_scale_row.to(dt))
+                y = gemm_fn.scaled(a, inv, w_scale_row, _native(act_kernel, lambda: True))
                 if bias is not None:
                     y = y.add_(bias.to(dt))
             else:
