@@ -12,7 +12,7 @@
  * absmean_f32: the ternary weight scale gamma = mean(|W|), as PyTorch sums it (below).
  * ternary_*: the ternary weight codes and the dequantized weight in one pass (below).
  * rebuild_*: the quantized activations from their codes (below).
- * quotient_mismatches: the exhaustive check of rebuild's division-free quotient (below).
+ * quotient_mismatches: the exhaustive check of x_q's division-free quotient (below).
  * rescale_i32_f32: the integer GEMM's int32 sums to float32 with both scales (below).
  *
  * Rows are split over `threads` OpenMP threads (the libgomp torch itself loaded).
@@ -22,6 +22,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #define PARALLEL_MIN 32768 /* elements below which one thread does the whole call */
 
@@ -32,7 +35,7 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-#define ACT_QUANT(NAME, T, W, LOAD, OUT_T, ROW)                                            \
+#define ACT_QUANT(NAME, T, W, LOAD, OUT_T, ROW, FAST)                                      \
     int NAME(const T *x, int64_t rows, int64_t k, W qp, W eps, int8_t *codes, W *inv,      \
              OUT_T *xq, int threads) {                                                     \
         int nt = rows * k >= PARALLEL_MIN ? threads : 1, fail = 0;                         \
@@ -60,17 +63,19 @@ static inline float bf16_to_f32(uint16_t h) {
                 m = nan ? (W)NAN : (m < eps ? eps : m); /* a NaN row keeps a NaN scale */  \
                 W s = ((W)1 / m) * qp;                                                     \
                 inv[r] = s;                                                                \
+                OUT_T *xr_q = xq ? xq + r * k : NULL;                                      \
                 if (nan || m == (W)INFINITY) { /* NaN products: code 0, as PyTorch does */ \
                     for (int64_t j = 0; j < k; j++) {                                      \
                         W t = LOAD(xr[j]) * s;                                             \
                         cr[j] = t != t ? 0 : (int8_t)(int32_t)nearbyint(t);                \
                     }                                                                      \
-                } else {                                                                   \
+                    if (xq) ROW(cr, k, s, xr_q);                                           \
+                } else if (!FAST(xr, k, s, codes ? cr : NULL, xr_q)) {                     \
                     _Pragma("omp simd")                                                    \
                     for (int64_t j = 0; j < k; j++)                                        \
                         cr[j] = (int8_t)(int32_t)nearbyint(LOAD(xr[j]) * s);               \
+                    if (xq) ROW(cr, k, s, xr_q); /* x_q while the row is in cache */       \
                 }                                                                          \
-                if (xq) ROW(cr, k, s, xq + r * k); /* x_q while the row is in cache */     \
             }                                                                              \
             free(scratch);                                                                 \
         }                                                                                  \
@@ -264,6 +269,13 @@ static inline float quot(float c, float s, float y) {
     return fmaf(fmaf(-s, q0, c), y, q0);
 }
 
+#if defined(__AVX512F__)
+static inline __m512 quot16(__m512 c, __m512 s, __m512 y) { /* quot() on 16 lanes */
+    __m512 q0 = _mm512_mul_ps(c, y);
+    return _mm512_fmadd_ps(_mm512_fnmadd_ps(s, q0, c), y, q0);
+}
+#endif
+
 #define XQ_ROW_F32(NAME, OUT_T, STORE)                                                     \
     static inline void NAME(const int8_t *c, int64_t k, float s, OUT_T *out) {             \
         if (quot_fast(s)) {                                                                \
@@ -284,8 +296,9 @@ static inline void xq_row_f64(const int8_t *c, int64_t k, double s, double *out)
 }
 
 /* The number of codes -128..127 and float32 scales s = +-m 2^-23, 2^23 <= m < 2^24 (every
- * float32 in [1, 2) and its negative) whose `quot` differs from c / s in any bit: 0 proves
- * the identity above (run by the tests). */
+ * float32 in [1, 2) and its negative) whose `quot` (and, with AVX-512, `quot16`, which the
+ * bf16 kernels use) differs from c / s in any bit: 0 proves the identity above (run by the
+ * tests). */
 int64_t quotient_mismatches(int threads) {
     int64_t bad = 0;
     _Pragma("omp parallel for num_threads(threads) reduction(+:bad) schedule(static)")
@@ -300,14 +313,21 @@ int64_t quotient_mismatches(int threads) {
                 memcpy(&ub, &b, sizeof ub);
                 bad += ua != ub;
             }
+#if defined(__AVX512F__)
+            const __m512 vs = _mm512_set1_ps(s), vy = _mm512_set1_ps(y);
+            const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3,
+                                                   2, 1, 0);
+            for (int c0 = -128; c0 < 128; c0 += 16) {
+                __m512 c = _mm512_cvtepi32_ps(_mm512_add_epi32(lanes, _mm512_set1_epi32(c0)));
+                __m512i got = _mm512_castps_si512(quot16(c, vs, vy));
+                __m512i want = _mm512_castps_si512(_mm512_div_ps(c, vs));
+                bad += __builtin_popcount(_mm512_cmpneq_epi32_mask(got, want));
+            }
+#endif
         }
     }
     return bad;
 }
-
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 /* bf16 rows: with AVX512-BF16, vcvtneps2bf16 rounds 16 quotients at once, half to even and
  * NaN made quiet as f32_to_bf16 does. It reads float32 subnormals as zero, so it runs only
@@ -320,9 +340,7 @@ static inline void xq_row_bf16(const int8_t *c, int64_t k, float s, uint16_t *ou
         const __m512 vs = _mm512_set1_ps(s), vy = _mm512_set1_ps(1.0f / s);
         for (; j + 16 <= k; j += 16) {
             __m512i wide = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + j)));
-            __m512 a = _mm512_cvtepi32_ps(wide);
-            __m512 q0 = _mm512_mul_ps(a, vy);
-            __m512 q = _mm512_fmadd_ps(_mm512_fnmadd_ps(vs, q0, a), vy, q0); /* quot() */
+            __m512 q = quot16(_mm512_cvtepi32_ps(wide), vs, vy);
             _mm256_storeu_si256((__m256i *)(out + j), (__m256i)_mm512_cvtneps_pbh(q));
         }
     }
@@ -366,15 +384,43 @@ void rescale_i32_f32(int32_t *acc, int64_t rows, int64_t cols, const float *row,
     }
 }
 
+/* act_quant_f32_bf16's finite rows, where the quotient needs no division: codes (if wanted)
+ * and x_q in one pass, each code kept in a register (as a float32 integer, exactly the int8
+ * code's value) instead of going through memory. Returns 0 where it does not apply. */
+static inline int fast_f32_bf16(const float *x, int64_t k, float s, int8_t *codes,
+                                uint16_t *out) {
+    if (!out || !quot_fast(s)) return 0;
+    int64_t j = 0;
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    const __m512 vs = _mm512_set1_ps(s), vy = _mm512_set1_ps(1.0f / s);
+    for (; j + 16 <= k; j += 16) {
+        /* round half to even (the default mode), as nearbyint: |x s| <= qp, no overflow */
+        __m512i ci = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + j), vs));
+        if (codes) _mm_storeu_si128((__m128i *)(codes + j), _mm512_cvtsepi32_epi8(ci));
+        __m512 q = quot16(_mm512_cvtepi32_ps(ci), vs, vy);
+        _mm256_storeu_si256((__m256i *)(out + j), (__m256i)_mm512_cvtneps_pbh(q));
+    }
+#else
+    return 0;
+#endif
+    for (; j < k; j++) {
+        int8_t code = (int8_t)(int32_t)nearbyintf(x[j] * s);
+        if (codes) codes[j] = code;
+        out[j] = f32_to_bf16((float)code / s);
+    }
+    return 1;
+}
+#define NO_FAST(x, k, s, codes, out) 0
+
 /* act_quant_<input dtype>_<x_q dtype>: x_q is written only where a pointer is given. */
 #define LOAD_F32(v) (v)
 #define LOAD_BF16(v) bf16_to_f32(v)
 #define LOAD_F16(v) ((float)(v))
-#define ACT_QUANT_TO(IN, T, LOAD)                                                          \
-    ACT_QUANT(act_quant_##IN##_f32, T, float, LOAD, float, xq_row_f32)                     \
-    ACT_QUANT(act_quant_##IN##_bf16, T, float, LOAD, uint16_t, xq_row_bf16)                \
-    ACT_QUANT(act_quant_##IN##_f16, T, float, LOAD, _Float16, xq_row_f16)
-ACT_QUANT_TO(f32, float, LOAD_F32)
-ACT_QUANT_TO(bf16, uint16_t, LOAD_BF16)
-ACT_QUANT_TO(f16, _Float16, LOAD_F16)
-ACT_QUANT(act_quant_f64_f64, double, double, LOAD_F32, double, xq_row_f64)
+#define ACT_QUANT_TO(IN, T, LOAD, FAST_BF16)                                               \
+    ACT_QUANT(act_quant_##IN##_f32, T, float, LOAD, float, xq_row_f32, NO_FAST)            \
+    ACT_QUANT(act_quant_##IN##_bf16, T, float, LOAD, uint16_t, xq_row_bf16, FAST_BF16)     \
+    ACT_QUANT(act_quant_##IN##_f16, T, float, LOAD, _Float16, xq_row_f16, NO_FAST)
+ACT_QUANT_TO(f32, float, LOAD_F32, fast_f32_bf16)
+ACT_QUANT_TO(bf16, uint16_t, LOAD_BF16, NO_FAST)
+ACT_QUANT_TO(f16, _Float16, LOAD_F16, NO_FAST)
+ACT_QUANT(act_quant_f64_f64, double, double, LOAD_F32, double, xq_row_f64, NO_FAST)
