@@ -298,6 +298,10 @@ def test_pretrained_excludes_other_model_keys(tmp_path):
         (["qat.integer_matmul=false", "qat.gemm=onednn"], "qat.integer_matmul true or auto"),
         (["qat.fused=false", "qat.gemm=onednn"], r"qat.fused=true and qat.integer_matmul"),
         (["qat.fused=false", "qat.saved_activations=codes"], "only with qat.fused=true"),
+        (
+            ["qat.activation_observer=minmax", "qat.saved_activations=values"],
+            "no qat.activation_observer",
+        ),
     ],
 )
 def test_settings_without_effect_are_refused(overrides, message):

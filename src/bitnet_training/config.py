@@ -372,7 +372,15 @@ CONDITIONAL_KEYS: list[tuple[str, Any, str]] = [
     ),
     # `true` was the default before `auto`: the printed configs of earlier versions hold it.
     ("qat.integer_matmul", lambda c: c.qat.fused or c.qat.integer_matmul is True, "qat.fused=true"),
-    ("qat.saved_activations", lambda c: c.qat.fused, "qat.fused=true"),
+    (
+        "qat.saved_activations",
+        lambda c: (
+            c.qat.fused
+            and c.qat.enable_activation_quantization
+            and c.qat.activation_observer is None
+        ),
+        "qat.fused=true with dynamic activation quantization (no qat.activation_observer)",
+    ),
     (
         "qat.gemm",
         lambda c: c.qat.fused and c.qat.integer_matmul is not False,

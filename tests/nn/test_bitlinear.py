@@ -526,3 +526,28 @@ def test_an_input_used_again_after_its_backward_is_quantized_again():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         layer(x)  # shares x_q, no codes
         assert torch.equal(k(x), alone(x.clone()))
+
+
+@pytest.mark.parametrize("saved", ["auto", "codes", "values"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_frozen_weight_keeps_no_activations(saved, dtype):
+    """Only the weight gradient reads the saved activations: a frozen layer (a PEFT base)
+    saves none of them, and its input gradient is unchanged."""
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40, bias=False)
+    x = torch.randn(33, 96)
+    grads = []
+    for frozen in (False, True):
+        layer = BitLinear.from_linear(copy.deepcopy(lin), QATConfig(saved_activations=saved))
+        layer.weight.requires_grad_(not frozen)
+        xi = x.clone().requires_grad_()
+
+        def forward(layer=layer, xi=xi):
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                return layer(xi)
+
+        kept = _saved_activations(forward, 33)
+        assert (kept == []) == frozen
+        forward().float().square().sum().backward()
+        grads.append(xi.grad)
+    assert torch.equal(grads[0], grads[1])

@@ -106,3 +106,7 @@ def test_choice_is_measured_once_and_leaves_the_global_rng_alone(monkeypatch):
     assert gemm.choose(100, 96, 40, torch.float32, "cpu", ("float",)) == "float"
     assert len(calls) == 1 and len(gemm._DECISIONS) == 2
     assert gemm.choose(8, 2**17, 8, torch.float32, "cpu") is None
+    # Without the native kernels (qat.kernels: torch) the probe rescales as the layer then
+    # does, with PyTorch ops: a decision of its own, measured once more.
+    gemm.choose(100, 96, 40, torch.float32, "cpu", native_ok=False)
+    assert len(calls) == 2 and calls[-1][-1] is False

@@ -87,7 +87,9 @@ def integer_gemm(
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
         with unset_fake_temporarily():
-            kernel = gemm.choose(n, in_f, out_f, dt, device, gemm.KERNELS, code_max)
+            kernel = gemm.choose(
+                n, in_f, out_f, dt, device, gemm.KERNELS, code_max, config.kernels != "torch"
+            )
         allowed = ("int_mm",) if kernel in (None, "onednn") else (kernel,)
     elif config.gemm == "auto":
         allowed = gemm.KERNELS if prepared is not None else ("int_mm", "float")
@@ -96,7 +98,7 @@ def integer_gemm(
         why = gemm.unavailable(config.gemm, n, in_f, out_f, dt, device, code_max)
         if why is not None:
             raise ConfigError("qat.gemm", config.gemm, f"a kernel this layer can run ({why})")
-    kernel = gemm.choose(n, in_f, out_f, dt, device, allowed, code_max)
+    kernel = gemm.choose(n, in_f, out_f, dt, device, allowed, code_max, config.kernels != "torch")
     if kernel is None:
         return None
     if prepared is None:
@@ -269,7 +271,9 @@ class _FusedBitLinear(torch.autograd.Function):
         values = saved == "values" or (
             saved == "auto" and gemm_fn is None and dt in (torch.bfloat16, torch.float16)
         )
-        need_codes = gemm_fn is not None or not values
+        # Only the weight gradient reads them: a frozen weight (a PEFT base) keeps none.
+        keep = ctx.needs_input_grad[1]
+        need_codes = gemm_fn is not None or (keep and not values)
         with torch.autocast(x.device.type, enabled=False):
             # Inference tensors keep no version counter, so they cannot be shared safely.
             share = not torch.compiler.is_compiling() and not x.is_inference()
@@ -310,9 +314,11 @@ class _FusedBitLinear(torch.autograd.Function):
                 if ("x_q", dt) not in converted:
                     converted["x_q", dt] = _dequantized(codes_i8, inv, dt, act_kernel)
                 y = F.linear(converted["x_q", dt], w_q, None if bias is None else bias.to(dt))
-            if values and ("x_q", dt) not in converted:  # after an integer GEMM
+            if keep and values and ("x_q", dt) not in converted:  # after an integer GEMM
                 converted["x_q", dt] = _dequantized(codes_i8, inv, dt, act_kernel)
-        if values:
+        if not keep:
+            ctx.save_for_backward(None, None, w_q, w_mask)
+        elif values:
             ctx.save_for_backward(converted["x_q", dt], None, w_q, w_mask)
         else:
             ctx.save_for_backward(codes_i8, inv, w_q, w_mask)

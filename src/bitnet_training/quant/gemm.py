@@ -134,8 +134,9 @@ class Prepared:
             native_ok
             and self.kernel == "int_mm"
             and self.dt == torch.float32
-            and library() is not None
+            and a.device.type == "cpu"
             and takes_accumulator((a.shape[0], self.out_features), inv, scale)
+            and library() is not None  # last: it builds the library on first use
         ):
             return rescale_accumulator(self.accumulate(a), inv, scale)
         y = self(a)
@@ -157,25 +158,36 @@ def _bucket(n: int) -> int:
 
 
 def choose(
-    n: int, k: int, m: int, dt: torch.dtype, device, allowed=KERNELS, code_max: int = 1
+    n: int,
+    k: int,
+    m: int,
+    dt: torch.dtype,
+    device,
+    allowed=KERNELS,
+    code_max: int = 1,
+    native_ok: bool = True,
 ) -> str | None:
     """The fastest kernel of `allowed` for this shape, measured once and cached; None when
-    none of them can run it. Under `torch.compile` nothing is measured: `int_mm` if it can."""
+    none of them can run it. Under `torch.compile` nothing is measured: `int_mm` if it can.
+    `native_ok`: whether the layer may rescale with the native kernels (`qat.kernels`), as
+    the probe then does too."""
     device = torch.device(device)
     usable = [kn for kn in allowed if unavailable(kn, n, k, m, dt, device, code_max) is None]
     if torch.compiler.is_compiling():
         return "int_mm" if "int_mm" in usable else (usable[0] if usable else None)
     if not usable:
         return None
-    key = (device.type, dt, _bucket(n), k, m, tuple(usable))
+    key = (device.type, dt, _bucket(n), k, m, tuple(usable), native_ok)
     if key not in _DECISIONS:  # one usable kernel: recorded as chosen, nothing measured
         _DECISIONS[key] = (
-            usable[0] if len(usable) == 1 else _measure(usable, _bucket(n), k, m, dt, device)
+            usable[0]
+            if len(usable) == 1
+            else _measure(usable, _bucket(n), k, m, dt, device, native_ok)
         )
     return _DECISIONS[key]
 
 
-def _measure(usable, n, k, m, dt, device) -> str:
+def _measure(usable, n, k, m, dt, device, native_ok: bool = True) -> str:
     # A private generator: measuring must not move the global RNG (bit-exact resume).
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randint(-128, 128, (n, k), generator=g, device=device, dtype=torch.int8)
@@ -200,12 +212,12 @@ def _measure(usable, n, k, m, dt, device) -> str:
         for _ in range(WARMUP):
             for kn, r in runs.items():
                 Prepared(kn, w, dt)
-                r.scaled(a, inv, gamma)
+                r.scaled(a, inv, gamma, native_ok)
         best = dict.fromkeys(runs, float("inf"))
         for _ in range(ROUNDS):
             for kn, r in runs.items():
                 t = _timed(lambda kn=kn: Prepared(kn, w, dt), device)
-                t += _timed(lambda r=r: r.scaled(a, inv, gamma), device)
+                t += _timed(lambda r=r: r.scaled(a, inv, gamma, native_ok), device)
                 best[kn] = min(best[kn], t)
     if not best:
         return "int_mm" if "int_mm" in usable else usable[0]
@@ -225,7 +237,7 @@ def _timed(fn, device: torch.device) -> float:
 def decisions() -> dict[str, str]:
     """The kernels chosen so far in this process: '(device dtype) rows x in -> out': kernel."""
     out = {}
-    for (dev, dt, n, k, m, _), kernel in sorted(_DECISIONS.items(), key=str):
+    for (dev, dt, n, k, m, *_), kernel in sorted(_DECISIONS.items(), key=str):
         out[f"{dev} {str(dt).removeprefix('torch.')} {n} x {k} -> {m}"] = kernel
     return out
 
