@@ -66,7 +66,7 @@ class QATConfig(Section):
     fused: bool = Field(
         True,
         description="one autograd function saving int8 activation codes for the backward "
-        "(less memory, same gradients)",
+        "(or the bf16 x_q its GEMM made: saved_activations; less memory, same gradients)",
     )
     integer_matmul: Literal["auto", True, False] = Field(
         "auto",
