@@ -53,6 +53,29 @@ def test_activation_codes_and_scales_equal_the_torch_form(dtype, bits):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_row_absmax_is_found_wherever_it_sits(dtype):
+    """The scale's max |x| (float32 rows compare |x|'s bit patterns 32 and 16 at a time, then
+    a scalar tail) for every row length 1..70 and every position of the largest magnitude,
+    positive or negative, and of a NaN or an infinity; -0.0 and subnormal rows too."""
+    # NaNs of the smallest payload (bit patterns just above infinity's), of either sign.
+    low_nans = torch.tensor([0x7F800001, -0x007FFFFF], dtype=torch.int32).view(torch.float32)
+    for k in range(1, 71):
+        rows = []
+        for pos in range(k):
+            for big in (3.5, -3.5, float("nan"), *low_nans, float("inf"), -float("inf")):
+                row = torch.linspace(-1, 1, k) * 0.5
+                row[pos] = big
+                rows.append(row)
+        rows += [torch.full((k,), -0.0), torch.full((k,), 1e-40), torch.full((k,), -2e-39)]
+        x = torch.stack(rows).to(dtype)
+        codes, inv = native.quantize_activations(x, 8)
+        want_codes, want_inv = torch_activation_quant(x, 8)
+        torch.testing.assert_close(inv, want_inv, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(codes, want_codes), k
+
+
+@needs_native
 def test_activation_quantizer_takes_non_contiguous_input_and_many_threads():
     x = hard_inputs(torch.float32, rows=600, cols=256).t()  # 256 x 600, transposed view
     codes, inv = native.quantize_activations(x, 8)

@@ -35,7 +35,52 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-#define ACT_QUANT(NAME, T, W, LOAD, OUT_T, ROW, FAST)                                      \
+/* max |x| over a row of k, and whether the row holds a NaN (*nan; the max is then unused).
+ * Float32 rows with AVX-512 compare |x|'s bit patterns as unsigned integers: for non-negative
+ * floats (infinity included) their order is the numbers' order, and any NaN's pattern is
+ * above infinity's, so one integer max per 16 floats finds both. */
+#define ABSMAX_ANY(NAME, T, W, LOAD)                                                       \
+    static inline W NAME(const T *x, int64_t k, int *nan_out) {                            \
+        W m = 0;                                                                           \
+        int nan = 0;                                                                       \
+        _Pragma("omp simd reduction(max:m) reduction(|:nan)")                              \
+        for (int64_t j = 0; j < k; j++) {                                                  \
+            W a = LOAD(x[j]);                                                              \
+            nan |= a != a;                                                                 \
+            a = a < 0 ? -a : a;                                                            \
+            m = a > m ? a : m;                                                             \
+        }                                                                                  \
+        *nan_out = nan;                                                                    \
+        return m;                                                                          \
+    }
+
+static inline float absmax_f32(const float *x, int64_t k, int *nan) {
+    uint32_t top = 0;
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+    __m512i m0 = _mm512_setzero_si512(), m1 = m0;
+    for (; j + 32 <= k; j += 32) { /* two chains: the max's latency is hidden */
+        m0 = _mm512_max_epu32(m0, _mm512_and_si512(_mm512_loadu_si512(x + j), magnitude));
+        m1 = _mm512_max_epu32(m1, _mm512_and_si512(_mm512_loadu_si512(x + j + 16), magnitude));
+    }
+    for (; j + 16 <= k; j += 16)
+        m0 = _mm512_max_epu32(m0, _mm512_and_si512(_mm512_loadu_si512(x + j), magnitude));
+    top = _mm512_reduce_max_epu32(_mm512_max_epu32(m0, m1));
+#endif
+    for (; j < k; j++) {
+        uint32_t u;
+        memcpy(&u, x + j, sizeof u);
+        u &= 0x7fffffffu;
+        top = u > top ? u : top;
+    }
+    *nan = top > 0x7f800000u;
+    float m;
+    memcpy(&m, &top, sizeof m);
+    return m;
+}
+
+#define ACT_QUANT(NAME, T, W, LOAD, AMAX, OUT_T, ROW, FAST)                                      \
     int NAME(const T *x, int64_t rows, int64_t k, W qp, W eps, int8_t *codes, W *inv,      \
              OUT_T *xq, int threads) {                                                     \
         int nt = rows * k >= PARALLEL_MIN ? threads : 1, fail = 0;                         \
@@ -51,15 +96,8 @@ static inline float bf16_to_f32(uint16_t h) {
                 if (!codes && !scratch) continue;                                          \
                 const T *xr = x + r * k;                                                   \
                 int8_t *cr = codes ? codes + r * k : scratch;                              \
-                W m = 0;                                                                   \
                 int nan = 0;                                                               \
-                _Pragma("omp simd reduction(max:m) reduction(|:nan)")                      \
-                for (int64_t j = 0; j < k; j++) {                                          \
-                    W a = LOAD(xr[j]);                                                     \
-                    nan |= a != a;                                                         \
-                    a = a < 0 ? -a : a;                                                    \
-                    m = a > m ? a : m;                                                     \
-                }                                                                          \
+                W m = AMAX(xr, k, &nan);                                                   \
                 m = nan ? (W)NAN : (m < eps ? eps : m); /* a NaN row keeps a NaN scale */  \
                 W s = ((W)1 / m) * qp;                                                     \
                 inv[r] = s;                                                                \
@@ -416,11 +454,18 @@ static inline int fast_f32_bf16(const float *x, int64_t k, float s, int8_t *code
 #define LOAD_F32(v) (v)
 #define LOAD_BF16(v) bf16_to_f32(v)
 #define LOAD_F16(v) ((float)(v))
+ABSMAX_ANY(absmax_bf16, uint16_t, float, LOAD_BF16)
+ABSMAX_ANY(absmax_f16, _Float16, float, LOAD_F16)
+ABSMAX_ANY(absmax_f64, double, double, LOAD_F32)
 #define ACT_QUANT_TO(IN, T, LOAD, FAST_BF16)                                               \
-    ACT_QUANT(act_quant_##IN##_f32, T, float, LOAD, float, xq_row_f32, NO_FAST)            \
-    ACT_QUANT(act_quant_##IN##_bf16, T, float, LOAD, uint16_t, xq_row_bf16, FAST_BF16)     \
-    ACT_QUANT(act_quant_##IN##_f16, T, float, LOAD, _Float16, xq_row_f16, NO_FAST)
+    ACT_QUANT(act_quant_##IN##_f32, T, float, LOAD, absmax_##IN, float, xq_row_f32,        \
+              NO_FAST)                                                                     \
+    ACT_QUANT(act_quant_##IN##_bf16, T, float, LOAD, absmax_##IN, uint16_t, xq_row_bf16,   \
+              FAST_BF16)                                                                   \
+    ACT_QUANT(act_quant_##IN##_f16, T, float, LOAD, absmax_##IN, _Float16, xq_row_f16,     \
+              NO_FAST)
 ACT_QUANT_TO(f32, float, LOAD_F32, fast_f32_bf16)
 ACT_QUANT_TO(bf16, uint16_t, LOAD_BF16, NO_FAST)
 ACT_QUANT_TO(f16, _Float16, LOAD_F16, NO_FAST)
-ACT_QUANT(act_quant_f64_f64, double, double, LOAD_F32, double, xq_row_f64, NO_FAST)
+ACT_QUANT(act_quant_f64_f64, double, double, LOAD_F32, absmax_f64, double, xq_row_f64,
+          NO_FAST)
