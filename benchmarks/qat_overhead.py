@@ -10,8 +10,10 @@ Variants, all the same model, weights and batch:
   hf         transformers' AutoBitLinear in online-quantization mode
 
 A step is forward + backward + AdamW step. For each precision (fp32, bf16 autocast) and
-mode (eager, torch.compile) it prints the median step time and the ratios to `off` and to
-`reference`, measured in one run with the variants interleaved round by round. Peak memory
+mode (eager, torch.compile) it prints each variant's median step time and the ratios to `off`
+and to `reference`, measured in one run with the variants interleaved round by round (each
+round starting one variant later); a ratio is the median over rounds of that round's ratio,
+a paired comparison that the machine's drift between rounds does not move. Peak memory
 is measured for each variant in a fresh subprocess: the peak growth of the heap (malloc's
 bytes in use, sampled after every ATen op) during one training step, and the bytes autograd
 saves for the backward. Never asserts a time: it prints a table.
@@ -183,25 +185,38 @@ def measure_memory(args, variant, precision):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def time_variants(args, precision, compiled):
+PAIRS = (("ours", "off"), ("reference", "off"), ("hf", "off"), ("ours", "reference"))
+
+
+def time_variants(args, precision, compiled) -> dict:
+    """One row: each variant's median step time (ms columns) and, for each ratio in `PAIRS`,
+    the median over rounds of that round's ratio. A round steps every variant once; each
+    round starts one variant later than the last (off, ours, ref, hf; then ours, ref, hf,
+    off; ...), so no variant always follows the same one and inherits its heap. Pairing the
+    ratio within a round cancels the machine's drift between rounds."""
     cfg = ModelConfig.preset(args.model)
     runners = {v: Runner(v, cfg, (args.batch, args.seq), precision, compiled) for v in VARIANTS}
     for r in runners.values():  # warm-up (and compilation)
         for _ in range(2):
             r.step()
     times = {v: [] for v in VARIANTS}
-    for _ in range(args.steps):  # interleaved rounds: drift on a shared machine hits all alike
-        for v, r in runners.items():
+    for i in range(args.steps):
+        order = VARIANTS[i % len(VARIANTS) :] + VARIANTS[: i % len(VARIANTS)]
+        for v in order:
             t = time.perf_counter()
-            r.step()
+            runners[v].step()
             times[v].append(time.perf_counter() - t)
-    return {v: statistics.median(ts) for v, ts in times.items()}
+    ratios = {
+        f"{a}/{b}": statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+        for a, b in PAIRS
+    }
+    return {"ms": {v: statistics.median(ts) * 1e3 for v, ts in times.items()}, "ratios": ratios}
 
 
 def timing_child(args) -> None:
     """Run in a fresh process: one row's median step times and the matmuls `ours` ran."""
-    times = time_variants(args, args.precision, args.compiled)
-    print(json.dumps({"times": times, "decisions": gemm.decisions(), "float": gemm.dequantized()}))
+    row = time_variants(args, args.precision, args.compiled)
+    print(json.dumps({"row": row, "decisions": gemm.decisions(), "float": gemm.dequantized()}))
 
 
 _CHILD_MATMULS: dict = {"decisions": {}, "float": set()}  # what the timing processes ran
@@ -216,17 +231,21 @@ def time_repeated(args, precision, compiled) -> list[dict]:
     for _ in range(args.repeat):
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         result = json.loads(out.strip().splitlines()[-1])
-        runs.append(result["times"])
+        runs.append(result["row"])
         _CHILD_MATMULS["decisions"].update(result["decisions"])  # the last run's choice
         _CHILD_MATMULS["float"].update(result["float"])
     return runs
 
 
-def _row(precision: str, mode: str, t: dict) -> str:
-    cells = " ".join(f"{t[v] * 1e3:12.1f}" for v in VARIANTS)
-    return (f"{precision:9} {mode:8} {cells} {t['ours'] / t['off']:9.3f} "
-            f"{t['reference'] / t['off']:8.3f} {t['hf'] / t['off']:7.3f} "
-            f"{t['ours'] / t['reference']:9.3f}")  # fmt: skip
+def _row(precision: str, mode: str, row: dict) -> str:
+    cells = " ".join(f"{row['ms'][v]:12.1f}" for v in VARIANTS)
+    ratios = " ".join(
+        f"{row['ratios'][f'{a}/{b}']:{w}.3f}" for (a, b), w in zip(PAIRS, WIDTHS, strict=True)
+    )
+    return f"{precision:9} {mode:8} {cells} {ratios}"
+
+
+WIDTHS = (9, 8, 7, 9)  # the ratio columns' widths, in PAIRS' order
 
 
 ISA_FLAGS = ("amx_bf16", "amx_int8", "avx512_vnni", "avx512_bf16", "avx512f", "avx2")
@@ -294,7 +313,7 @@ def main():
     p.add_argument("--model", default="tiny")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=8, help="timed steps per variant")
+    p.add_argument("--steps", type=int, default=12, help="timed rounds (steps per variant)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--compile-only", action="store_true", help="only the torch.compile rows")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
@@ -327,7 +346,8 @@ def main():
     print(f"# CPU: {machine()}")
     if args.profile:
         return profile_step(args, args.profile)
-    print("\n## Step time (forward + backward + AdamW), median of", args.steps, "interleaved steps")
+    print(f"\n## Step time (forward + backward + AdamW): median of {args.steps} interleaved "
+          "rounds; ratios: the median of the rounds' ratios")  # fmt: skip
     print(f"{'precision':9} {'mode':8} " + " ".join(f"{v + ' ms':>12}" for v in VARIANTS)
           + f" {'ours/off':>9} {'ref/off':>8} {'hf/off':>7} {'ours/ref':>9}")  # fmt: skip
     modes = [False] if args.no_compile else [True] if args.compile_only else [False, True]
@@ -341,13 +361,13 @@ def main():
             runs = time_repeated(args, precision, compiled)
             for i, t in enumerate(runs):
                 print(_row(precision, f"{mode}#{i + 1}", t), flush=True)
-            # The median of each ratio over the runs (ratios, not times: each run's own
-            # baseline is what drift has moved).
-            pairs = (("ours", "off"), ("reference", "off"), ("hf", "off"), ("ours", "reference"))
-            med = [statistics.median(t[a] / t[b] for t in runs) for a, b in pairs]
-            blank = " ".join(f"{'':>12}" for _ in VARIANTS)
-            print(f"{precision:9} {'median':8} {blank} {med[0]:9.3f} {med[1]:8.3f} "
-                  f"{med[2]:7.3f} {med[3]:9.3f}", flush=True)  # fmt: skip
+            # The median of each run's ratios (ratios, not times: each run's own baseline is
+            # what drift has moved).
+            med = {
+                k: statistics.median(run["ratios"][k] for run in runs) for k in runs[0]["ratios"]
+            }
+            ms = {v: statistics.median(run["ms"][v] for run in runs) for v in VARIANTS}
+            print(_row(precision, "median", {"ms": ms, "ratios": med}), flush=True)
     print("\n## Matmuls `ours` ran: integer GEMM kernels chosen (measured here, per shape)")
     for shape, kernel in {**gemm.decisions(), **_CHILD_MATMULS["decisions"]}.items():
         print(f"{shape:40} {kernel}")
