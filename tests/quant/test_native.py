@@ -104,6 +104,28 @@ def wide_range_weight(shape, seed=0):
     return torch.randn(shape, generator=g) * torch.exp(torch.randn(shape, generator=g) * 3)
 
 
+@needs_native
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_a_checked_shape_quantizes_gamma_and_codes_in_one_call(granularity, monkeypatch):
+    """Once the C sum is checked for a shape, gamma and the codes come from one C call, with
+    the same bits (a shape over the parallel sum's grain, with both threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w = wide_range_weight((256, 300), seed=3)
+        native.ternary_quantize(w, granularity, torch.bfloat16)  # checks the C sum
+        monkeypatch.setattr(native, "absmean", None)  # the one-call path does not need it
+        for seed in range(2):
+            w = wide_range_weight((256, 300), seed=seed)
+            q, dq = native.ternary_quantize(w, granularity, torch.bfloat16)
+            want = ternary_quantize(w, granularity)
+            assert torch.equal(q.codes, want.codes)
+            assert torch.equal(q.scale.view(torch.int32), want.scale.view(torch.int32))
+            assert torch.equal(dq, dequantize(want, torch.float32).to(torch.bfloat16))
+    finally:
+        torch.set_num_threads(before)
+
+
 # Sizes around the 8-lane vector, the 32-element cascade group and the 32768-element split.
 ABSMEAN_SHAPES = [(1, 16), (3, 7), (2, 8), (33, 1000), (128, 384), (1024, 384), (384, 1024)]
 ABSMEAN_SHAPES += [(1, 32768), (1, 40000), (5, 32768), (2, 16385), (3, 100003), (4096, 16)]

@@ -120,6 +120,9 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, f"rebuild_{name}")
         fn.argtypes = (ptr, i64, i64, ptr, ptr, i32)
         fn.restype = None
+        fn = getattr(lib, f"absmean_ternary_{name}")
+        fn.argtypes = (ptr, i64, i64, i32, ctypes.c_float, i32, ptr, ptr, ptr)
+        fn.restype = i32
     return lib
 
 
@@ -400,13 +403,26 @@ def ternary_quantize(
     lib = library()
     if lib is None:
         raise RuntimeError(f"the native ternary quantizer is unavailable: {build_error()}")
-    gamma = absmean(w, granularity)  # on w as given: the reference's summation order
-    w = w.contiguous()
-    rows, k = w.shape[0], w[0].numel() if w.shape[0] else 0
     codes = out[0] if out[0] is not None else torch.empty(w.shape, dtype=torch.int8)
     dq = out[1] if out[1] is not None else torch.empty(w.shape, dtype=dt)
     _check_out(codes, w.shape, torch.int8)
     _check_out(dq, w.shape, dt)
+    per_row, threads = granularity == "channel", torch.get_num_threads()
+    if (
+        _ABSMEAN_CHECKED.get((tuple(w.shape), per_row, threads))  # the C sum, checked
+        and _float32_matrix(w)
+        and w.is_contiguous()
+    ):
+        # One call for gamma and the codes (the per-step path: what `absmean` below would
+        # run, without its Python around it); 1 where the C sum leaves the shape to PyTorch.
+        gamma = torch.empty((w.shape[0], 1) if per_row else (), dtype=torch.float32)
+        fn = getattr(lib, f"absmean_ternary_{_SUFFIX[dt]}")
+        if not fn(w.data_ptr(), w.shape[0], w.shape[1], int(per_row), SCALE_EPS, threads,
+                  gamma.data_ptr(), codes.data_ptr(), dq.data_ptr()):  # fmt: skip
+            return Quantized(codes, gamma), dq
+    gamma = absmean(w, granularity)  # on w as given: the reference's summation order
+    w = w.contiguous()
+    rows, k = w.shape[0], w[0].numel() if w.shape[0] else 0
     fn = getattr(lib, f"ternary_{_SUFFIX[dt]}")
     fn(w.data_ptr(), rows, k, gamma.contiguous().data_ptr(), int(gamma.dim() > 0),
        codes.data_ptr(), dq.data_ptr(), torch.get_num_threads())  # fmt: skip

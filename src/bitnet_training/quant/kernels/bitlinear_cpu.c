@@ -10,7 +10,8 @@
  * not be allocated (nothing then is complete).
  *
  * absmean_f32: the ternary weight scale gamma = mean(|W|), as PyTorch sums it (below).
- * ternary_*: the ternary weight codes and the dequantized weight in one pass (below).
+ * ternary_*: the ternary weight codes and the dequantized weight in one pass (below);
+ *   absmean_ternary_*: gamma and then those, in one call.
  * rebuild_*: the quantized activations from their codes (below).
  * quotient_mismatches: the exhaustive check of x_q's division-free quotient (below).
  * rescale_i32_f32: the integer GEMM's int32 sums to float32 with both scales (below).
@@ -279,6 +280,23 @@ TERNARY(ternary_f32, float, STORE_F32)
 TERNARY(ternary_bf16, uint16_t, STORE_BF16)
 TERNARY(ternary_f16, _Float16, STORE_F16)
 TERNARY(ternary_f64, double, STORE_F64)
+
+/* absmean_ternary_*: gamma (absmean_f32) then the codes and dequantized weight (ternary_*),
+ * in one call from Python (the weight is quantized this way once per step and layer; the
+ * caller has checked absmean_f32 against PyTorch's sum for this shape and thread count).
+ * Returns absmean_f32's status: 1 (nothing written but gamma's slot) where it leaves the
+ * shape to PyTorch. */
+#define ABSMEAN_TERNARY(NAME, TERN, OUT_T)                                                 \
+    int NAME(const float *w, int64_t rows, int64_t k, int per_row, float eps, int threads,  \
+             float *gamma, int8_t *codes, OUT_T *dq) {                                     \
+        if (absmean_f32(w, rows, k, per_row, eps, threads, gamma)) return 1;               \
+        TERN(w, rows, k, gamma, per_row, codes, dq, threads);                              \
+        return 0;                                                                          \
+    }
+ABSMEAN_TERNARY(absmean_ternary_f32, ternary_f32, float)
+ABSMEAN_TERNARY(absmean_ternary_bf16, ternary_bf16, uint16_t)
+ABSMEAN_TERNARY(absmean_ternary_f16, ternary_f16, _Float16)
+ABSMEAN_TERNARY(absmean_ternary_f64, ternary_f64, double)
 
 /* rebuild_*: the quantized activations from their codes (the forward's matmul operand, and
  * the backward's for the weight gradient),
