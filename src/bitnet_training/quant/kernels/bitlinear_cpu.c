@@ -81,7 +81,7 @@ static inline float absmax_f32(const float *x, int64_t k, int *nan) {
     return m;
 }
 
-#define ACT_QUANT(NAME, T, W, LOAD, AMAX, OUT_T, ROW, FAST)                                      \
+#define ACT_QUANT(NAME, T, W, LOAD, AMAX, OUT_T, ROW, FAST)                                \
     int NAME(const T *x, int64_t rows, int64_t k, W qp, W eps, int8_t *codes, W *inv,      \
              OUT_T *xq, int threads) {                                                     \
         int nt = rows * k >= PARALLEL_MIN ? threads : 1, fail = 0;                         \
@@ -284,8 +284,7 @@ TERNARY(ternary_f64, double, STORE_F64)
 /* absmean_ternary_*: gamma (absmean_f32) then the codes and dequantized weight (ternary_*),
  * in one call from Python (the weight is quantized this way once per step and layer; the
  * caller has checked absmean_f32 against PyTorch's sum for this shape and thread count).
- * Returns absmean_f32's status: 1 (nothing written but gamma's slot) where it leaves the
- * shape to PyTorch. */
+ * Returns absmean_f32's status: 1 (nothing written) where it leaves the shape to PyTorch. */
 #define ABSMEAN_TERNARY(NAME, TERN, OUT_T)                                                 \
     int NAME(const float *w, int64_t rows, int64_t k, int per_row, float eps, int threads,  \
              float *gamma, int8_t *codes, OUT_T *dq) {                                     \
