@@ -11,9 +11,10 @@ Variants, all the same model, weights and batch:
 
 A step is forward + backward + AdamW step. For each precision (fp32, bf16 autocast) and
 mode (eager, torch.compile) it prints each variant's median step time and the ratios to `off`
-and to `reference`, measured in one run with the variants interleaved round by round (each
-round starting one variant later); a ratio is the median over rounds of that round's ratio,
-a paired comparison that the machine's drift between rounds does not move. Peak memory
+and to `reference`, measured in one run with the variants interleaved round by round (in a
+Williams-square order: each variant after each other equally often); a ratio is the median
+over rounds of that round's ratio, a paired comparison that the machine's drift between
+rounds does not move. Peak memory
 is measured for each variant in a fresh subprocess: the peak growth of the heap (malloc's
 bytes in use, sampled after every ATen op) during one training step, and the bytes autograd
 saves for the backward. Never asserts a time: it prints a table.
@@ -186,14 +187,18 @@ def measure_memory(args, variant, precision):
 
 
 PAIRS = (("ours", "off"), ("reference", "off"), ("hf", "off"), ("ours", "reference"))
+# The rounds' orders, cycled: a Williams square for four variants (indices into VARIANTS).
+# Over any 4 consecutive rounds each variant runs once in each position and, within a round,
+# right after each of the other three exactly once: no variant mostly inherits one
+# predecessor's heap and caches.
+ORDERS = ((0, 1, 3, 2), (1, 2, 0, 3), (2, 3, 1, 0), (3, 0, 2, 1))
 
 
 def time_variants(args, precision, compiled) -> dict:
     """One row: each variant's median step time (ms columns) and, for each ratio in `PAIRS`,
-    the median over rounds of that round's ratio. A round steps every variant once; each
-    round starts one variant later than the last (off, ours, ref, hf; then ours, ref, hf,
-    off; ...), so no variant always follows the same one and inherits its heap. Pairing the
-    ratio within a round cancels the machine's drift between rounds."""
+    the median over rounds of that round's ratio. A round steps every variant once, in the
+    orders of `ORDERS` in turn (balanced when `args.steps` is a multiple of 4, as the default
+    12 is). Pairing the ratio within a round cancels the machine's drift between rounds."""
     cfg = ModelConfig.preset(args.model)
     runners = {v: Runner(v, cfg, (args.batch, args.seq), precision, compiled) for v in VARIANTS}
     for r in runners.values():  # warm-up (and compilation)
@@ -201,8 +206,7 @@ def time_variants(args, precision, compiled) -> dict:
             r.step()
     times = {v: [] for v in VARIANTS}
     for i in range(args.steps):
-        order = VARIANTS[i % len(VARIANTS) :] + VARIANTS[: i % len(VARIANTS)]
-        for v in order:
+        for v in (VARIANTS[j] for j in ORDERS[i % len(ORDERS)]):
             t = time.perf_counter()
             runners[v].step()
             times[v].append(time.perf_counter() - t)

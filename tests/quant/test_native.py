@@ -114,6 +114,8 @@ def test_a_checked_shape_quantizes_gamma_and_codes_in_one_call(granularity, monk
     try:
         w = wide_range_weight((256, 300), seed=3)
         native.ternary_quantize(w, granularity, torch.bfloat16)  # checks the C sum
+        if not native._ABSMEAN_CHECKED[(256, 300), granularity == "channel", 2]:
+            pytest.skip("this PyTorch sums in another order: the C sum is not used")
         monkeypatch.setattr(native, "absmean", None)  # the one-call path does not need it
         for seed in range(2):
             w = wide_range_weight((256, 300), seed=seed)
