@@ -14,10 +14,10 @@ mode (eager, torch.compile) it prints each variant's median step time and the ra
 and to `reference`, measured in one run with the variants interleaved round by round (in a
 Williams-square order: each variant after each other equally often); a ratio is the median
 over rounds of that round's ratio, a paired comparison that the machine's drift between
-rounds does not move. Peak memory
-is measured for each variant in a fresh subprocess: the peak growth of the heap (malloc's
-bytes in use, sampled after every ATen op) during one training step, and the bytes autograd
-saves for the backward. Never asserts a time: it prints a table.
+rounds does not move. Peak memory is measured for each variant in a fresh subprocess: the
+peak growth of the heap (malloc's bytes in use, sampled after every ATen op) during one
+training step, and the bytes autograd saves for the backward. Never asserts a time: it
+prints a table.
 
     python benchmarks/qat_overhead.py                # everything (~4-10 min on 2 cores)
     python benchmarks/qat_overhead.py --no-compile --steps 5
@@ -186,7 +186,13 @@ def measure_memory(args, variant, precision):
     return json.loads(out.strip().splitlines()[-1])
 
 
-PAIRS = (("ours", "off"), ("reference", "off"), ("hf", "off"), ("ours", "reference"))
+# The ratio columns: numerator, denominator, header, width.
+RATIOS = (
+    ("ours", "off", "ours/off", 9),
+    ("reference", "off", "ref/off", 8),
+    ("hf", "off", "hf/off", 7),
+    ("ours", "reference", "ours/ref", 9),
+)
 # The rounds' orders, cycled: a Williams square for four variants (indices into VARIANTS).
 # Over any 4 consecutive rounds each variant runs once in each position and, within a round,
 # right after each of the other three exactly once: no variant mostly inherits one
@@ -195,7 +201,7 @@ ORDERS = ((0, 1, 3, 2), (1, 2, 0, 3), (2, 3, 1, 0), (3, 0, 2, 1))
 
 
 def time_variants(args, precision, compiled) -> dict:
-    """One row: each variant's median step time (ms columns) and, for each ratio in `PAIRS`,
+    """One row: each variant's median step time (ms columns) and, for each ratio in `RATIOS`,
     the median over rounds of that round's ratio. A round steps every variant once, in the
     orders of `ORDERS` in turn (balanced when `args.steps` is a multiple of 4, as the default
     12 is). Pairing the ratio within a round cancels the machine's drift between rounds."""
@@ -212,7 +218,7 @@ def time_variants(args, precision, compiled) -> dict:
             times[v].append(time.perf_counter() - t)
     ratios = {
         f"{a}/{b}": statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
-        for a, b in PAIRS
+        for a, b, _, _ in RATIOS
     }
     return {"ms": {v: statistics.median(ts) * 1e3 for v, ts in times.items()}, "ratios": ratios}
 
@@ -243,13 +249,8 @@ def time_repeated(args, precision, compiled) -> list[dict]:
 
 def _row(precision: str, mode: str, row: dict) -> str:
     cells = " ".join(f"{row['ms'][v]:12.1f}" for v in VARIANTS)
-    ratios = " ".join(
-        f"{row['ratios'][f'{a}/{b}']:{w}.3f}" for (a, b), w in zip(PAIRS, WIDTHS, strict=True)
-    )
+    ratios = " ".join(f"{row['ratios'][f'{a}/{b}']:{w}.3f}" for a, b, _, w in RATIOS)
     return f"{precision:9} {mode:8} {cells} {ratios}"
-
-
-WIDTHS = (9, 8, 7, 9)  # the ratio columns' widths, in PAIRS' order
 
 
 ISA_FLAGS = ("amx_bf16", "amx_int8", "avx512_vnni", "avx512_bf16", "avx512f", "avx2")
@@ -353,7 +354,7 @@ def main():
     print(f"\n## Step time (forward + backward + AdamW): median of {args.steps} interleaved "
           "rounds; ratios: the median of the rounds' ratios")  # fmt: skip
     print(f"{'precision':9} {'mode':8} " + " ".join(f"{v + ' ms':>12}" for v in VARIANTS)
-          + f" {'ours/off':>9} {'ref/off':>8} {'hf/off':>7} {'ours/ref':>9}")  # fmt: skip
+          + "".join(f" {name:>{w}}" for _, _, name, w in RATIOS))  # fmt: skip
     modes = [False] if args.no_compile else [True] if args.compile_only else [False, True]
     precisions = args.precisions.split(",")
     for compiled in modes:

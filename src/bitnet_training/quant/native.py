@@ -425,7 +425,7 @@ def ternary_quantize(
     rows, k = w.shape[0], w[0].numel() if w.shape[0] else 0
     fn = getattr(lib, f"ternary_{_SUFFIX[dt]}")
     fn(w.data_ptr(), rows, k, gamma.contiguous().data_ptr(), int(gamma.dim() > 0),
-       codes.data_ptr(), dq.data_ptr(), torch.get_num_threads())  # fmt: skip
+       codes.data_ptr(), dq.data_ptr(), threads)  # fmt: skip
     return Quantized(codes, gamma), dq
 
 
