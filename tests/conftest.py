@@ -1,3 +1,10 @@
+import os
+
+# The CUDA activation quantizer's Triton kernel runs in Triton's CPU interpreter in these
+# tests (tests/quant/test_triton_kernels.py). Triton reads this once, when it is first
+# imported, and torch.compile's inductor imports it: so it is set before anything runs.
+os.environ["TRITON_INTERPRET"] = "1"
+
 import pytest
 import torch
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..quant import gemm, native
+from ..quant import gemm, native, triton_kernels
 from ..quant.config import QATConfig
 from ..quant.fake_quant import clip_mask, fake_quantize, quantize
 from ..quant.functional import SCALE_EPS, Quantized, dequantize, wide
@@ -225,6 +225,23 @@ def _native(kernels: str, applies) -> bool:
     )
 
 
+def _triton(kernels: str, x2: torch.Tensor, bits: int, dequantized, codes: bool) -> bool:
+    """Whether the activation quantizer runs its Triton kernel (CUDA): `qat.kernels` allows
+    it, it is not traced, the kernel takes the tensor, and it was checked exact on this
+    device (`native` makes a kernel that cannot run or differs an error)."""
+    if (
+        kernels == "torch"
+        or torch.compiler.is_compiling()
+        or not triton_kernels.takes_activations(x2, dequantized)
+    ):
+        return False
+    if triton_kernels.checked(x2, bits, dequantized, codes):
+        return True
+    if kernels == "native":
+        raise ConfigError("kernels", "native", f"auto or torch here ({triton_kernels.error()})")
+    return False
+
+
 def _quantize_activations(
     x2: torch.Tensor, bits: int, kernel: str, dequantized=None, codes: bool = True
 ):
@@ -236,15 +253,20 @@ def _quantize_activations(
     codes = clamp(round(x * s), -Qp - 1, Qp), s per token with max|x| clamped at 1e-5. With
     s from the row's own absmax, |x * s| <= Qp, so the clamp can never act and is skipped.
     The native kernel (`kernel` "auto" where it is built, or "native") computes the same
-    values in one fused pass; "torch" (and under `torch.compile`) the PyTorch ops below.
+    values in one fused pass on CPU, the Triton kernel on CUDA (`quant.triton_kernels`);
+    "torch" (and under `torch.compile`) the PyTorch ops below.
     """
+    codes = codes or dequantized is None
     if _native(kernel, lambda: native.takes_activations(x2, dequantized)):
-        out = native.quantize_activations(x2, bits, dequantized, codes or dequantized is None)
-        return out if dequantized is not None else (*out, None)
-    xf = wide(x2)
-    qp = 2 ** (bits - 1) - 1
-    inv = qp / xf.abs().amax(dim=-1, keepdim=True).clamp_(min=SCALE_EPS)
-    return (xf * inv).round_().to(torch.int8), inv, None
+        out = native.quantize_activations(x2, bits, dequantized, codes)
+    elif _triton(kernel, x2, bits, dequantized, codes):
+        out = triton_kernels.quantize_activations(x2, bits, dequantized, codes)
+    else:
+        xf = wide(x2)
+        qp = 2 ** (bits - 1) - 1
+        inv = qp / xf.abs().amax(dim=-1, keepdim=True).clamp_(min=SCALE_EPS)
+        return (xf * inv).round_().to(torch.int8), inv, None
+    return out if dequantized is not None else (*out, None)
 
 
 class _FusedBitLinear(torch.autograd.Function):

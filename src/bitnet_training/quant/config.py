@@ -90,9 +90,10 @@ class QATConfig(Section):
     )
     kernels: Literal["auto", "native", "torch"] = Field(
         "auto",
-        description="the quantizers' kernels on CPU: native fuses each into one C pass (built "
-        "with the C compiler on first use), torch runs PyTorch ops; auto: native where it "
-        "builds (same values)",
+        description="the quantizers' kernels: native fuses each into one pass (on CPU in C, "
+        "built with the C compiler on first use; on CUDA the activation quantizer in Triton, "
+        "checked against PyTorch's ops on the device first), torch runs PyTorch ops; auto: "
+        "native where it runs (same values)",
     )
     cache_quantized_weight: bool = Field(
         True, description="quantize each weight once per optimizer step, not per forward"
