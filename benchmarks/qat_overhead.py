@@ -22,6 +22,12 @@ prints a table.
     python benchmarks/qat_overhead.py                # everything (~4-10 min on 2 cores)
     python benchmarks/qat_overhead.py --no-compile --steps 5
     python benchmarks/qat_overhead.py --no-compile --repeat 5   # 5 fresh processes per row
+    python benchmarks/qat_overhead.py --device cuda --model small --precisions bf16
+    python benchmarks/qat_overhead.py --device cuda --model 2b4t --layers 4 --vocab 32000 \
+        --precisions bf16 --batch 4 --seq 1024       # a 2B4T-shaped layer stack
+
+On CUDA the step is timed to `torch.cuda.synchronize()` and memory is the caching
+allocator's peak growth in one step (`max_memory_allocated`).
 
 On a shared machine one run's ratios move by a few percent: `--repeat N` times each row in N
 fresh processes and prints every run's ratios and their median.
@@ -44,7 +50,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bitnet_training import BitNetLM, ModelConfig
-from bitnet_training.quant import gemm, native
+from bitnet_training.quant import gemm, native, triton_kernels
 
 VARIANTS = ("off", "ours", "reference", "hf")
 
@@ -88,16 +94,24 @@ def build(variant: str, cfg: ModelConfig) -> nn.Module:
 class Runner:
     """One variant's model, optimizer and step function at one precision and mode."""
 
-    def __init__(self, variant, cfg, batch, precision, compiled):
-        self.model = build(variant, cfg)
+    def __init__(self, variant, cfg, batch, precision, compiled, device="cpu"):
+        self.device = torch.device(device)
+        self.model = build(variant, cfg).to(self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
         g = torch.Generator().manual_seed(1)
-        self.ids = torch.randint(0, cfg.vocab_size, (batch[0], batch[1]), generator=g)
+        ids = torch.randint(0, cfg.vocab_size, (batch[0], batch[1]), generator=g)
+        self.ids = ids.to(self.device)
         self.dtype = torch.bfloat16 if precision == "bf16" else None
         self.fwd = torch.compile(self.model) if compiled else self.model
 
     def autocast(self):
-        return torch.autocast("cpu", dtype=self.dtype or torch.float32, enabled=bool(self.dtype))
+        dt = self.dtype or torch.float32
+        return torch.autocast(self.device.type, dtype=dt, enabled=bool(self.dtype))
+
+    def sync(self):
+        """Wait for the device's queued work (a CUDA step returns before it has run)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def step(self):
         with self.autocast():
@@ -168,20 +182,45 @@ class PeakHeap(TorchDispatchMode):
         return out
 
 
+def model_config(args) -> ModelConfig:
+    """The preset, with --layers / --vocab overrides (a 2b4t-shaped layer stack that fits)."""
+    overrides = {"num_hidden_layers": args.layers, "vocab_size": args.vocab}
+    return ModelConfig.preset(args.model, **{k: v for k, v in overrides.items() if v})
+
+
+def shape_args(args) -> list[str]:
+    """The command-line options that fix the model, batch and device, for a child process."""
+    out = ["--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
+           "--device", args.device]  # fmt: skip
+    for flag, value in (("--layers", args.layers), ("--vocab", args.vocab)):
+        out += [flag, str(value)] if value else []
+    return out
+
+
 def memory_child(args) -> None:
-    """Run in a fresh process: peak heap growth of one training step, and saved bytes."""
-    cfg = ModelConfig.preset(args.model)
-    r = Runner(args.variant, cfg, (args.batch, args.seq), args.precision, False)
+    """Run in a fresh process: peak memory growth of one training step (CPU: the heap's;
+    CUDA: the caching allocator's allocated bytes), and saved bytes."""
+    cfg = model_config(args)
+    r = Runner(args.variant, cfg, (args.batch, args.seq), args.precision, False, args.device)
     r.step()  # first step allocates the optimizer state: not part of the step's peak
-    with PeakHeap() as tracker:
+    if r.device.type == "cuda":
+        r.sync()
+        torch.cuda.reset_peak_memory_stats(r.device)
+        base = torch.cuda.memory_allocated(r.device)
         r.step()
+        r.sync()
+        peak = torch.cuda.max_memory_allocated(r.device) - base
+    else:
+        with PeakHeap() as tracker:
+            r.step()
+        peak = tracker.peak - tracker.base
     saved = saved_bytes(r)
-    print(json.dumps({"peak": tracker.peak - tracker.base, "saved": saved}))
+    print(json.dumps({"peak": peak, "saved": saved}))
 
 
 def measure_memory(args, variant, precision):
     cmd = [sys.executable, __file__, "--child", "--variant", variant, "--precision", precision,
-           "--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq)]  # fmt: skip
+           *shape_args(args)]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -205,16 +244,19 @@ def time_variants(args, precision, compiled) -> dict:
     the median over rounds of that round's ratio. A round steps every variant once, in the
     orders of `ORDERS` in turn (balanced when `args.steps` is a multiple of 4, as the default
     12 is). Pairing the ratio within a round cancels the machine's drift between rounds."""
-    cfg = ModelConfig.preset(args.model)
-    runners = {v: Runner(v, cfg, (args.batch, args.seq), precision, compiled) for v in VARIANTS}
+    cfg = model_config(args)
+    shape = (args.batch, args.seq)
+    runners = {v: Runner(v, cfg, shape, precision, compiled, args.device) for v in VARIANTS}
     for r in runners.values():  # warm-up (and compilation)
         for _ in range(2):
             r.step()
+        r.sync()
     times = {v: [] for v in VARIANTS}
     for i in range(args.steps):
         for v in (VARIANTS[j] for j in ORDERS[i % len(ORDERS)]):
             t = time.perf_counter()
             runners[v].step()
+            runners[v].sync()
             times[v].append(time.perf_counter() - t)
     ratios = {
         f"{a}/{b}": statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
@@ -226,17 +268,18 @@ def time_variants(args, precision, compiled) -> dict:
 def timing_child(args) -> None:
     """Run in a fresh process: one row's median step times and the matmuls `ours` ran."""
     row = time_variants(args, args.precision, args.compiled)
-    print(json.dumps({"row": row, "decisions": gemm.decisions(), "float": gemm.dequantized()}))
+    out = {"decisions": gemm.decisions(), "float": gemm.dequantized()}
+    print(json.dumps({"row": row, **out, "triton": triton_kernels.checks()}))
 
 
-_CHILD_MATMULS: dict = {"decisions": {}, "float": set()}  # what the timing processes ran
+_CHILD_MATMULS: dict = {"decisions": {}, "float": set(), "triton": {}}  # what the children ran
 
 
 def time_repeated(args, precision, compiled) -> list[dict]:
     """`args.repeat` runs of one row, each in a fresh process (no heap left by another)."""
     cmd = [sys.executable, __file__, "--child", "time", "--precision", precision,
-           "--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
-           "--steps", str(args.steps)] + (["--compiled"] if compiled else [])  # fmt: skip
+           *shape_args(args), "--steps", str(args.steps)]  # fmt: skip
+    cmd += ["--compiled"] if compiled else []
     runs = []
     for _ in range(args.repeat):
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -244,6 +287,7 @@ def time_repeated(args, precision, compiled) -> list[dict]:
         runs.append(result["row"])
         _CHILD_MATMULS["decisions"].update(result["decisions"])  # the last run's choice
         _CHILD_MATMULS["float"].update(result["float"])
+        _CHILD_MATMULS["triton"].update(result["triton"])
     return runs
 
 
@@ -280,8 +324,8 @@ def profile_child(args) -> None:
     """Run in a fresh process: self CPU ms per step by ATen op, for one variant."""
     from torch.profiler import ProfilerActivity, profile
 
-    cfg = ModelConfig.preset(args.model)
-    r = Runner(args.variant, cfg, (args.batch, args.seq), args.precision, False)
+    cfg = model_config(args)
+    r = Runner(args.variant, cfg, (args.batch, args.seq), args.precision, False, args.device)
     for _ in range(2):
         r.step()  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -298,8 +342,7 @@ def profile_step(args, precision: str) -> None:
     per_op = {}
     for variant in ("off", "ours"):
         cmd = [sys.executable, __file__, "--child", "profile", "--variant", variant,
-               "--precision", precision, "--model", args.model, "--batch", str(args.batch),
-               "--seq", str(args.seq)]  # fmt: skip
+               "--precision", precision, *shape_args(args)]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         per_op[variant] = json.loads(out.strip().splitlines()[-1])
     off, ours = per_op["off"], per_op["ours"]
@@ -315,7 +358,10 @@ def profile_step(args, precision: str) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="tiny")
+    p.add_argument("--model", default="tiny", help="a ModelConfig preset: tiny, small, 2b4t")
+    p.add_argument("--layers", type=int, help="override the preset's number of layers")
+    p.add_argument("--vocab", type=int, help="override the preset's vocabulary size")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=12, help="timed rounds (steps per variant)")
@@ -338,17 +384,26 @@ def main():
     args = p.parse_args()
     if args.repeat < 1:
         p.error(f"--repeat must be at least 1, not {args.repeat}")
+    if args.device not in ("cpu", "cuda") or (
+        args.device == "cuda" and not torch.cuda.is_available()
+    ):
+        p.error(f"--device {args.device}: expected cpu, or cuda where PyTorch sees a GPU")
     if args.child:
         children = {"profile": profile_child, "time": timing_child, "memory": memory_child}
         return children[args.child](args)
 
     torch.manual_seed(0)
-    cfg = ModelConfig.preset(args.model)
+    cfg = model_config(args)
     print(f"# {args.model} BitNetLM ({cfg.num_parameters() / 1e6:.1f} M parameters), batch "
           f"{args.batch} x {args.seq} = {args.batch * args.seq} tokens, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}")  # fmt: skip
     print(f"# CPU: {machine()}")
+    if args.device == "cuda":
+        cap = ".".join(map(str, torch.cuda.get_device_capability()))
+        quantizer = triton_kernels.error() or "Triton kernel"
+        print(f"# GPU: {torch.cuda.get_device_name()} (compute capability {cap}), CUDA "
+              f"{torch.version.cuda}; activation quantizer: {quantizer}")  # fmt: skip
     if args.profile:
         return profile_step(args, args.profile)
     print(f"\n## Step time (forward + backward + AdamW): median of {args.steps} interleaved "
@@ -378,10 +433,14 @@ def main():
         print(f"{shape:40} {kernel}")
     for where in sorted(set(gemm.dequantized()) | _CHILD_MATMULS["float"]):
         print(f"{where + ' (all shapes)':40} float GEMM of x_q, w_q (integer_matmul=auto)")
-    print(f"native quantizers: {native.build_error() or 'built'}")
+    print(f"native quantizers (CPU): {native.build_error() or 'built'}")
+    for where, ok in {**triton_kernels.checks(), **_CHILD_MATMULS["triton"]}.items():
+        verdict = "exact on the device: ran" if ok else "differs: PyTorch's ops ran"
+        print(f"activation quantizer (Triton) {where}: {verdict}")
     if args.no_memory:
         return
-    print("\n## Memory (eager): peak heap growth in one step; bytes saved for the backward")
+    what = "the CUDA allocator's peak" if args.device == "cuda" else "peak heap"
+    print(f"\n## Memory (eager): {what} growth in one step; bytes saved for the backward")
     print(f"{'precision':9} " + " ".join(f"{v + ' MiB':>14}" for v in VARIANTS)
           + f" {'ours/ref peak':>14} {'ours/ref saved':>15}")  # fmt: skip
     for precision in precisions:

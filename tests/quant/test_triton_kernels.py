@@ -182,7 +182,7 @@ def test_a_kernel_one_bit_off_is_never_used(monkeypatch):
     x = torch.randn(5, 16)
     with pytest.warns(UserWarning, match="differs from PyTorch's ops.*using PyTorch's ops"):
         assert torch.equal(layer(x), ref(x))
-    assert not calls and not any(triton_kernels._CHECKED.values())
+    assert not calls and triton_kernels.checks() == {"cpu float32 -> codes (8 bits)": False}
     strict = BitLinear(16, 8, config=QATConfig(kernels="native"))
     with pytest.raises(ConfigError, match="kernels.*differs from PyTorch's ops"):
         strict(x.clone())  # a new tensor: not the codes the first layer shared
@@ -220,3 +220,7 @@ def test_the_check_runs_once_per_device_dtypes_and_block(monkeypatch):
     triton_kernels.checked(x, 8, None, True)
     triton_kernels.checked(torch.randn(3, 1000), 8, None, True)
     assert len(launches) == 3
+    assert triton_kernels.checks() == {
+        "cpu float32 -> bfloat16 (8 bits)": True,
+        "cpu float32 -> codes (8 bits)": True,  # two row lengths (block sizes), both exact
+    }

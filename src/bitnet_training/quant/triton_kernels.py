@@ -180,6 +180,17 @@ def checked(x2: torch.Tensor, bits: int, dequantized, codes: bool) -> bool:
     return _CHECKED[key]
 
 
+def checks() -> dict[str, bool]:
+    """The device checks run so far in this process, 'device input -> x_q (bits)': whether
+    the kernel matched PyTorch's ops (and so ran) there."""
+    out = {}
+    for (dev, dt, dq, _codes, bits, _block), ok in _CHECKED.items():
+        name = str(dq).removeprefix("torch.") if dq is not None else "codes"
+        key = f"{dev} {str(dt).removeprefix('torch.')} -> {name} ({bits} bits)"
+        out[key] = out.get(key, True) and ok
+    return out
+
+
 def quantize_activations(
     x2: torch.Tensor, bits: int, dequantized: torch.dtype | None = None, codes: bool = True
 ) -> tuple[torch.Tensor | None, ...]:
