@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from ..errors import ConfigError
 from ..optim.config import OptimizerConfig, SchedulerConfig
 from ..settings import Section
+from .allocator import available
 
 
 class TrainingConfig(Section):
@@ -112,6 +114,19 @@ class TrainingConfig(Section):
         description="recompute each transformer block in the backward instead of keeping its "
         "activations (less memory, about one more forward per step)",
     )
+    keep_freed_memory: bool = Field(
+        True,
+        description="CPU heap (glibc): keep a step's freed activations for the next step "
+        "(mmap threshold 32 MiB, trim threshold 1 GiB) instead of faulting them in again; "
+        "process-wide. false: the C library's defaults. true is refused without glibc",
+    )
+
+    @model_validator(mode="after")
+    def _heap(self):
+        asked = "keep_freed_memory" in self.model_fields_set and self.keep_freed_memory
+        if asked and not available():
+            raise ConfigError("keep_freed_memory", True, "false here (the C library is not glibc)")
+        return self
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -38,6 +38,7 @@ from ..metrics import Metric, build_metrics
 from ..monitoring import Profiling, WandbLogging
 from ..nn.convert import output_head
 from ..optim import build_optimizer, clip_gradients
+from .allocator import keep_freed_memory
 from .callbacks import (
     BestMetric,
     Checkpointing,
@@ -305,6 +306,8 @@ class Trainer:
             raise BitNetError(f"training.output_dir {c.output_dir!r} is a file, not a directory")
         if c.save_best_only and self.eval_data is None:
             raise BitNetError("training.save_best_only needs evaluation data (eval_data)")
+        if c.keep_freed_memory:
+            keep_freed_memory()  # no page faults for the same activations every step
         self.model.to(self.device).train()
         packed = any(getattr(p, "quant_state", None) is not None for p in self.model.parameters())
         if packed and not getattr(self.checkpoint_io, "trainable_only", False):
