@@ -388,6 +388,8 @@ def main():
         args.device == "cuda" and not torch.cuda.is_available()
     ):
         p.error(f"--device {args.device}: expected cpu, or cuda where PyTorch sees a GPU")
+    if args.profile and args.device != "cpu":
+        p.error("--profile tables CPU ops: run it with --device cpu")
     if args.child:
         children = {"profile": profile_child, "time": timing_child, "memory": memory_child}
         return children[args.child](args)

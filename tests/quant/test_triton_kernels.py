@@ -5,6 +5,10 @@ bfloat16 rounding for that reason). On a GPU the kernel is also checked on the d
 before its first use; these tests show that check refuses a kernel one bit off."""
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -216,7 +220,7 @@ def test_the_check_runs_once_per_device_dtypes_and_block(monkeypatch):
     x = torch.randn(100, 32)
     for _ in range(3):
         triton_kernels.checked(x, 8, torch.bfloat16, True)
-    assert len(launches) == 1 and launches[0] == 6 + 64  # the probe: 6 rows and 64 of x
+    assert len(launches) == 1 and launches[0] == 6 + 48 + 64  # probe: 6 rows, 48 near ties, 64 of x
     triton_kernels.checked(x, 8, None, True)
     triton_kernels.checked(torch.randn(3, 1000), 8, None, True)
     assert len(launches) == 3
@@ -224,3 +228,58 @@ def test_the_check_runs_once_per_device_dtypes_and_block(monkeypatch):
         "cpu float32 -> bfloat16 (8 bits)": True,
         "cpu float32 -> codes (8 bits)": True,  # two row lengths (block sizes), both exact
     }
+
+
+# Compiles the kernel for an H100 / H200 (sm_90) without a GPU, as the launcher would
+# (LAUNCH_OPTIONS), and with Triton's default fusion: whether the PTX has fused
+# multiply-adds and IEEE divisions.
+PTX = """
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from bitnet_training.quant import _triton_act_quant as kernels
+from bitnet_training.quant.triton_kernels import LAUNCH_OPTIONS
+
+sig = {"x_ptr": "*bf16", "codes_ptr": "*i8", "inv_ptr": "*fp32", "xq_ptr": "*i16", "k": "i32",
+       "qp": "fp32", "eps": "fp32", "WRITE_CODES": "constexpr", "WRITE_XQ": "constexpr",
+       "XQ_BF16": "constexpr", "BLOCK": "constexpr"}
+const = {"WRITE_CODES": True, "WRITE_XQ": True, "XQ_BF16": True, "BLOCK": 1024}
+out = {}
+for name, opts in (("launch", LAUNCH_OPTIONS), ("fused", {"enable_fp_fusion": True})):
+    src = ASTSource(kernels.act_quant, sig, constexprs=const)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
+    out[name] = {"fma": "fma.rn.f32" in ptx, "div_rn": "div.rn.f32" in ptx}
+print(json.dumps(out))
+"""
+
+
+def test_the_gpu_code_rounds_where_pytorch_rounds():
+    """No fused multiply-add in the PTX the launcher's options give (Triton fuses by
+    default, which rounds x * s + 1.5 * 2^23 once), and IEEE division."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", PTX], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    ptx = json.loads(done.stdout.splitlines()[-1])
+    assert ptx["launch"] == {"fma": False, "div_rn": True}
+    assert ptx["fused"]["fma"]  # what the option prevents: the test can tell
+
+
+def test_the_check_refuses_a_kernel_that_rounds_once(monkeypatch):
+    """A fused multiply-add kernel (x * s rounded once, with the code's rounding): the
+    probe's near-tie rows (max m holding m / 2) give it away, though ties and random rows
+    would not."""
+    real = triton_kernels._launch
+
+    def fused(x2, bits, dq, codes):
+        _, inv, x_q = real(x2, bits, dq, codes)
+        once = (x2.double() * inv.double()).round().to(torch.int8)
+        return once, inv, x_q
+
+    monkeypatch.setattr(triton_kernels, "_launch", fused)
+    x = torch.randn(8, 96)
+    assert torch.equal(fused(x, 8, None, True)[0], torch_form(x, 8)[0])  # random rows: same
+    with pytest.warns(UserWarning, match="differs from PyTorch's ops"):
+        assert not triton_kernels.checked(x, 8, None, True)

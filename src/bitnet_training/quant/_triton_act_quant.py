@@ -15,7 +15,7 @@ def bf16_bits(y):
 
 @triton.jit
 def to_bf16(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     y = tl.load(x_ptr + o, mask=o < n, other=0.0)
     tl.store(out_ptr + o, bf16_bits(y), mask=o < n)
 

@@ -16,7 +16,7 @@ mapped afresh. The setting is process-wide and outlives the training run that ma
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
@@ -24,10 +24,12 @@ MMAP_THRESHOLD = 32 << 20  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-b
 TRIM_THRESHOLD = 1 << 30
 
 
+@functools.cache
 def _mallopt():
-    """glibc's `mallopt`, or None where the C library is another (musl, macOS)."""
+    """glibc's `mallopt`, or None where the C library is another (musl, macOS). (Under an
+    LD_PRELOADed malloc, such as jemalloc, glibc's thresholds are set and change nothing.)"""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the process's own symbols, its C library's among them
     except OSError:
         return None
     if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: others differ or lack it
