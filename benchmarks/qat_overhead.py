@@ -29,6 +29,10 @@ prints a table.
 On CUDA the step is timed to `torch.cuda.synchronize()` and memory is the caching
 allocator's peak growth in one step (`max_memory_allocated`).
 
+Every process runs with the heap the Trainer gives a run (`training.keep_freed_memory`: glibc
+keeps a step's freed activations instead of faulting them in again next step);
+`--malloc-defaults` keeps glibc's own thresholds.
+
 On a shared machine one run's ratios move by a few percent: `--repeat N` times each row in N
 fresh processes and prints every run's ratios and their median.
 """
@@ -51,6 +55,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bitnet_training import BitNetLM, ModelConfig
 from bitnet_training.quant import gemm, native, triton_kernels
+from bitnet_training.train.allocator import keep_freed_memory
 
 VARIANTS = ("off", "ours", "reference", "hf")
 
@@ -189,9 +194,10 @@ def model_config(args) -> ModelConfig:
 
 
 def shape_args(args) -> list[str]:
-    """The command-line options that fix the model, batch and device, for a child process."""
+    """The command-line options that fix the model, batch, device and heap, for a child."""
     out = ["--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
            "--device", args.device]  # fmt: skip
+    out += ["--malloc-defaults"] if args.malloc_defaults else []
     for flag, value in (("--layers", args.layers), ("--vocab", args.vocab)):
         out += [flag, str(value)] if value else []
     return out
@@ -377,6 +383,11 @@ def main():
     p.add_argument(
         "--repeat", type=int, default=1, help="time each row in N fresh processes (median)"
     )
+    p.add_argument(
+        "--malloc-defaults",
+        action="store_true",
+        help="keep glibc's heap thresholds (the Trainer raises them: training.keep_freed_memory)",
+    )
     p.add_argument("--child", nargs="?", const="memory", help=argparse.SUPPRESS)
     p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="ours", help=argparse.SUPPRESS)
@@ -390,6 +401,8 @@ def main():
         p.error(f"--device {args.device}: expected cpu, or cuda where PyTorch sees a GPU")
     if args.profile and args.device != "cpu":
         p.error("--profile tables CPU ops: run it with --device cpu")
+    if not args.malloc_defaults:
+        keep_freed_memory()  # as the Trainer does: every variant's step runs with it
     if args.child:
         children = {"profile": profile_child, "time": timing_child, "memory": memory_child}
         return children[args.child](args)
@@ -400,6 +413,8 @@ def main():
           f"{args.batch} x {args.seq} = {args.batch * args.seq} tokens, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}")  # fmt: skip
+    heap = "glibc's defaults" if args.malloc_defaults else "freed memory kept, as the Trainer"
+    print(f"# heap: {heap}")
     print(f"# CPU: {machine()}")
     if args.device == "cuda":
         cap = ".".join(map(str, torch.cuda.get_device_capability()))
