@@ -21,6 +21,7 @@ import importlib.util
 import logging
 import os
 import sys
+import warnings
 
 import torch
 
@@ -527,6 +528,33 @@ def cmd_preprocess(args) -> int:
     return 0
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 when not launched by it, or unreadable)."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0  # a malformed variable is reported where the run reads it
+
+
+def _configure_logging() -> None:
+    """Messages to stderr. Under torchrun every rank runs the same code, so rank 0 speaks for
+    the run: the other ranks show errors and the messages about themselves alone (logged with
+    `extra={"every_rank": True}`, such as a signal only they received), prefixed with their
+    rank, and no Python warnings. BITNET_TRAINING_LOG_ALL_RANKS=1 shows everything."""
+    rank = _rank()
+    every = os.environ.get("BITNET_TRAINING_LOG_ALL_RANKS", "") not in ("", "0")
+    prefix = f"[rank {rank}] " if rank else ""
+    logging.basicConfig(level=logging.INFO, format=prefix + "%(message)s", stream=sys.stderr)
+    if rank and not every:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_own_messages)
+        warnings.simplefilter("ignore")
+
+
+def _own_messages(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or getattr(record, "every_rank", False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     try:
@@ -539,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     if extra:
         args.overrides = list(args.overrides) + extra
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    _configure_logging()
     commands = {
         "train": cmd_train,
         "eval": cmd_eval,
@@ -554,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = commands[args.command](args)
     except BitNetError as e:
-        sys.stderr.write(f"bitnet-train: error: {e}\n")
+        rank = f"[rank {_rank()}] " if _rank() else ""
+        sys.stderr.write(f"{rank}bitnet-train: error: {e}\n")
         code = 2
     except KeyboardInterrupt:  # a second Ctrl-C: exit at once
         sys.stderr.write("bitnet-train: interrupted\n")

@@ -36,6 +36,26 @@ def rows(run):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.parametrize("every", ["0", "1"])
+def test_rank_zero_speaks_for_the_run(tmp_path, text, every):
+    """A warning every rank hits (one training document: no validation split) is shown once;
+    BITNET_TRAINING_LOG_ALL_RANKS=1 shows every rank's, the others prefixed."""
+    one = tmp_path / "one.txt"
+    one.write_text((text / "t.txt").read_text().split("\n\n")[0])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BITNET_TRAINING_LOG_ALL_RANKS": every}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+           "--standalone", "-m", "bitnet_training", "train", *COMMON,
+           f"data.train_files={one}", "training.max_steps=1", "training.batch_size=2",
+           f"training.output_dir={tmp_path / 'run'}"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    warned = [ln for ln in done.stderr.splitlines() if "left no validation text" in ln]
+    if every == "0":
+        assert len(warned) == 1 and not warned[0].startswith("[rank")
+    else:
+        assert len(warned) == 2 and sum(ln.startswith("[rank 1] ") for ln in warned) == 1
+
+
 def test_two_ranks_train_as_one_process_with_the_global_batch(tmp_path, text):
     data = [f"data.train_files={text / 't.txt'}", f"data.val_files={text / 'v.txt'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

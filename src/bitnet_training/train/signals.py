@@ -32,6 +32,7 @@ class GracefulStop:
             "%s received: saving a checkpoint after this step, then stopping "
             "(press Ctrl-C again to exit at once)",
             signal.Signals(signum).name,
+            extra={"every_rank": True},  # under torchrun, perhaps this rank's alone
         )
         signal.signal(signal.SIGINT, signal.default_int_handler)
         if signal.SIGTERM in self.signals:
