@@ -4,6 +4,7 @@ codes, scales and values, bit for bit."""
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -417,11 +418,31 @@ def test_the_kernel_is_built_once_into_the_cache(tmp_path, monkeypatch):
     assert native.library() is not None and native.build_error() is None
     built = list(tmp_path.glob("bitlinear_cpu-*.so"))
     assert len(built) == 1
-    stamp = built[0].stat().st_mtime_ns
+    inode = built[0].stat().st_ino
     monkeypatch.setattr(native, "_state", {})
     assert native.library() is not None
-    assert [p.stat().st_mtime_ns for p in tmp_path.glob("*.so")] == [stamp]
+    assert [p.stat().st_ino for p in tmp_path.glob("*.so")] == [inode]  # loaded, not rebuilt
     assert not list(tmp_path.glob("*.so.tmp*")) and len(list(tmp_path.iterdir())) == 1
+
+
+def test_builds_unused_for_a_month_are_pruned_from_the_cache(tmp_path, monkeypatch):
+    """Each load marks its build used; builds of other sources, compilers or CPUs that no
+    process loaded for 30 days go, recent ones and other files stay."""
+    monkeypatch.setenv("BITNET_TRAINING_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_state", {})
+    assert native.library() is not None
+    (ours,) = tmp_path.glob("bitlinear_cpu-*.so")
+    month = time.time() - 31 * 86400
+    os.utime(ours, (month, month))  # ours too: used now again
+    for name in ("bitlinear_cpu-old.so", "bitlinear_cpu-recent.so", "notes.so"):
+        (tmp_path / name).write_bytes(b"")
+    os.utime(tmp_path / "bitlinear_cpu-old.so", (month, month))
+    os.utime(tmp_path / "notes.so", (month, month))
+    monkeypatch.setattr(native, "_state", {})
+    assert native.library() is not None
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([ours.name, "bitlinear_cpu-recent.so", "notes.so"])
+    assert time.time() - ours.stat().st_mtime < 3600
 
 
 def test_without_a_compiler_torch_runs_and_native_is_refused(tmp_path, monkeypatch):

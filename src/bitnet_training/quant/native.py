@@ -18,6 +18,7 @@ composition runs instead; `QATConfig(kernels="native")` makes that an error.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -26,6 +27,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -100,6 +102,7 @@ def _build() -> ctypes.CDLL:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+    _prune(target)
     lib = ctypes.CDLL(str(target))
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for name in _ACT_KERNELS:
@@ -124,6 +127,24 @@ def _build() -> ctypes.CDLL:
         fn.argtypes = (ptr, i64, i64, i32, ctypes.c_float, i32, ptr, ptr, ptr)
         fn.restype = i32
     return lib
+
+
+KEEP_UNUSED_DAYS = 30
+
+
+def _prune(used: Path) -> None:
+    """Mark `used` as loaded now (its mtime) and delete the builds no process has loaded for
+    `KEEP_UNUSED_DAYS`: those of other sources, compilers or CPUs (an older version's, a
+    machine image's). Deleting a library another process has loaded is safe on Linux."""
+    now = time.time()
+    with contextlib.suppress(OSError):
+        os.utime(used, (now, now))
+    for old in used.parent.glob("bitlinear_cpu-*.so"):
+        try:
+            if old != used and now - old.stat().st_mtime > KEEP_UNUSED_DAYS * 86400:
+                old.unlink()
+        except OSError:
+            pass  # removed or replaced by another process meanwhile
 
 
 def library() -> ctypes.CDLL | None:
