@@ -17,12 +17,19 @@ from bitnet_training import BitLinear, QATConfig
 from bitnet_training.errors import ConfigError
 from bitnet_training.quant import native, triton_kernels
 
+# BITNET_TRAINING_TEST_CUDA=1 (on a machine with a GPU, set before pytest starts: see
+# conftest.py) runs these on the GPU, compiled, instead of in the interpreter.
+DEVICE = "cuda" if os.environ.get("BITNET_TRAINING_TEST_CUDA") == "1" else "cpu"
 pytestmark = [
     pytest.mark.skipif(
         importlib.util.find_spec("triton") is None,
         reason="Triton is installed with the dev extras on Linux x86-64",
     ),
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # NumPy's, on NaN and inf rows
+    pytest.mark.skipif(
+        DEVICE == "cuda" and not torch.cuda.is_available(),
+        reason="BITNET_TRAINING_TEST_CUDA=1, but PyTorch sees no GPU",
+    ),
 ]
 
 IN = [torch.float32, torch.bfloat16, torch.float16]
@@ -35,11 +42,12 @@ def interpreter(monkeypatch):
     and no checks cached."""
     monkeypatch.setattr(triton_kernels, "_state", {})
     monkeypatch.setattr(triton_kernels, "_CHECKED", {})
-    monkeypatch.setattr(triton_kernels, "DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(triton_kernels, "DEVICES", ("cuda", DEVICE))
     assert triton_kernels.kernel() is not None, triton_kernels.error()
     from triton.runtime.interpreter import InterpretedFunction
 
-    assert isinstance(triton_kernels.kernel(), InterpretedFunction), "TRITON_INTERPRET unset"
+    interpreted = isinstance(triton_kernels.kernel(), InterpretedFunction)
+    assert interpreted == (DEVICE == "cpu"), "TRITON_INTERPRET: set for CPU runs only"
 
 
 def torch_form(x, bits, dt=None):
@@ -74,7 +82,7 @@ def hard_rows(k, seed=0, positions=None):
     ties[0] = 127  # absmax 127: scale exactly 1, so every half is a tie
     rows += [ties, torch.zeros(k), torch.full((k,), 1e-7), torch.full((k,), -2e-39)]
     rows.append(torch.randn(k, generator=g) * 3e4)
-    return torch.stack(rows)
+    return torch.stack(rows).to(DEVICE)
 
 
 @pytest.mark.parametrize("out", OUT, ids=str)
@@ -97,7 +105,7 @@ def test_bfloat16_rounding_is_to_nearest_even_as_pytorch_rounds():
     bits = (high[:, None] | low[None, :]).flatten()
     bits = torch.cat([bits, torch.tensor([0x7F7FFFFF, 0x7F7F8000, 0x00000001, 0x7F800000])])
     x = bits.to(torch.int32).view(torch.float32)
-    x = torch.cat([x, -x, torch.tensor([float("nan")])])
+    x = torch.cat([x, -x, torch.tensor([float("nan")])]).to(DEVICE)
     got, want = triton_kernels.to_bfloat16(x), x.to(torch.bfloat16)
     nan = want.isnan()
     assert torch.equal(got.isnan(), nan)
@@ -151,14 +159,14 @@ def test_bitlinear_through_the_kernel_equals_the_torch_ops(precision, monkeypatc
     (bf16 autocast: the float GEMM of x_q, saved for the backward)."""
     calls = fused_runs(monkeypatch)
     torch.manual_seed(0)
-    layer = BitLinear(48, 24, config=QATConfig(kernels="native"))
-    ref = BitLinear(48, 24, config=QATConfig(kernels="torch"))
+    layer = BitLinear(48, 24, config=QATConfig(kernels="native"), device=DEVICE)
+    ref = BitLinear(48, 24, config=QATConfig(kernels="torch"), device=DEVICE)
     ref.load_state_dict(layer.state_dict())
-    x = torch.randn(2, 7, 48)
+    x = torch.randn(2, 7, 48, device=DEVICE)
     outs = []
     for lin in (layer, ref):
         xi = x.clone().requires_grad_()
-        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(DEVICE, torch.bfloat16, enabled=precision == "bf16"):
             y = lin(xi)
         y.float().square().sum().backward()
         outs.append((y, xi.grad, lin.weight.grad, lin.bias.grad))
@@ -180,14 +188,14 @@ def test_a_kernel_one_bit_off_is_never_used(monkeypatch):
         return c, inv, x_q
 
     monkeypatch.setattr(triton_kernels, "_launch", off_by_one_tie)
-    layer = BitLinear(16, 8, config=QATConfig())
-    ref = BitLinear(16, 8, config=QATConfig(kernels="torch"))
+    layer = BitLinear(16, 8, config=QATConfig(), device=DEVICE)
+    ref = BitLinear(16, 8, config=QATConfig(kernels="torch"), device=DEVICE)
     ref.load_state_dict(layer.state_dict())
-    x = torch.randn(5, 16)
+    x = torch.randn(5, 16, device=DEVICE)
     with pytest.warns(UserWarning, match="differs from PyTorch's ops.*using PyTorch's ops"):
         assert torch.equal(layer(x), ref(x))
-    assert not calls and triton_kernels.checks() == {"cpu float32 -> codes (8 bits)": False}
-    strict = BitLinear(16, 8, config=QATConfig(kernels="native"))
+    assert not calls and triton_kernels.checks() == {f"{x.device} float32 -> codes (8 bits)": False}
+    strict = BitLinear(16, 8, config=QATConfig(kernels="native"), device=DEVICE)
     with pytest.raises(ConfigError, match="kernels.*differs from PyTorch's ops"):
         strict(x.clone())  # a new tensor: not the codes the first layer shared
 
@@ -202,13 +210,13 @@ def test_without_triton_auto_runs_torch_and_native_is_refused(monkeypatch):
     assert triton_kernels.kernel() is None
     assert "No module named 'triton'" in triton_kernels.error()
     fused_runs(monkeypatch)
-    layer = BitLinear(16, 8, config=QATConfig())
-    ref = BitLinear(16, 8, config=QATConfig(kernels="torch"))
+    layer = BitLinear(16, 8, config=QATConfig(), device=DEVICE)
+    ref = BitLinear(16, 8, config=QATConfig(kernels="torch"), device=DEVICE)
     ref.load_state_dict(layer.state_dict())
-    x = torch.randn(5, 16)
+    x = torch.randn(5, 16, device=DEVICE)
     assert torch.equal(layer(x), ref(x))
     with pytest.raises(ConfigError, match="kernels.*No module named 'triton'"):
-        BitLinear(16, 8, config=QATConfig(kernels="native"))(x.clone())
+        BitLinear(16, 8, config=QATConfig(kernels="native"), device=DEVICE)(x.clone())
 
 
 def test_the_check_runs_once_per_device_dtypes_and_block(monkeypatch):
@@ -217,16 +225,16 @@ def test_the_check_runs_once_per_device_dtypes_and_block(monkeypatch):
     monkeypatch.setattr(
         triton_kernels, "_launch", lambda *a: launches.append(a[0].shape[0]) or real(*a)
     )
-    x = torch.randn(100, 32)
+    x = torch.randn(100, 32, device=DEVICE)
     for _ in range(3):
         triton_kernels.checked(x, 8, torch.bfloat16, True)
     assert len(launches) == 1 and launches[0] == 6 + 48 + 64  # probe: 6 rows, 48 near ties, 64 of x
     triton_kernels.checked(x, 8, None, True)
-    triton_kernels.checked(torch.randn(3, 1000), 8, None, True)
+    triton_kernels.checked(torch.randn(3, 1000, device=DEVICE), 8, None, True)
     assert len(launches) == 3
     assert triton_kernels.checks() == {
-        "cpu float32 -> bfloat16 (8 bits)": True,
-        "cpu float32 -> codes (8 bits)": True,  # two row lengths (block sizes), both exact
+        f"{x.device} float32 -> bfloat16 (8 bits)": True,
+        f"{x.device} float32 -> codes (8 bits)": True,  # two row lengths (block sizes), both exact
     }
 
 
@@ -279,7 +287,7 @@ def test_the_check_refuses_a_kernel_that_rounds_once(monkeypatch):
         return once, inv, x_q
 
     monkeypatch.setattr(triton_kernels, "_launch", fused)
-    x = torch.randn(8, 96)
+    x = torch.randn(8, 96, device=DEVICE)
     assert torch.equal(fused(x, 8, None, True)[0], torch_form(x, 8)[0])  # random rows: same
     with pytest.warns(UserWarning, match="differs from PyTorch's ops"):
         assert not triton_kernels.checked(x, 8, None, True)
