@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bitnet_training import BitNetLM, ModelConfig
+from bitnet_training import BitNetError, BitNetLM, ModelConfig
 from bitnet_training.quant import gemm, native, triton_kernels
 from bitnet_training.train.allocator import keep_freed_memory
 
@@ -190,7 +190,7 @@ class PeakHeap(TorchDispatchMode):
 def model_config(args) -> ModelConfig:
     """The preset, with --layers / --vocab overrides (a 2b4t-shaped layer stack that fits)."""
     overrides = {"num_hidden_layers": args.layers, "vocab_size": args.vocab}
-    return ModelConfig.preset(args.model, **{k: v for k, v in overrides.items() if v})
+    return ModelConfig.preset(args.model, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def shape_args(args) -> list[str]:
@@ -199,7 +199,7 @@ def shape_args(args) -> list[str]:
            "--device", args.device]  # fmt: skip
     out += ["--malloc-defaults"] if args.malloc_defaults else []
     for flag, value in (("--layers", args.layers), ("--vocab", args.vocab)):
-        out += [flag, str(value)] if value else []
+        out += [flag, str(value)] if value is not None else []
     return out
 
 
@@ -399,6 +399,10 @@ def main():
         args.device == "cuda" and not torch.cuda.is_available()
     ):
         p.error(f"--device {args.device}: expected cpu, or cuda where PyTorch sees a GPU")
+    try:
+        model_config(args)
+    except BitNetError as e:
+        p.error(str(e))
     if args.profile and args.device != "cpu":
         p.error("--profile tables CPU ops: run it with --device cpu")
     if not args.malloc_defaults:

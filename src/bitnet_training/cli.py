@@ -582,8 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = commands[args.command](args)
     except BitNetError as e:
-        rank = f"[rank {_rank()}] " if _rank() else ""
-        sys.stderr.write(f"{rank}bitnet-train: error: {e}\n")
+        rank = _rank()
+        sys.stderr.write(f"{f'[rank {rank}] ' if rank else ''}bitnet-train: error: {e}\n")
         code = 2
     except KeyboardInterrupt:  # a second Ctrl-C: exit at once
         sys.stderr.write("bitnet-train: interrupted\n")

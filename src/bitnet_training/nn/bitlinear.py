@@ -31,7 +31,7 @@ from ..errors import ConfigError
 from ..quant import gemm, native, triton_kernels
 from ..quant.config import QATConfig
 from ..quant.fake_quant import clip_mask, fake_quantize, quantize
-from ..quant.functional import SCALE_EPS, Quantized, dequantize, wide
+from ..quant.functional import Quantized, absmax_codes, dequantize
 from ..quant.lsq import lsq_quantize
 from ..quant.observers import make_observer
 from ..quant.schedule import bits_at
@@ -262,10 +262,7 @@ def _quantize_activations(
     elif _triton(kernel, x2, bits, dequantized, codes):
         out = triton_kernels.quantize_activations(x2, bits, dequantized, codes)
     else:
-        xf = wide(x2)
-        qp = 2 ** (bits - 1) - 1
-        inv = qp / xf.abs().amax(dim=-1, keepdim=True).clamp_(min=SCALE_EPS)
-        return (xf * inv).round_().to(torch.int8), inv, None
+        return (*absmax_codes(x2, bits), None)
     return out if dequantized is not None else (*out, None)
 
 

@@ -188,6 +188,17 @@ def int_quantize(
     )
 
 
+def absmax_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The BitNet training code's per-token activation codes and multiplier, as BitLinear's
+    fused path uses them: s = Qp / max(|x|) over the last dim (max clamped below at
+    `SCALE_EPS`), codes = round(x * s) as int8, computed in float32 (float64 stays float64).
+    Returns (codes, s); the clamp to [-Qp - 1, Qp] is skipped: with s from the row's own
+    absmax, |x * s| <= Qp. The native and Triton kernels reproduce these bits."""
+    xf = wide(x)
+    inv = (2 ** (bits - 1) - 1) / xf.abs().amax(dim=-1, keepdim=True).clamp_(min=SCALE_EPS)
+    return (xf * inv).round_().to(torch.int8), inv
+
+
 def bitnet_activation_quantize(x: torch.Tensor, bits: int = 8) -> Quantized:
     """Per-token absmax activation quantizer exactly as in the BitNet team's training code.
 

@@ -30,7 +30,7 @@ import warnings
 
 import torch
 
-from .functional import SCALE_EPS
+from .functional import SCALE_EPS, absmax_codes
 
 _IN = (torch.float32, torch.bfloat16, torch.float16)
 _OUT = _IN
@@ -134,9 +134,7 @@ def to_bfloat16(x: torch.Tensor) -> torch.Tensor:
 
 def reference(x2: torch.Tensor, bits: int, dequantized: torch.dtype | None = None):
     """The PyTorch composition the kernel replaces: (codes, s, x_q or None)."""
-    xf = x2.float()
-    inv = (2 ** (bits - 1) - 1) / xf.abs().amax(dim=-1, keepdim=True).clamp(min=SCALE_EPS)
-    codes = (xf * inv).round_().to(torch.int8)
+    codes, inv = absmax_codes(x2, bits)
     return codes, inv, None if dequantized is None else codes.div(inv).to(dequantized)
 
 
