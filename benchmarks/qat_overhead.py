@@ -274,11 +274,16 @@ def time_variants(args, precision, compiled) -> dict:
 def timing_child(args) -> None:
     """Run in a fresh process: one row's median step times and the matmuls `ours` ran."""
     row = time_variants(args, args.precision, args.compiled)
-    out = {"decisions": gemm.decisions(), "float": gemm.dequantized()}
+    out = {
+        "decisions": gemm.decisions(),
+        "float": gemm.dequantized(),
+        "screened": gemm.screened_out(),
+    }
     print(json.dumps({"row": row, **out, "triton": triton_kernels.checks()}))
 
 
-_CHILD_MATMULS: dict = {"decisions": {}, "float": set(), "triton": {}}  # what the children ran
+# What the children ran.
+_CHILD_MATMULS: dict = {"decisions": {}, "float": set(), "triton": {}, "screened": {}}
 
 
 def time_repeated(args, precision, compiled) -> list[dict]:
@@ -294,6 +299,7 @@ def time_repeated(args, precision, compiled) -> list[dict]:
         _CHILD_MATMULS["decisions"].update(result["decisions"])  # the last run's choice
         _CHILD_MATMULS["float"].update(result["float"])
         _CHILD_MATMULS["triton"].update(result["triton"])
+        _CHILD_MATMULS["screened"].update(result["screened"])
     return runs
 
 
@@ -452,6 +458,8 @@ def main():
     print("\n## Matmuls `ours` ran: integer GEMM kernels chosen (measured here, per shape)")
     for shape, kernel in {**gemm.decisions(), **_CHILD_MATMULS["decisions"]}.items():
         print(f"{shape:40} {kernel}")
+    for name, why in {**gemm.screened_out(), **_CHILD_MATMULS["screened"]}.items():
+        print(f"{name:40} {why}")
     for where in sorted(set(gemm.dequantized()) | _CHILD_MATMULS["float"]):
         print(f"{where + ' (all shapes)':40} float GEMM of x_q, w_q (integer_matmul=auto)")
     print(f"native quantizers (CPU): {native.build_error() or 'built'}")

@@ -256,6 +256,9 @@ def _kernels_line() -> str | None:
             "integer GEMM "
             + ", ".join(f"{k} ({n} shape{'s' if n > 1 else ''})" for k, n in chosen.most_common())
         )
+        dropped = sorted({name.rsplit(" ", 1)[1] for name in gemm.screened_out()})
+        if dropped:
+            parts[-1] += f" ({', '.join(dropped)}: no fast path on this CPU, not used)"
     if not parts:
         return None
     quantizers = "native" if native.built() else "PyTorch ops"

@@ -1,5 +1,7 @@
 """The integer GEMM kernels: each equals torch._int_mm rounded once to the compute dtype."""
 
+import time
+
 import pytest
 import torch
 
@@ -110,3 +112,36 @@ def test_choice_is_measured_once_and_leaves_the_global_rng_alone(monkeypatch):
     # does, with PyTorch ops: a decision of its own, measured once more.
     gemm.choose(100, 96, 40, torch.float32, "cpu", native_ok=False)
     assert len(calls) == 2 and calls[-1][-1] is False
+
+
+def test_a_kernel_with_no_fast_path_is_screened_out_before_any_full_size_run(monkeypatch):
+    """A kernel over SCREEN_FACTOR times slower on the screen's small product (oneDNN's s8
+    linear on a CPU without AMX ran ~500x slower) is dropped for the process: never timed
+    at a layer's shape, never chosen; the screen runs once per (device, dtype, kernels)."""
+    monkeypatch.setattr(gemm, "_DECISIONS", {})
+    monkeypatch.setattr(gemm, "_SCREENS", {})
+    real = gemm.Prepared.scaled
+    shapes = []
+
+    def scaled(self, a, *args):
+        shapes.append((self.kernel, a.shape[0]))
+        if self.kernel == "float":
+            time.sleep(0.05)  # no fast path: ~1000x the int8 GEMM of 64 x 256 -> 256
+        return real(self, a, *args)
+
+    monkeypatch.setattr(gemm.Prepared, "scaled", scaled)
+    measured = []
+    monkeypatch.setattr(gemm, "_measure", lambda *a: measured.append(a) or "int_mm")
+    allowed = ("int_mm", "float")
+    assert gemm.choose(1000, 96, 40, torch.float32, "cpu", allowed) == "int_mm"
+    assert gemm.choose(4000, 512, 40, torch.float32, "cpu", allowed) == "int_mm"
+    assert measured == []  # one kernel left: nothing to measure at full size
+    assert {n for _, n in shapes} == {gemm.SCREEN_SHAPE[0]}  # only the screen's rows ran
+    assert len(shapes) == 6  # 3 calls per kernel, once
+    (why,) = gemm.screened_out().values()
+    assert list(gemm.screened_out()) == ["cpu float32 float"] and "x slower" in why
+    # Kernels within the factor of each other are all measured at the layer's shape.
+    monkeypatch.setattr(gemm, "SCREEN_FACTOR", float("inf"))
+    monkeypatch.setattr(gemm, "_SCREENS", {})
+    gemm.choose(8000, 96, 40, torch.float32, "cpu", allowed)
+    assert [a[0] for a in measured] == [["int_mm", "float"]]

@@ -17,7 +17,11 @@ result (tests check each against `_int_mm`; `choose` checks again on its probe):
 out the weight, which happens once per optimizer step, plus one product rescaled as the layer
 rescales it, after untimed warm-up rounds), once per (device,
 dtype, rows rounded up to a power of two, in, out) per process, and caches the winner;
-`QATConfig(gemm=...)` names one instead.
+`QATConfig(gemm=...)` names one instead. Before the first such measurement on a (device,
+dtype), a screen times each kernel once on a small fixed product and drops for the process
+those over `SCREEN_FACTOR` times slower than the fastest: a kernel with no fast path on this
+CPU (oneDNN's s8 x s8 linear on an AMD EPYC without AMX ran 1,000-4,000x slower than
+`_int_mm`, over a second a layer) is never run again at a layer's full shape, eight times.
 """
 
 from __future__ import annotations
@@ -34,9 +38,13 @@ KERNELS = ("onednn", "int_mm", "float")
 MAX_IN_FEATURES = 2**17
 
 _DECISIONS: dict[tuple, str] = {}
+# (device type, dtype, kernels screened, native_ok) -> {kernel: its time / the fastest's}
+_SCREENS: dict[tuple, dict[str, float]] = {}
 _DEQUANTIZED: set[tuple[str, torch.dtype]] = set()  # where the float GEMM of x_q, w_q ran
 ROUNDS = 5  # timed rounds per kernel when choosing
 WARMUP = 3  # untimed rounds before them
+SCREEN_SHAPE = (64, 256, 256)  # rows, in, out: about 0.01-0.1 ms for a kernel with a fast path
+SCREEN_FACTOR = 20.0  # a kernel this many times slower than the fastest there is dropped
 
 
 def unavailable(
@@ -179,12 +187,41 @@ def choose(
         return None
     key = (device.type, dt, _bucket(n), k, m, tuple(usable), native_ok)
     if key not in _DECISIONS:  # one usable kernel: recorded as chosen, nothing measured
+        if len(usable) > 1:
+            usable = _screened(usable, dt, device, native_ok)
         _DECISIONS[key] = (
             usable[0]
             if len(usable) == 1
             else _measure(usable, _bucket(n), k, m, dt, device, native_ok)
         )
     return _DECISIONS[key]
+
+
+def _screened(usable: list[str], dt, device: torch.device, native_ok: bool) -> list[str]:
+    """`usable` less the kernels more than `SCREEN_FACTOR` times slower than the fastest on
+    a small fixed product (`SCREEN_SHAPE`), timed once per (device, dtype, kernels) per
+    process: one untimed call each (setup), then the best of two timed ones."""
+    key = (device.type, dt, tuple(usable), native_ok)
+    if key not in _SCREENS:
+        n, k, m = SCREEN_SHAPE
+        g = torch.Generator(device=device).manual_seed(0)
+        a = torch.randint(-128, 128, (n, k), generator=g, device=device, dtype=torch.int8)
+        w = torch.randint(-1, 2, (m, k), generator=g, device=device, dtype=torch.int8)
+        inv = torch.rand(n, 1, generator=g, device=device) + 0.5
+        gamma = torch.tensor(0.02, device=device)
+        times = {}
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            for kn in usable:
+                r = Prepared(kn, w, dt)
+                r.scaled(a, inv, gamma, native_ok)
+                times[kn] = min(
+                    _timed(lambda r=r: r.scaled(a, inv, gamma, native_ok), device) for _ in range(2)
+                )
+        fastest = max(min(times.values()), 1e-9)
+        _SCREENS[key] = {kn: t / fastest for kn, t in times.items()}
+    slowdown = _SCREENS[key]
+    kept = [kn for kn in usable if slowdown[kn] <= SCREEN_FACTOR]
+    return kept or usable
 
 
 def _measure(usable, n, k, m, dt, device, native_ok: bool = True) -> str:
@@ -239,6 +276,19 @@ def decisions() -> dict[str, str]:
     out = {}
     for (dev, dt, n, k, m, *_), kernel in sorted(_DECISIONS.items(), key=str):
         out[f"{dev} {str(dt).removeprefix('torch.')} {n} x {k} -> {m}"] = kernel
+    return out
+
+
+def screened_out() -> dict[str, str]:
+    """The kernels the screen dropped so far in this process: 'device dtype kernel': how
+    many times slower than the fastest it ran on the screen's product."""
+    n, k, m = SCREEN_SHAPE
+    out = {}
+    for (dev, dt, *_), slowdown in sorted(_SCREENS.items(), key=str):
+        for kn, x in slowdown.items():
+            if x > SCREEN_FACTOR:
+                name = f"{dev} {str(dt).removeprefix('torch.')} {kn}"
+                out[name] = f"{x:,.0f}x slower than the fastest on {n} x {k} -> {m}: not used"
     return out
 
 
