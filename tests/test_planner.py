@@ -76,3 +76,19 @@ def test_plan_from_the_command_line(capsys):
         assert message in err and err.count("\n") == 1, err
     with pytest.raises(BitNetError, match="layer per stage"):
         plan(load_config(None, ["model.num_hidden_layers=1"]), Layout(pp=2))
+
+
+def test_the_cpu_runtime_overhead_follows_the_cpu_family(monkeypatch):
+    """Measured: 11-21 MiB on a Xeon with AMX, -1 to 11 MiB on an EPYC without (oneDNN /
+    MKL buffers); the plan adds the constant of the CPU it runs on."""
+    from bitnet_training import planner
+
+    cfg = load_config(None, SMALL)
+    totals = {}
+    for amx in (True, False):
+        monkeypatch.setattr(planner, "_has_amx", lambda amx=amx: amx)
+        p = plan(cfg, device="cpu")
+        totals[amx] = p.total
+        assert p.components["runtime overhead"] == planner.runtime_overhead("cpu")
+    assert totals[True] - totals[False] == planner.RUNTIME["cpu"] - planner.RUNTIME_CPU_WITHOUT_AMX
+    assert plan(cfg).components["runtime overhead"] == planner.RUNTIME["cuda"]

@@ -12,10 +12,11 @@ dequantized weight, attention, the logits) and
 temporary buffers (the backward's). A 7B-shaped run traces in seconds on a CPU.
 
 Not tensors, and added as a constant: the runtime's own memory (`runtime overhead`): on CPU
-the oneDNN / MKL buffers and allocator slack, measured here as a step's heap peak minus its
-tensors (11-21 MiB single-threaded over the validation test's runs; 16-51 MiB with 2 threads,
-as those libraries keep buffers per thread); on CUDA the context and cuBLAS workspace, assumed
-(no GPU was lent to measure it). Attention is traced as PyTorch runs it on
+the oneDNN / MKL buffers and allocator slack, measured as a step's heap peak minus its
+tensors over the validation test's runs, single-threaded: 11-21 MiB on an Intel Xeon with
+AMX (16-51 MiB with 2 threads, as those libraries keep buffers per thread), 16 MiB used
+there; -1 to 11 MiB on an AMD EPYC without AMX, 6 MiB used on CPUs without AMX; on CUDA the
+context and cuBLAS workspace, assumed (no GPU was lent to measure it). Attention is traced as PyTorch runs it on
 the CPU (SDPA's flash path: no (seq x seq) score matrix is kept for the backward); GPU kernels
 keep the same.
 
@@ -59,8 +60,28 @@ DEVICES = {
     "a10g": 24 * GIB,
     "t4": 16 * GIB,
 }
-# Not tensors: the runtime's own memory (see the module docstring).
+# Not tensors: the runtime's own memory (see the module docstring). On CPU it follows the
+# GEMM kernels oneDNN / MKL run, measured on two CPU families: with AMX, and without.
 RUNTIME = {"cpu": 16 * MIB, "cuda": 600 * MIB}
+RUNTIME_CPU_WITHOUT_AMX = 6 * MIB
+
+
+def _has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Linux's /proc/cpuinfo flags; False elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "amx_tile" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def runtime_overhead(device: str) -> int:
+    """The runtime's own memory a plan adds on `device` (cpu: this CPU's family)."""
+    if device == "cpu" and not _has_amx():
+        return RUNTIME_CPU_WITHOUT_AMX
+    return RUNTIME[device]
+
+
 # 7B / 13B: LLaMA's shapes, for the original design's tables; byte vocabulary as our presets.
 SHAPES = {
     "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -406,7 +427,7 @@ def plan(
             f"the peak comes early in the backward: gradients grow to {_size(trainable)} while "
             "activations are freed, so fewer are alive at the peak"
         )
-    parts["runtime overhead"] = RUNTIME[device]
+    parts["runtime overhead"] = runtime_overhead(device)
     if device == "cuda":
         notes.append(
             "runtime overhead on CUDA (context, cuBLAS workspace) is assumed, not measured; "
