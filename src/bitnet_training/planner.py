@@ -16,9 +16,9 @@ the oneDNN / MKL buffers and allocator slack, measured as a step's heap peak min
 tensors over the validation test's runs, single-threaded: 11-21 MiB on an Intel Xeon with
 AMX (16-51 MiB with 2 threads, as those libraries keep buffers per thread), 16 MiB used
 there; -1 to 11 MiB on an AMD EPYC without AMX, 6 MiB used on CPUs without AMX; on CUDA the
-context and cuBLAS workspace, assumed (no GPU was lent to measure it). Attention is traced as PyTorch runs it on
-the CPU (SDPA's flash path: no (seq x seq) score matrix is kept for the backward); GPU kernels
-keep the same.
+context and cuBLAS workspace, assumed (no GPU was lent to measure it). Attention is traced
+as PyTorch runs it on the CPU (SDPA's flash path: no (seq x seq) score matrix is kept for the
+backward); GPU kernels keep the same.
 
 Parallel layouts divide what the trace measured for one device: data parallel keeps it
 (plus DDP's gradient buckets), FSDP divides parameters, gradients and optimizer states by its
