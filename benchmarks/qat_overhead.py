@@ -55,9 +55,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bitnet_training import BitNetError, BitNetLM, ModelConfig
 from bitnet_training.quant import gemm, native, triton_kernels
+from bitnet_training.quant.config import QATConfig
 from bitnet_training.train.allocator import keep_freed_memory
 
 VARIANTS = ("off", "ours", "reference", "hf")
+OURS: dict = {}  # QATConfig fields `ours` runs with (--integer-matmul)
 
 
 class ReferenceBitLinear(nn.Linear):
@@ -83,7 +85,7 @@ def _swap_linears(model: nn.Module, make) -> None:
 def build(variant: str, cfg: ModelConfig) -> nn.Module:
     torch.manual_seed(0)
     if variant == "ours":
-        return BitNetLM.bitnet(cfg)
+        return BitNetLM.bitnet(cfg, QATConfig(**OURS))
     model = BitNetLM(cfg)
     if variant == "reference":
         _swap_linears(model, lambda m: ReferenceBitLinear(m.in_features, m.out_features, False))
@@ -198,6 +200,7 @@ def shape_args(args) -> list[str]:
     out = ["--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
            "--device", args.device]  # fmt: skip
     out += ["--malloc-defaults"] if args.malloc_defaults else []
+    out += ["--integer-matmul", args.integer_matmul]
     for flag, value in (("--layers", args.layers), ("--vocab", args.vocab)):
         out += [flag, str(value)] if value is not None else []
     return out
@@ -394,6 +397,12 @@ def main():
         action="store_true",
         help="keep glibc's heap thresholds (the Trainer raises them: training.keep_freed_memory)",
     )
+    p.add_argument(
+        "--integer-matmul",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="ours' qat.integer_matmul (true: the integer GEMM in bf16 too)",
+    )
     p.add_argument("--child", nargs="?", const="memory", help=argparse.SUPPRESS)
     p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="ours", help=argparse.SUPPRESS)
@@ -411,6 +420,8 @@ def main():
         p.error(str(e))
     if args.profile and args.device != "cpu":
         p.error("--profile tables CPU ops: run it with --device cpu")
+    if args.integer_matmul != "auto":
+        OURS["integer_matmul"] = args.integer_matmul == "true"
     if not args.malloc_defaults:
         keep_freed_memory()  # as the Trainer does: every variant's step runs with it
     if args.child:
@@ -425,6 +436,8 @@ def main():
           f"{torch.backends.cpu.get_cpu_capability()}")  # fmt: skip
     heap = "glibc's defaults" if args.malloc_defaults else "freed memory kept, as the Trainer"
     print(f"# heap: {heap}")
+    if OURS:
+        print(f"# ours: qat.integer_matmul={args.integer_matmul}")
     print(f"# CPU: {machine()}")
     if args.device == "cuda":
         cap = ".".join(map(str, torch.cuda.get_device_capability()))
