@@ -72,8 +72,8 @@ class QATConfig(Section):
         "auto",
         description="fused: the forward matmul as an exact integer GEMM of the codes (true) or "
         "the float GEMM of the quantized values (false); auto: integer in float32 / float64, "
-        "float in bf16 / fp16 (the reference's numbers, as fast there) unless gemm names a "
-        "kernel",
+        "float in bf16 / fp16 (the reference's numbers; as fast on AMX, slower on CPUs without "
+        "it: set true there) unless gemm names a kernel",
     )
     saved_activations: Literal["auto", "codes", "values"] = Field(
         "auto",
