@@ -318,19 +318,7 @@ ISA_FLAGS = ("amx_bf16", "amx_int8", "avx512_vnni", "avx512_bf16", "avx512f", "a
 def machine() -> str:
     """The CPU model and the instruction sets that decide which matmul wins (AMX tiles for
     bf16 / int8, AVX-512 VNNI / BF16), from /proc/cpuinfo where there is one."""
-    import platform
-
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    name = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-    except OSError:
-        pass
+    name, flags = native.cpu_info()
     have = [f for f in ISA_FLAGS if f in flags] or ["none of " + ", ".join(ISA_FLAGS)]
     return f"{name}; {', '.join(have)}"
 

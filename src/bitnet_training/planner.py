@@ -68,11 +68,9 @@ RUNTIME_CPU_WITHOUT_AMX = 6 * MIB
 
 def _has_amx() -> bool:
     """Whether this CPU has AMX tiles (Linux's /proc/cpuinfo flags; False elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and "amx_tile" in line.split() for line in f)
-    except OSError:
-        return False
+    from .quant.native import cpu_info
+
+    return "amx_tile" in cpu_info()[1]
 
 
 def runtime_overhead(device: str) -> int:

@@ -18,10 +18,10 @@ out the weight, which happens once per optimizer step, plus one product rescaled
 rescales it, after untimed warm-up rounds), once per (device,
 dtype, rows rounded up to a power of two, in, out) per process, and caches the winner;
 `QATConfig(gemm=...)` names one instead. Before the first such measurement on a (device,
-dtype), a screen times each kernel once on a small fixed product and drops for the process
-those over `SCREEN_FACTOR` times slower than the fastest: a kernel with no fast path on this
-CPU (oneDNN's s8 x s8 linear on an AMD EPYC without AMX ran 1,000-4,000x slower than
-`_int_mm`, over a second a layer) is never run again at a layer's full shape, eight times.
+dtype), a screen times each kernel on a small fixed product and drops for the process those
+over `SCREEN_FACTOR` times slower than the fastest: a kernel with no fast path on this CPU
+(oneDNN's s8 x s8 linear on an AMD EPYC without AMX ran 1,000-4,000x slower than `_int_mm`,
+over a second a layer) is then never timed at a layer's full shape.
 """
 
 from __future__ import annotations
@@ -203,12 +203,7 @@ def _screened(usable: list[str], dt, device: torch.device, native_ok: bool) -> l
     process: one untimed call each (setup), then the best of two timed ones."""
     key = (device.type, dt, tuple(usable), native_ok)
     if key not in _SCREENS:
-        n, k, m = SCREEN_SHAPE
-        g = torch.Generator(device=device).manual_seed(0)
-        a = torch.randint(-128, 128, (n, k), generator=g, device=device, dtype=torch.int8)
-        w = torch.randint(-1, 2, (m, k), generator=g, device=device, dtype=torch.int8)
-        inv = torch.rand(n, 1, generator=g, device=device) + 0.5
-        gamma = torch.tensor(0.02, device=device)
+        a, w, inv, gamma = _probe(*SCREEN_SHAPE, device)
         times = {}
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             for kn in usable:
@@ -219,16 +214,23 @@ def _screened(usable: list[str], dt, device: torch.device, native_ok: bool) -> l
                 )
         fastest = max(min(times.values()), 1e-9)
         _SCREENS[key] = {kn: t / fastest for kn, t in times.items()}
-    slowdown = _SCREENS[key]
-    kept = [kn for kn in usable if slowdown[kn] <= SCREEN_FACTOR]
-    return kept or usable
+    # The fastest is always kept (its ratio is 1).
+    return [kn for kn in usable if _SCREENS[key][kn] <= SCREEN_FACTOR]
 
 
-def _measure(usable, n, k, m, dt, device, native_ok: bool = True) -> str:
-    # A private generator: measuring must not move the global RNG (bit-exact resume).
+def _probe(n: int, k: int, m: int, device: torch.device):
+    """Random (n, k) int8 codes, (m, k) ternary weight codes, (n, 1) token scales and a
+    gamma, from a private generator: measuring must not move the global RNG (bit-exact
+    resume)."""
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randint(-128, 128, (n, k), generator=g, device=device, dtype=torch.int8)
     w = torch.randint(-1, 2, (m, k), generator=g, device=device, dtype=torch.int8)
+    inv = torch.rand(n, 1, generator=g, device=device) + 0.5
+    return a, w, inv, torch.tensor(0.02, device=device)
+
+
+def _measure(usable, n, k, m, dt, device, native_ok: bool = True) -> str:
+    a, w, inv, gamma = _probe(n, k, m, device)
     # Outside any autocast region the caller is in: the reference product is float64.
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         want = (a.double() @ w.double().t()).to(dt)
@@ -240,8 +242,6 @@ def _measure(usable, n, k, m, dt, device, native_ok: bool = True) -> str:
         # differs by kernel: in place on int_mm's int32 sums in float32, a pass over the
         # rounded output otherwise). Rounds interleave the kernels, so a disturbance
         # (another process on the cores) hits all of them; each keeps its best round.
-        inv = torch.rand(n, 1, generator=g, device=device) + 0.5
-        gamma = torch.tensor(0.02, device=device)
         # Untimed rounds first: a kernel's first calls in a process run slower (oneDNN sets
         # up its primitives, and the allocator maps fresh memory for the outputs until it
         # keeps freed blocks), measured up to 4x: the timed rounds see what a training step

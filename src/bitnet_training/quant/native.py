@@ -66,14 +66,27 @@ def _compiler() -> str | None:
     return next((c for c in ("cc", "gcc") if shutil.which(c)), None)
 
 
-def _cpu_id() -> str:
-    """The CPU model and flags (-march=native depends on them)."""
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and instruction-set flags, from Linux's /proc/cpuinfo (elsewhere
+    the platform's processor name and no flags)."""
+    name, flags = platform.processor() or platform.machine(), frozenset()
     try:
         with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.split(":")[0].strip() in ("model name", "flags")]
-        return "".join(sorted(set(lines)))
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = frozenset(value.split())
     except OSError:
-        return platform.processor() + platform.machine()
+        pass
+    return name, flags
+
+
+def _cpu_id() -> str:
+    """The CPU model and flags (-march=native depends on them)."""
+    name, flags = cpu_info()
+    return f"{name}: {' '.join(sorted(flags))}"
 
 
 def _build() -> ctypes.CDLL:
