@@ -3,8 +3,9 @@
 Variants, all the same model, weights and batch:
   off        quantization off (plain nn.Linear): the baseline
   ours       BitLinear (fused int8-saving autograd function, native quantizer kernels, in
-             fp32 the exact integer GEMM chosen per shape by measurement, in bf16 the float
-             GEMM of the quantized values, cached weight)
+             fp32 the exact integer GEMM (its kernel chosen per shape by measurement), in
+             bf16 the faster of that and the float GEMM of the quantized values, measured
+             per shape; cached weight)
   reference  the BitNet team's published training form, written here:
              y = linear(x + sg(q_a(x) - x), W + sg(q_w(W) - W)), per-token int8, absmean W
   hf         transformers' AutoBitLinear in online-quantization mode
@@ -109,6 +110,9 @@ class Runner:
         ids = torch.randint(0, cfg.vocab_size, (batch[0], batch[1]), generator=g)
         self.ids = ids.to(self.device)
         self.dtype = torch.bfloat16 if precision == "bf16" else None
+        if compiled:  # an eager forward first measures the matmuls the trace then runs
+            with torch.no_grad(), self.autocast():
+                self.model(self.ids)
         self.fwd = torch.compile(self.model) if compiled else self.model
 
     def autocast(self):
@@ -281,12 +285,13 @@ def timing_child(args) -> None:
         "decisions": gemm.decisions(),
         "float": gemm.dequantized(),
         "screened": gemm.screened_out(),
+        "paths": gemm.paths(),
     }
     print(json.dumps({"row": row, **out, "triton": triton_kernels.checks()}))
 
 
 # What the children ran.
-_CHILD_MATMULS: dict = {"decisions": {}, "float": set(), "triton": {}, "screened": {}}
+_CHILD_MATMULS: dict = {"decisions": {}, "float": set(), "triton": {}, "screened": {}, "paths": {}}
 
 
 def time_repeated(args, precision, compiled) -> list[dict]:
@@ -303,6 +308,7 @@ def time_repeated(args, precision, compiled) -> list[dict]:
         _CHILD_MATMULS["float"].update(result["float"])
         _CHILD_MATMULS["triton"].update(result["triton"])
         _CHILD_MATMULS["screened"].update(result["screened"])
+        _CHILD_MATMULS["paths"].update(result["paths"])
     return runs
 
 
@@ -461,8 +467,10 @@ def main():
         print(f"{shape:40} {kernel}")
     for name, why in {**gemm.screened_out(), **_CHILD_MATMULS["screened"]}.items():
         print(f"{name:40} {why}")
+    for shape, path in {**gemm.paths(), **_CHILD_MATMULS["paths"]}.items():
+        print(f"{shape:40} {path} GEMM measured faster (integer_matmul=auto)")
     for where in sorted(set(gemm.dequantized()) | _CHILD_MATMULS["float"]):
-        print(f"{where + ' (all shapes)':40} float GEMM of x_q, w_q (integer_matmul=auto)")
+        print(f"{where:40} float GEMM of x_q, w_q ran")
     print(f"native quantizers (CPU): {native.build_error() or 'built'}")
     for where, ok in {**triton_kernels.checks(), **_CHILD_MATMULS["triton"]}.items():
         verdict = "exact on the device: ran" if ok else "differs: PyTorch's ops ran"

@@ -259,6 +259,12 @@ def _kernels_line() -> str | None:
         dropped = sorted({name.rsplit(" ", 1)[1] for name in gemm.screened_out()})
         if dropped:
             parts[-1] += f" ({', '.join(dropped)}: no fast path on this CPU, not used)"
+    measured = list(gemm.paths().values())
+    if measured:  # integer_matmul auto in bf16: which GEMM measured faster, per shape
+        parts.append(
+            f"integer vs float GEMM measured: integer faster on {measured.count('integer')} "
+            f"of {len(measured)} shapes"
+        )
     if not parts:
         return None
     quantizers = "native" if native.built() else "PyTorch ops"

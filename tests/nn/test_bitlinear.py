@@ -384,17 +384,39 @@ def test_weights_saved_under_saved_tensor_hooks_are_never_overwritten():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_low_precision_runs_the_float_gemm_of_the_quantized_values(dtype):
-    """integer_matmul=auto in bf16 / fp16: y = linear(x_q, w_q) in that dtype, x_q = codes / s
-    rounded once (the quantizer's own pass natively, PyTorch ops otherwise: same bits), the
-    same x_q in the backward; equal to integer_matmul=False, and to the reference's formula
-    up to the dtype's rounding."""
-    from bitnet_training.nn.bitlinear import uses_integer_gemm
+@pytest.fixture
+def measured(monkeypatch):
+    """Pin what `gemm.integer_path` measures: `measured(True)` makes the integer GEMM the
+    faster, `measured(False)` the float GEMM of x_q; returns the list of shapes measured."""
+    from bitnet_training.quant import gemm
 
-    assert not uses_integer_gemm(QATConfig(), dtype)
-    assert uses_integer_gemm(QATConfig(), torch.float32)
-    assert uses_integer_gemm(QATConfig(gemm="int_mm"), dtype)  # a named kernel: integer
+    calls = []
+
+    def pin(integer: bool):
+        monkeypatch.setattr(gemm, "_PATHS", {})
+        monkeypatch.setattr(gemm, "_AGREED", set())
+        monkeypatch.setattr(
+            gemm, "_measure_path", lambda kernel, n, k, m, *rest: calls.append((k, m)) or integer
+        )
+        return calls
+
+    return pin
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_runs_the_float_gemm_of_the_quantized_values(dtype, measured):
+    """integer_matmul=auto in bf16 / fp16 where the float GEMM measured faster (fp16 always:
+    no integer kernel): y = linear(x_q, w_q) in that dtype, x_q = codes / s rounded once (the
+    quantizer's own pass natively, PyTorch ops otherwise: same bits), the same x_q in the
+    backward; equal to integer_matmul=False, and to the reference's formula up to the dtype's
+    rounding."""
+    from bitnet_training.nn.bitlinear import measures_path
+
+    assert measures_path(QATConfig(), dtype)
+    assert not measures_path(QATConfig(), torch.float32)  # integer
+    assert not measures_path(QATConfig(gemm="int_mm"), dtype)  # a named kernel: integer
+    assert not measures_path(QATConfig(integer_matmul=False), dtype)
+    shapes = measured(False)
     torch.manual_seed(0)
     lin = nn.Linear(96, 40)
     x = torch.randn(3, 11, 96) * 2
@@ -423,6 +445,41 @@ def test_low_precision_runs_the_float_gemm_of_the_quantized_values(dtype):
     with torch.autocast("cpu", dtype=dtype):
         y_ref = ref_bitlinear(x, lin.weight, lin.bias)
     torch.testing.assert_close(results[0][0].float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+    # Measured once per shape (bf16); fp16 has no integer kernel to measure against.
+    assert shapes == ([(96, 40)] if dtype == torch.bfloat16 else [])
+
+
+def test_bf16_runs_the_integer_gemm_where_it_measured_faster(measured):
+    """integer_matmul=auto in bf16 where the integer GEMM measured faster: the same bits as
+    integer_matmul=True, forward and backward, and the codes (not x_q) saved; a layer with
+    another shape is measured for itself, a layer of the same shape is not."""
+    shapes = measured(True)
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40)
+    x = torch.randn(3, 11, 96) * 2
+    results = []
+    for config in (QATConfig(), QATConfig(integer_matmul=True), QATConfig(integer_matmul=False)):
+        layer = BitLinear.from_linear(copy.deepcopy(lin), config)
+        xi = x.clone().requires_grad_()
+        saved = []
+        with (
+            torch.autocast("cpu", dtype=torch.bfloat16),
+            torch.autograd.graph.saved_tensors_hooks(
+                lambda t, s=saved: s.append(t) or t, lambda t: t
+            ),
+        ):
+            y = layer(xi)
+        y.float().square().sum().backward()
+        results.append((y, xi.grad, layer.weight.grad, saved[0].dtype))
+    auto, integer, floating = results
+    for a, b in zip(auto, integer, strict=True):
+        assert a == b if isinstance(a, torch.dtype) else torch.equal(a, b)
+    assert auto[3] == torch.int8 and floating[3] == torch.bfloat16
+    assert not torch.equal(auto[0], floating[0])  # a different rounding: not the same numbers
+    assert shapes == [(96, 40)]
+    BitLinear(96, 40)(torch.randn(4, 96).bfloat16())
+    BitLinear(40, 96)(torch.randn(4, 40).bfloat16())
+    assert shapes == [(96, 40), (40, 96)]
 
 
 @pytest.mark.parametrize("per_channel", [False, True])

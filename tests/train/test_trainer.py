@@ -127,6 +127,32 @@ def test_resume_is_bit_exact(tmp_path, micro_model, token_windows, stop_at):
         assert torch.equal(v, _params(fresh)[k]), k
 
 
+def test_resume_keeps_the_measured_matmul(tmp_path, micro_model, token_windows, monkeypatch):
+    """bf16 with integer_matmul auto: the GEMM each layer shape measured faster is saved in
+    the checkpoint, and a resumed run (a new process, which may measure otherwise) runs it,
+    so the run's numbers are those of an uninterrupted one."""
+    from bitnet_training.quant import gemm
+
+    def measuring(integer):  # a process where the integer (or float) GEMM measures faster
+        monkeypatch.setattr(gemm, "_PATHS", {})
+        monkeypatch.setattr(gemm, "_AGREED", set())
+        monkeypatch.setattr(gemm, "_measure_path", lambda *a: integer)
+
+    data = token_windows(12, 16)
+    kw = dict(max_steps=4, save_every=2, mixed_precision="bf16")
+    measuring(True)
+    full = Trainer(micro_model(), _cfg(tmp_path / "full", **kw), data).train()
+    measuring(True)
+    r1 = Trainer(micro_model(), _cfg(tmp_path / "part", **kw), data, callbacks=[StopAt(2)]).train()
+    measuring(False)
+    r2 = Trainer(micro_model(seed=3), _cfg(tmp_path / "part", **kw), data).train("latest")
+    assert _losses(r1) + _losses(r2) == _losses(full)
+    assert set(gemm.paths().values()) == {"integer"}
+    measuring(False)  # the other GEMM: other numbers (what resuming without the state gives)
+    other = Trainer(micro_model(), _cfg(tmp_path / "other", **kw), data).train()
+    assert _losses(other)[0] != _losses(full)[0]
+
+
 class Recorder(Callback):
     def __init__(self):
         self.events = []

@@ -46,16 +46,19 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def uses_integer_gemm(config: QATConfig, dt: torch.dtype) -> bool:
-    """Whether the fused forward in compute dtype `dt` runs the exact integer GEMM of the
-    codes (`QATConfig.integer_matmul`): `auto` does in float32 / float64, where it is both
-    exact and faster than their float GEMM, and where `gemm` names a kernel; in bf16 / fp16
-    it runs the float GEMM of the quantized values x_q W_q^T, the reference's own numbers,
-    with no per-token rescaling pass (AMX and tensor cores run that GEMM as fast as int8).
-    `true` runs it wherever a kernel can (`quant.gemm.unavailable`: never in float16)."""
-    if config.integer_matmul == "auto":
-        return dt in (torch.float32, torch.float64) or config.gemm != "auto"
-    return config.integer_matmul
+def measures_path(config: QATConfig, dt: torch.dtype) -> bool:
+    """Whether `QATConfig.integer_matmul` leaves the fused forward's matmul in compute dtype
+    `dt` to measurement (`quant.gemm.integer_path`): `auto` in bf16 / fp16, where the float
+    GEMM of the quantized values x_q W_q^T (the reference's own numbers, with no per-token
+    rescaling pass) runs as fast as the integer one on some machines (AMX, tensor cores) and
+    slower on others (AVX-512 VNNI without AMX). `auto` runs the integer GEMM in float32 /
+    float64, where it is exact and faster on every machine measured, and where `gemm` names
+    a kernel; `true` wherever a kernel can (`quant.gemm.unavailable`: never in float16)."""
+    return (
+        config.integer_matmul == "auto"
+        and config.gemm == "auto"
+        and dt not in (torch.float32, torch.float64)
+    )
 
 
 def integer_gemm(
@@ -66,6 +69,7 @@ def integer_gemm(
     device: torch.device,
     prepared: dict | None = None,
     code_max: int = 1,
+    trains: bool = True,
 ) -> gemm.Prepared | None:
     """The exact integer GEMM for an (n, in) x weight-codes (out, in) product in `dt`, or None
     (the float GEMM of dequantized values runs instead).
@@ -74,31 +78,30 @@ def integer_gemm(
     keeps the laid-out weight for as long as the codes live (the per-step weight cache);
     without it the weight is laid out on every call, so oneDNN's prepacking is not chosen.
     `code_max` bounds the weight codes' magnitude (1 for ternary and binary weights).
+    `trains`: whether the weight gets a gradient (the integer path then rebuilds x_q in the
+    backward), which the measured choice of path (`measures_path`) weighs in.
     """
-    if codes is None or not uses_integer_gemm(config, dt):
+    if codes is None or config.integer_matmul is False:
         return None
-    out_f, in_f = codes.shape
-    if config.gemm == "auto" and torch.compiler.is_compiling():
-        allowed = ("int_mm",)  # traced: nothing to measure
-    elif config.gemm == "auto" and codes.device.type == "cpu" and not native.real(codes):
-        # Fake tensors (the memory planner's trace): the kernel a real run here would
-        # choose, measured on real tensors, so the plan holds its weight layout. oneDNN's
-        # prepacked weight (one byte per weight, like _int_mm's) has no fake kernel.
+    # Fake tensors (the memory planner's trace): what a real run here would choose,
+    # measured on real tensors, so the plan holds its weight layout and matmul.
+    fake = (
+        config.gemm == "auto"
+        and not torch.compiler.is_compiling()  # first: the check below does not trace
+        and codes.device.type == "cpu"
+        and not native.real(codes)
+    )
+    if fake:
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
         with unset_fake_temporarily():
-            kernel = gemm.choose(
-                n, in_f, out_f, dt, device, gemm.KERNELS, code_max, config.kernels != "torch"
-            )
-        allowed = ("int_mm",) if kernel in (None, "onednn") else (kernel,)
-    elif config.gemm == "auto":
-        allowed = gemm.KERNELS if prepared is not None else ("int_mm", "float")
+            kernel = _gemm_kernel(config, codes.shape, n, dt, device, True, code_max, trains)
+        if kernel == "onednn":
+            kernel = "int_mm"  # oneDNN's prepacked weight has no fake kernel; as many bytes
     else:
-        allowed = (config.gemm,)
-        why = gemm.unavailable(config.gemm, n, in_f, out_f, dt, device, code_max)
-        if why is not None:
-            raise ConfigError("qat.gemm", config.gemm, f"a kernel this layer can run ({why})")
-    kernel = gemm.choose(n, in_f, out_f, dt, device, allowed, code_max, config.kernels != "torch")
+        kernel = _gemm_kernel(
+            config, codes.shape, n, dt, device, prepared is not None, code_max, trains
+        )
     if kernel is None:
         return None
     if prepared is None:
@@ -107,6 +110,34 @@ def integer_gemm(
         spare = prepared.get("spare", {}).get((kernel, dt))
         prepared[kernel, dt] = gemm.Prepared(kernel, codes, dt, spare)
     return prepared[kernel, dt]
+
+
+def _gemm_kernel(config, shape, n, dt, device, every_kernel, code_max, trains) -> str | None:
+    """`integer_gemm`'s kernel, or None for the float GEMM of dequantized values.
+    `every_kernel`: whether oneDNN's prepacked weight may be chosen (the weight is laid out
+    once per step)."""
+    out_f, in_f = shape
+    native_ok = config.kernels != "torch"
+    if config.gemm != "auto":
+        allowed = (config.gemm,)
+        why = gemm.unavailable(config.gemm, n, in_f, out_f, dt, device, code_max)
+        if why is not None:
+            raise ConfigError("qat.gemm", config.gemm, f"a kernel this layer can run ({why})")
+    elif torch.compiler.is_compiling():
+        allowed = ("int_mm",)  # traced: nothing to measure
+    else:
+        allowed = gemm.KERNELS if every_kernel else ("int_mm", "float")
+    kernel = gemm.choose(n, in_f, out_f, dt, device, allowed, code_max, native_ok)
+    if kernel is None or not measures_path(config, dt):
+        return kernel
+
+    def rebuild(codes, inv):
+        return _dequantized(codes, inv, dt, config.kernels)
+
+    faster = gemm.integer_path(
+        n, in_f, out_f, dt, device, kernel, native_ok, rebuild if trains else None
+    )
+    return kernel if faster else None
 
 
 class _WeightSTE(torch.autograd.Function):
@@ -644,8 +675,9 @@ class BitLinear(nn.Linear):
             if integer:
                 n = x.numel() // x.shape[-1] if x.shape[-1] else 0
                 run = integer_gemm(
-                    cfg, entry["codes"], n, dt, x.device, entry["prepared"], entry["code_max"]
-                )
+                    cfg, entry["codes"], n, dt, x.device, entry["prepared"], entry["code_max"],
+                    self.weight.requires_grad,
+                )  # fmt: skip
                 scale_row = entry["scale_row"]
             y = _FusedBitLinear.apply(
                 x, self.weight, self.bias, w_q, run, scale_row, mask,

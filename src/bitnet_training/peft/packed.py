@@ -223,7 +223,7 @@ class PackedTernaryLinear(nn.Module):
                 run = scale_row = None
                 if self.granularity in ("tensor", "channel"):
                     n = x.numel() // x.shape[-1] if x.shape[-1] else 0
-                    run = integer_gemm(cfg, codes, n, dt, x.device)
+                    run = integer_gemm(cfg, codes, n, dt, x.device, trains=False)
                     s = self.weight_scale.float()
                     scale_row = s.reshape(1, -1) if s.dim() else s
                 # w_q stands in for the latent weight: it needs no gradient.

@@ -22,15 +22,24 @@ dtype), a screen times each kernel on a small fixed product and drops for the pr
 over `SCREEN_FACTOR` times slower than the fastest: a kernel with no fast path on this CPU
 (oneDNN's s8 x s8 linear on an AMD EPYC without AMX ran 1,000-4,000x slower than `_int_mm`,
 over a second a layer) is then never timed at a layer's full shape.
+
+Where the layer may also run the float GEMM of the quantized values x_q = codes / s instead
+(`QATConfig(integer_matmul="auto")` in bf16: different roundings, not the same numbers),
+`integer_path` measures which of the two is faster for its (in, out) shape, once, and keeps
+the decision for the process and in the Trainer's checkpoints (a resumed run keeps its
+numbers); inside `ranks_agree()` rank 0 decides for every rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from ..errors import BitNetError
 from .native import library, rescale_accumulator, reusable, takes_accumulator
 
 KERNELS = ("onednn", "int_mm", "float")
@@ -45,6 +54,14 @@ ROUNDS = 5  # timed rounds per kernel when choosing
 WARMUP = 3  # untimed rounds before them
 SCREEN_SHAPE = (64, 256, 256)  # rows, in, out: about 0.01-0.1 ms for a kernel with a fast path
 SCREEN_FACTOR = 20.0  # a kernel this many times slower than the fastest there is dropped
+# (device type, dtype, in, out) -> whether the integer GEMM runs (True) or the float GEMM of
+# x_q (False), where both may (`integer_path`).
+_PATHS: dict[tuple, bool] = {}
+_AGREED: set[tuple] = set()  # keys every rank holds rank 0's decision for
+_AGREEING: list[bool] = []  # non-empty inside `ranks_agree()`
+# The integer path is chosen when its time is at most this share of the float path's: a
+# near tie keeps the float GEMM, the reference form's own numbers.
+PATH_FACTOR = 0.95
 
 
 def unavailable(
@@ -261,6 +278,119 @@ def _measure(usable, n, k, m, dt, device, native_ok: bool = True) -> str:
     return min(best, key=best.get)
 
 
+def integer_path(
+    n: int,
+    k: int,
+    m: int,
+    dt: torch.dtype,
+    device,
+    kernel: str,
+    native_ok: bool = True,
+    rebuild: Callable | None = None,
+) -> bool:
+    """Whether a layer of this (in `k`, out `m`) shape runs the exact integer GEMM with
+    `kernel` (True) or the float GEMM of x_q = codes / s (False) in `dt` on `device`: the
+    faster of the two as measured on a probe of `n` rows (rounded up to a power of two), once
+    per (device, dtype, in, out) per process. `rebuild(codes, inv)` makes x_q as the layer
+    does: the integer path pays it once more, in the backward (None: a frozen weight, no
+    backward rebuild). Under `torch.compile` nothing is measured: the decision this process
+    already holds, else the float GEMM. Inside `ranks_agree()`, every rank takes rank 0's."""
+    key = (torch.device(device).type, dt, k, m)
+    if torch.compiler.is_compiling():
+        return _PATHS.get(key, False)
+    if _AGREEING and key not in _AGREED and _world_size() > 1:
+        import torch.distributed as dist
+
+        box = [None]
+        if dist.get_rank() == 0:
+            if key not in _PATHS:
+                _PATHS[key] = _measure_path(kernel, n, k, m, dt, device, native_ok, rebuild)
+            box[0] = _PATHS[key]
+        dist.broadcast_object_list(box, src=0)
+        _PATHS[key] = bool(box[0])
+        _AGREED.add(key)
+    elif key not in _PATHS:
+        _PATHS[key] = _measure_path(kernel, n, k, m, dt, device, native_ok, rebuild)
+    return _PATHS[key]
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@contextlib.contextmanager
+def ranks_agree():
+    """Within, every rank of the default process group takes rank 0's `integer_path`
+    decisions (a broadcast per shape not yet agreed), so that data-parallel replicas run the
+    same numbers. Every rank must run the same quantized layers in the same order (as the
+    replicas of a data-parallel step do)."""
+    _AGREEING.append(True)
+    try:
+        yield
+    finally:
+        _AGREEING.pop()
+
+
+def _measure_path(kernel, n, k, m, dt, device, native_ok, rebuild) -> bool:
+    device = torch.device(device)
+    a, w, inv, gamma = _probe(_bucket(n), k, m, device)
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        # What the float path multiplies: x_q as the layer makes it, w_q in dt (both paths
+        # hold w_q, the backward's operand).
+        x_q = rebuild(a, inv) if rebuild is not None else a.div(inv).to(dt)
+        w_q = (w.float() * gamma).to(dt)
+        codes = a.to(dt) if kernel == "float" else a
+
+        def integer():
+            Prepared(kernel, w, dt).scaled(codes, inv, gamma, native_ok)
+            if rebuild is not None:
+                rebuild(a, inv)  # x_q for the weight gradient
+
+        def floating():
+            F.linear(x_q, w_q)
+
+        runs = {True: integer, False: floating}
+        for _ in range(WARMUP):
+            for fn in runs.values():
+                fn()
+        best = dict.fromkeys(runs, float("inf"))
+        for _ in range(ROUNDS):  # interleaved, each keeps its best round (as `_measure`)
+            for path, fn in runs.items():
+                best[path] = min(best[path], _timed(fn, device))
+    return best[True] <= PATH_FACTOR * best[False]
+
+
+def paths() -> dict[str, str]:
+    """The matmul each shape runs where `integer_path` decided: 'device dtype in -> out':
+    'integer' or 'float'."""
+    return {
+        f"{dev} {str(dt).removeprefix('torch.')} {k} -> {m}": "integer" if v else "float"
+        for (dev, dt, k, m), v in sorted(_PATHS.items(), key=str)
+    }
+
+
+def path_state() -> list[list]:
+    """The `integer_path` decisions, for a checkpoint: [device, dtype, in, out, integer]."""
+    return [[dev, str(dt).removeprefix("torch."), k, m, v] for (dev, dt, k, m), v in _PATHS.items()]
+
+
+def load_path_state(state: list[list]) -> None:
+    """Hold the decisions of `path_state()` (a resumed run keeps its matmuls, so its
+    numbers), as agreed: every rank loads the same checkpoint."""
+    for entry in state:
+        ok = isinstance(entry, list) and len(entry) == 5
+        dt = getattr(torch, entry[1], None) if ok and isinstance(entry[1], str) else None
+        if not (isinstance(dt, torch.dtype) and all(type(x) is int for x in entry[2:4])):
+            raise BitNetError(
+                f"the checkpoint's matmul_paths entry {entry!r} is not "
+                "[device, dtype, in_features, out_features, integer]"
+            )
+        key = (str(entry[0]), dt, entry[2], entry[3])
+        _PATHS[key] = bool(entry[4])
+        _AGREED.add(key)
+
+
 def _timed(fn, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -272,10 +402,12 @@ def _timed(fn, device: torch.device) -> float:
 
 
 def decisions() -> dict[str, str]:
-    """The kernels chosen so far in this process: '(device dtype) rows x in -> out': kernel."""
+    """The kernels chosen so far in this process: '(device dtype) rows x in -> out': kernel.
+    Shapes where `integer_path` chose the float GEMM of x_q are left out: no kernel ran."""
     out = {}
     for (dev, dt, n, k, m, *_), kernel in sorted(_DECISIONS.items(), key=str):
-        out[f"{dev} {str(dt).removeprefix('torch.')} {n} x {k} -> {m}"] = kernel
+        if _PATHS.get((dev, dt, k, m), True):
+            out[f"{dev} {str(dt).removeprefix('torch.')} {n} x {k} -> {m}"] = kernel
     return out
 
 

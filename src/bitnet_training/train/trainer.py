@@ -38,6 +38,7 @@ from ..metrics import Metric, build_metrics
 from ..monitoring import Profiling, WandbLogging
 from ..nn.convert import output_head
 from ..optim import build_optimizer, clip_gradients
+from ..quant import gemm
 from .allocator import keep_freed_memory
 from .callbacks import (
     BestMetric,
@@ -417,6 +418,9 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": rng_json,
             "precision": self.precision,
+            # The matmul each quantized layer shape measured faster (bf16 `integer_matmul:
+            # auto`): a resumed run keeps it, so its numbers.
+            "matmul_paths": gemm.path_state(),
             "optimizer": type(self.optimizer).__name__,
             "config": self.config.to_dict(),
         }
@@ -473,6 +477,7 @@ class Trainer:
         if data.get("dataset") is not None and hasattr(self.train_data, "load_state_dict"):
             self.train_data.load_state_dict(data["dataset"])
         self._say_schedule_changes(st)
+        gemm.load_path_state(st.get("matmul_paths", []))
         s = self.state
         s.step, s.tokens_seen = int(st["step"]), int(st["tokens_seen"])
         s.best_metric, s.best_step = st.get("best_metric"), st.get("best_step")
@@ -643,8 +648,34 @@ class Trainer:
             torch.distributed.all_reduce(stop)
             self._ranks_stopping = bool(stop)
         total = total.clamp_min(1)
-        loss_sum = torch.zeros((), device=self.device)
         pipe = pipeline_of(unwrap(self.model))
+        # Data-parallel replicas run the same layers in the same order (pipeline stages do
+        # not): rank 0's measured matmuls for all, so that they compute the same numbers.
+        agree = self.data_parallel and pipe is None
+        with gemm.ranks_agree() if agree else contextlib.nullcontext():
+            loss_sum = self._micro_steps(micro, counts, total, scale, pipe)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        self._call("on_after_backward")
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        c = self.config
+        norm = clip_gradients(
+            params, c.gradient_clip_norm, c.gradient_clip_value, c.agc_clip_factor, c.agc_eps,
+            split_over_ranks=pipe is not None,  # each stage holds its own parameters
+        )  # fmt: skip
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when a gradient is inf / nan
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self._call("on_optimizer_step")
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_sum, "grad_norm": norm, "tokens": ntok}
+
+    def _micro_steps(self, micro, counts, total, scale, pipe) -> torch.Tensor:
+        """Forward and backward of each micro-batch of a step; returns the sum of their
+        weighted losses."""
+        loss_sum = torch.zeros((), device=self.device)
         for i, (b, n) in enumerate(zip(micro, counts, strict=True)):
             last = i == len(micro) - 1
             if pipe is not None:  # the schedule runs forward and backward itself
@@ -668,23 +699,7 @@ class Trainer:
                         part = part + torch.stack([a.to(wide) for a in aux]).sum()
                 self._backward(part)
             loss_sum = loss_sum + part.detach()  # float64 when the model is
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        self._call("on_after_backward")
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        c = self.config
-        norm = clip_gradients(
-            params, c.gradient_clip_norm, c.gradient_clip_value, c.agc_clip_factor, c.agc_eps,
-            split_over_ranks=pipe is not None,  # each stage holds its own parameters
-        )  # fmt: skip
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skipped when a gradient is inf / nan
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self._call("on_optimizer_step")
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_sum, "grad_norm": norm, "tokens": ntok}
+        return loss_sum
 
     def log(self, logs: dict) -> None:
         """Hand a log record to every callback's `on_log` (they may add to it)."""
