@@ -12,7 +12,8 @@ gradients (tests compare them):
 * the fused autograd function saves the int8 activation codes and one scale per token for
   the backward instead of the full-precision quantized activations (4x smaller in fp32, 2x
   in bf16), and runs the forward matmul as an exact integer GEMM of the codes in float32
-  (in bf16 / fp16, where the float GEMM is as fast, that GEMM of the quantized values);
+  (in bf16 where it measures faster than the float GEMM of the quantized values, which runs
+  otherwise and in fp16: `measures_path`);
 * the weight is quantized once per optimizer step, not once per micro-batch: the quantized
   weight is cached and recomputed only when the latent weight changes (its version counter).
 """

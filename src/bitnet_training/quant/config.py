@@ -71,9 +71,9 @@ class QATConfig(Section):
     integer_matmul: Literal["auto", True, False] = Field(
         "auto",
         description="fused: the forward matmul as an exact integer GEMM of the codes (true) or "
-        "the float GEMM of the quantized values (false); auto: integer in float32 / float64, "
-        "float in bf16 / fp16 (the reference's numbers; as fast on AMX, slower on CPUs without "
-        "it: set true there) unless gemm names a kernel",
+        "the float GEMM of the quantized values (false, the reference's numbers); auto: "
+        "integer in float32 / float64 or where gemm names a kernel, float in fp16, and in "
+        "bf16 the faster of the two, measured once per layer shape (kept in checkpoints)",
     )
     saved_activations: Literal["auto", "codes", "values"] = Field(
         "auto",
