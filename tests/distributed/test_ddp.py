@@ -56,6 +56,29 @@ def test_rank_zero_speaks_for_the_run(tmp_path, text, every):
         assert len(warned) == 2 and sum(ln.startswith("[rank 1] ") for ln in warned) == 1
 
 
+def test_bf16_ranks_run_rank_zeros_measured_matmuls(tmp_path, text):
+    """bf16 with integer_matmul auto under DDP: the first step's forward broadcasts rank 0's
+    integer-or-float choice for every layer shape (no rank hangs), and the checkpoint
+    holds one decision per shape."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+           "--standalone", "-m", "bitnet_training", "train", *COMMON,
+           f"data.train_files={text / 't.txt'}", "training.mixed_precision=bf16",
+           "training.max_steps=1", "training.batch_size=2",
+           f"training.output_dir={tmp_path / 'run'}"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "integer vs float GEMM measured" in done.stdout
+    state = json.loads(
+        (tmp_path / "run" / "checkpoint-00000001" / "trainer_state.json").read_text()
+    )
+    shapes = {(dev, dt, k, m) for dev, dt, k, m, _ in state["matmul_paths"]}
+    # hidden 64, 1 kv head of 32, intermediate 128: q/o, k/v, gate/up, down
+    assert shapes == {
+        ("cpu", "bfloat16", k, m) for k, m in [(64, 64), (64, 32), (64, 128), (128, 64)]
+    }
+
+
 def test_two_ranks_train_as_one_process_with_the_global_batch(tmp_path, text):
     data = [f"data.train_files={text / 't.txt'}", f"data.val_files={text / 'v.txt'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -62,6 +62,11 @@ def measures_path(config: QATConfig, dt: torch.dtype) -> bool:
     )
 
 
+# The memory planner's trace (fake tensors) measures the GEMMs a real run would choose on
+# probes of at most this many rows (a real run: `gemm.PROBE_ROWS`).
+PLAN_PROBE_ROWS = 256
+
+
 def integer_gemm(
     config: QATConfig,
     codes: torch.Tensor | None,
@@ -95,8 +100,9 @@ def integer_gemm(
     if fake:
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-        with unset_fake_temporarily():
-            kernel = _gemm_kernel(config, codes.shape, n, dt, device, True, code_max, trains)
+        with unset_fake_temporarily():  # measured on a small probe: a plan takes seconds
+            rows = min(n, PLAN_PROBE_ROWS)
+            kernel = _gemm_kernel(config, codes.shape, rows, dt, device, True, code_max, trains)
         if kernel == "onednn":
             kernel = "int_mm"  # oneDNN's prepacked weight has no fake kernel; as many bytes
     else:

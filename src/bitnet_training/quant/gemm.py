@@ -13,15 +13,15 @@ result (tests check each against `_int_mm`; `choose` checks again on its probe):
             exact because codes and every partial sum (below 128 * 2^17 = 2^24) are
             representable and these GEMMs accumulate in at least float32.
 
-`choose` times the kernels the device allows on a random probe of the layer's shape (laying
-out the weight, which happens once per optimizer step, plus one product rescaled as the layer
-rescales it, after untimed warm-up rounds), once per (device,
-dtype, rows rounded up to a power of two, in, out) per process, and caches the winner;
-`QATConfig(gemm=...)` names one instead. Before the first such measurement on a (device,
-dtype), a screen times each kernel on a small fixed product and drops for the process those
-over `SCREEN_FACTOR` times slower than the fastest: a kernel with no fast path on this CPU
-(oneDNN's s8 x s8 linear on an AMD EPYC without AMX ran 1,000-4,000x slower than `_int_mm`,
-over a second a layer) is then never timed at a layer's full shape.
+`choose` times the kernels the device allows on a random probe of the layer's shape (rows
+capped at `PROBE_ROWS`; laying out the weight, which happens once per optimizer step, plus
+one product rescaled as the layer rescales it, after untimed warm-up rounds), once per
+(device, dtype, rows rounded up to a power of two, in, out) per process, and caches the
+winner; `QATConfig(gemm=...)` names one instead. Before the first such measurement on a
+(device, dtype), a screen times each kernel on a small fixed product and drops for the
+process those over `SCREEN_FACTOR` times slower than the fastest: a kernel with no fast path
+on this CPU (oneDNN's s8 x s8 linear on an AMD EPYC without AMX ran 1,000-4,000x slower than
+`_int_mm`, over a second a layer) is then never timed at a layer's full shape.
 
 Where the layer may also run the float GEMM of the quantized values x_q = codes / s instead
 (`QATConfig(integer_matmul="auto")` in bf16: different roundings, not the same numbers),
@@ -51,6 +51,7 @@ _DECISIONS: dict[tuple, str] = {}
 _SCREENS: dict[tuple, dict[str, float]] = {}
 _DEQUANTIZED: set[tuple[str, torch.dtype]] = set()  # where the float GEMM of x_q, w_q ran
 ROUNDS = 5  # timed rounds per kernel when choosing
+PROBE_ROWS = 2048  # the most rows a measurement's probe has
 WARMUP = 3  # untimed rounds before them
 SCREEN_SHAPE = (64, 256, 256)  # rows, in, out: about 0.01-0.1 ms for a kernel with a fast path
 SCREEN_FACTOR = 20.0  # a kernel this many times slower than the fastest there is dropped
@@ -182,6 +183,13 @@ def _bucket(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def _probe_rows(n: int) -> int:
+    """The rows a measurement for `n` rows times: n rounded up to a power of two, at most
+    PROBE_ROWS (a GEMM's time grows with its rows past that; a 7B layer's measurement at
+    16k rows took minutes on 2 cores)."""
+    return min(_bucket(n), PROBE_ROWS)
+
+
 def choose(
     n: int,
     k: int,
@@ -209,7 +217,7 @@ def choose(
         _DECISIONS[key] = (
             usable[0]
             if len(usable) == 1
-            else _measure(usable, _bucket(n), k, m, dt, device, native_ok)
+            else _measure(usable, _probe_rows(n), k, m, dt, device, native_ok)
         )
     return _DECISIONS[key]
 
@@ -334,7 +342,7 @@ def ranks_agree():
 
 def _measure_path(kernel, n, k, m, dt, device, native_ok, rebuild) -> bool:
     device = torch.device(device)
-    a, w, inv, gamma = _probe(_bucket(n), k, m, device)
+    a, w, inv, gamma = _probe(_probe_rows(n), k, m, device)
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         # What the float path multiplies: x_q as the layer makes it, w_q in dt (both paths
         # hold w_q, the backward's operand).
