@@ -52,3 +52,12 @@ def token_windows():
         return TokenWindowDataset(tokens.int(), seq_len, bytes_per_token=1.0)
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _fresh_matmul_paths(monkeypatch):
+    """Each test measures its own bf16 integer-or-float GEMM decisions (a process's are
+    kept): none carries over from an earlier test, so no result depends on test order."""
+    from bitnet_training.quant import gemm
+
+    monkeypatch.setattr(gemm, "_PATHS", {})

@@ -13,6 +13,7 @@ from bitnet_training.cli import main
 from bitnet_training.config import load_config
 from bitnet_training.errors import BitNetError
 from bitnet_training.planner import Layout, parse_memory, plan
+from bitnet_training.quant import gemm
 
 WORKER = os.path.join(os.path.dirname(__file__), "_heap_peak.py")
 SMALL = ["training.batch_size=2", "data.seq_len=128"]
@@ -37,7 +38,9 @@ def test_plan_is_within_10_percent_of_the_measured_peak(case):
     done = subprocess.run([sys.executable, WORKER, *overrides], capture_output=True, text=True,
                           env=env, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    measured = json.loads(done.stdout.strip().splitlines()[-1])["peak"]
+    run = json.loads(done.stdout.strip().splitlines()[-1])
+    measured = run["peak"]
+    gemm.load_path_state(run["paths"])  # the run's bf16 GEMMs (each measured)
     planned = plan(load_config(None, overrides), device="cpu").total
     assert abs(planned / measured - 1) <= 0.10, (planned, measured)
 

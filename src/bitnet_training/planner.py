@@ -224,15 +224,16 @@ def _precision(cfg) -> str:
     return "bf16" if p == "auto" else p
 
 
-def trace(cfg) -> dict[str, int]:
+def trace(cfg, device: str = "cpu") -> dict[str, int]:
     """Peak bytes by kind of two training steps of run config `cfg` on one device (fake
     tensors; see the module docstring). A model of more than 2 layers is traced with 1 and
     2 and extrapolated (each layer adds the same: a 7B traces in seconds, not a minute; the
-    validation test checks a 6-layer model against measurement)."""
+    validation test checks a 6-layer model against measurement). `device`: the one planned
+    for (`_matmuls`)."""
     layers = cfg.model.num_hidden_layers
     if layers <= 2:
-        return _trace(cfg)
-    one, two = (_trace(_with_layers(cfg, n)) for n in (1, 2))
+        return _trace(cfg, device)
+    one, two = (_trace(_with_layers(cfg, n), device) for n in (1, 2))
     return {k: one[k] + (layers - 1) * (two[k] - one[k]) for k in one}
 
 
@@ -253,7 +254,33 @@ def _quiet():
         yield
 
 
-def _trace(cfg) -> dict[str, int]:
+@contextlib.contextmanager
+def _matmuls(model: nn.Module, dtype: torch.dtype | None, device: str):
+    """The matmul each quantized layer runs where it is measured (bf16 `integer_matmul:
+    auto`): for a CPU plan, decided as a CPU run decides it (measured here, as the Trainer
+    does before its first step); for another device, which this CPU cannot measure, the
+    float GEMM of x_q (the one that keeps more: x_q rather than int8 codes), for the trace
+    only."""
+    from .quant import gemm
+
+    if dtype is None or device == "cpu":
+        for module in model.modules():
+            if dtype is not None and hasattr(module, "decide_matmul"):
+                module.decide_matmul(dtype)
+        yield
+        return
+    held = dict(gemm._PATHS)
+    for module in model.modules():
+        if hasattr(module, "decide_matmul"):
+            gemm._PATHS["cpu", dtype, module.in_features, module.out_features] = False
+    try:
+        yield
+    finally:
+        gemm._PATHS.clear()
+        gemm._PATHS.update(held)
+
+
+def _trace(cfg, device: str = "cpu") -> dict[str, int]:
     from torch.distributed._tools.mem_tracker import _MemRefType as R
 
     from .recipe import build_loss
@@ -261,7 +288,7 @@ def _trace(cfg) -> dict[str, int]:
     mode, model, optimizer = _build(cfg)
     b, t = cfg.training.batch_size, cfg.data.seq_len
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(_precision(cfg))
-    with mode:
+    with _matmuls(model, dtype, device), mode:
         loss_fn = build_loss(cfg, model, None)
         ids = torch.zeros((b, t), dtype=torch.long)
         mt = _tracker(model, optimizer)
@@ -381,7 +408,7 @@ def plan(
             check_target(recipe.build_model(cfg).model, cfg.export_target)
     m = microbatches or layout.pp
     per = _per_device(cfg, layout, m)
-    parts = trace(per)
+    parts = trace(per, device)
     notes = []
     if layout.pp > 1:
         in_flight = m if schedule == "gpipe" else min(layout.pp, m)

@@ -152,49 +152,52 @@ def test_a_kernel_with_no_fast_path_is_screened_out_before_any_full_size_run(mon
 def fresh_paths(monkeypatch):
     """No `integer_path` decisions held (as in a new process), restored after the test."""
     monkeypatch.setattr(gemm, "_PATHS", {})
-    monkeypatch.setattr(gemm, "_AGREED", set())
     monkeypatch.setattr(gemm, "_DECISIONS", {})
 
 
 def test_integer_path_is_measured_once_per_shape_and_can_be_saved(monkeypatch, fresh_paths):
     """The integer-vs-float GEMM choice is measured (really: a bool from timing both) once
-    per (device, dtype, in, out), whatever the rows; `path_state` / `load_path_state`
-    carry it (a checkpoint); the kernels `decisions` reports leave out shapes that run the
-    float GEMM of x_q."""
+    per (device, dtype, in, out) on a fixed probe; `path_state` / `load_path_state` carry it
+    (a checkpoint); the kernels `decisions` reports leave out shapes that run the float
+    GEMM of x_q."""
     real = gemm._measure_path
     calls = []
     monkeypatch.setattr(gemm, "_measure_path", lambda *a: calls.append(a) or real(*a))
     dt = torch.bfloat16
-    kernel = gemm.choose(64, 96, 40, dt, "cpu", ("int_mm",))
-    first = gemm.integer_path(64, 96, 40, dt, "cpu", kernel)
+    first = gemm.integer_path(96, 40, dt, "cpu", ("int_mm",), rows=64)
     assert isinstance(first, bool) and len(calls) == 1
-    assert gemm.integer_path(1000, 96, 40, dt, "cpu", kernel) is first  # rows: same choice
+    assert calls[0][:4] == (("int_mm",), 64, 96, 40)
+    assert gemm.integer_path(96, 40, dt, "cpu") is first  # measured: held
     assert len(calls) == 1
     saved = gemm.path_state()
     assert saved == [["cpu", "bfloat16", 96, 40, first]]
     assert gemm.paths() == {"cpu bfloat16 96 -> 40": "integer" if first else "float"}
     gemm._PATHS.clear()
     gemm.load_path_state([["cpu", "bfloat16", 96, 40, not first]])
-    assert gemm.integer_path(64, 96, 40, dt, "cpu", kernel) is (not first)
+    assert gemm.integer_path(96, 40, dt, "cpu") is (not first)
     assert len(calls) == 1  # loaded: not measured again
     for bad in (["cpu", "bfloat17", 96, 40, True], ["cpu", "bfloat16", "96", 40, True], [1]):
         with pytest.raises(BitNetError, match="matmul_paths entry .* is not"):
             gemm.load_path_state([bad])
+    gemm.choose(64, 96, 40, dt, "cpu", ("int_mm",))
     gemm.load_path_state([["cpu", "bfloat16", 96, 40, False]])
     assert gemm.decisions() == {}  # the float GEMM of x_q runs: no kernel reported
     gemm.load_path_state([["cpu", "bfloat16", 96, 40, True]])
     assert list(gemm.decisions().values()) == ["int_mm"]
+    # No integer kernel can run the shape: the float GEMM, nothing timed.
+    assert gemm.integer_path(2**17, 8, dt, "cpu") is False
     # Traced by torch.compile: nothing measured; the decision held, else the float GEMM.
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert gemm.integer_path(64, 96, 40, dt, "cpu", kernel) is True
-    assert gemm.integer_path(64, 80, 40, dt, "cpu", kernel) is False
-    assert len(calls) == 1
+    assert gemm.integer_path(96, 40, dt, "cpu") is True
+    assert gemm.integer_path(80, 40, dt, "cpu") is False
+    assert len(calls) == 2
 
 
 def test_the_measurement_times_both_paths_as_the_layer_runs_them(monkeypatch, fresh_paths):
     """The integer path is timed with its weight layout, rescaled product and (for a weight
-    that trains) the backward's rebuild of x_q; the float path with the GEMM of x_q; the
-    integer one wins only when at most PATH_FACTOR of the other's time."""
+    that trains) its x_q for the weight gradient; the float path with the GEMM of x_q (and
+    a rebuild too where codes are saved); the integer one wins only when it takes at most
+    PATH_FACTOR of the other's time."""
     rebuilt = []
 
     def rebuild(codes, inv):
@@ -214,44 +217,44 @@ def test_the_measurement_times_both_paths_as_the_layer_runs_them(monkeypatch, fr
 
     monkeypatch.setattr(gemm.Prepared, "scaled", scaled)
     monkeypatch.setattr(gemm.F, "linear", linear)
-    args = ("int_mm", 48, 64, 32, torch.bfloat16, torch.device("cpu"), True)
+    args = (("int_mm",), 48, 64, 32, torch.bfloat16, torch.device("cpu"), 1, True)
     slow["integer"] = 0.01
-    assert gemm._measure_path(*args, rebuild) is False
+    assert gemm._measure_path(*args, rebuild, False) is False
     # The rebuild: once for the float path's x_q, then once per integer round.
-    assert rebuilt == [(64, 64)] * (1 + gemm.WARMUP + gemm.ROUNDS)
+    rounds = gemm.WARMUP + gemm.ROUNDS
+    assert rebuilt == [(48, 64)] * (1 + rounds)
+    rebuilt.clear()
+    assert gemm._measure_path(*args, rebuild, True) is False
+    assert rebuilt == [(48, 64)] * (1 + 2 * rounds)  # codes saved: both paths rebuild
     slow.update(integer=0.0, float=0.01)
-    assert gemm._measure_path(*args, None) is True
+    assert gemm._measure_path(*args, None, False) is True
 
 
-RANKS_AGREE = """
+AGREE = """
 import sys, torch, torch.distributed as dist
 from bitnet_training.quant import gemm
 rank, store = int(sys.argv[1]), sys.argv[2]
 dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-measured = []
-gemm._measure_path = lambda *a: measured.append(a[2:4]) or rank == 0
-gemm._PATHS[("cpu", torch.bfloat16, 16, 8)] = rank == 1  # decided alone, before
-local = gemm.integer_path(32, 24, 8, torch.bfloat16, "cpu", "int_mm")
-with gemm.ranks_agree():
-    a = gemm.integer_path(32, 16, 8, torch.bfloat16, "cpu", "int_mm")
-    b = gemm.integer_path(32, 8, 16, torch.bfloat16, "cpu", "int_mm")
-    b2 = gemm.integer_path(32, 8, 16, torch.bfloat16, "cpu", "int_mm")
-print(local, a, b, b2, measured)
+gemm._measure_path = lambda *a: rank == 0  # the ranks measure differently
+gemm.integer_path(16, 8, torch.bfloat16, "cpu")
+if rank == 1:
+    gemm.integer_path(24, 8, torch.bfloat16, "cpu")  # a shape only rank 1 has
+gemm.agree_paths()
+print(sorted(gemm.path_state()))
 dist.destroy_process_group()
 """
 
 
-def test_ranks_take_rank_zeros_measured_path(tmp_path):
-    """Inside `ranks_agree()`, every rank runs rank 0's decision for each shape, measured
-    by rank 0 alone (or already held by it), one broadcast per shape; outside, each rank
-    measures for itself."""
+def test_ranks_hold_rank_zeros_decisions_after_agreeing(tmp_path):
+    """`agree_paths` (a collective the Trainer makes at setup): every rank ends with the
+    same decisions, rank 0's where it has one, the lowest other rank's elsewhere."""
     import subprocess
     import sys
 
     store = tmp_path / "store"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", RANKS_AGREE, str(r), str(store)],
+            [sys.executable, "-c", AGREE, str(r), str(store)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -260,6 +263,5 @@ def test_ranks_take_rank_zeros_measured_path(tmp_path):
     ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[1][1][-2000:] + outs[0][1][-2000:]
-    lines = [out.strip().splitlines()[-1] for out, _ in outs]
-    assert lines[0] == "True False True True [(24, 8), (8, 16)]"
-    assert lines[1] == "False False True True [(24, 8)]"
+    want = "[['cpu', 'bfloat16', 16, 8, True], ['cpu', 'bfloat16', 24, 8, False]]"
+    assert [out.strip().splitlines()[-1] for out, _ in outs] == [want, want]

@@ -135,7 +135,6 @@ def test_resume_keeps_the_measured_matmul(tmp_path, micro_model, token_windows, 
 
     def measuring(integer):  # a process where the integer (or float) GEMM measures faster
         monkeypatch.setattr(gemm, "_PATHS", {})
-        monkeypatch.setattr(gemm, "_AGREED", set())
         monkeypatch.setattr(gemm, "_measure_path", lambda *a: integer)
 
     data = token_windows(12, 16)

@@ -49,17 +49,14 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def measures_path(config: QATConfig, dt: torch.dtype) -> bool:
     """Whether `QATConfig.integer_matmul` leaves the fused forward's matmul in compute dtype
-    `dt` to measurement (`quant.gemm.integer_path`): `auto` in bf16 / fp16, where the float
-    GEMM of the quantized values x_q W_q^T (the reference's own numbers, with no per-token
-    rescaling pass) runs as fast as the integer one on some machines (AMX, tensor cores) and
-    slower on others (AVX-512 VNNI without AMX). `auto` runs the integer GEMM in float32 /
-    float64, where it is exact and faster on every machine measured, and where `gemm` names
-    a kernel; `true` wherever a kernel can (`quant.gemm.unavailable`: never in float16)."""
-    return (
-        config.integer_matmul == "auto"
-        and config.gemm == "auto"
-        and dt not in (torch.float32, torch.float64)
-    )
+    `dt` to measurement (`quant.gemm.integer_path`): `auto` in bf16, where the float GEMM of
+    the quantized values x_q W_q^T (the reference's own numbers, with no per-token rescaling
+    pass) runs as fast as the integer one on some machines (AMX, tensor cores) and slower on
+    others (AVX-512 VNNI without AMX). `auto` runs the integer GEMM in float32 / float64,
+    where it is exact and faster on every machine measured, and where `gemm` names a kernel;
+    the float GEMM in float16 (no integer kernel: `quant.gemm.unavailable`); `true` the
+    integer GEMM wherever a kernel can."""
+    return config.integer_matmul == "auto" and config.gemm == "auto" and dt == torch.bfloat16
 
 
 # The memory planner's trace (fake tensors) measures the GEMMs a real run would choose on
@@ -100,9 +97,11 @@ def integer_gemm(
     if fake:
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-        with unset_fake_temporarily():  # measured on a small probe: a plan takes seconds
+        with unset_fake_temporarily():  # measured on small probes: a plan takes seconds
             rows = min(n, PLAN_PROBE_ROWS)
-            kernel = _gemm_kernel(config, codes.shape, rows, dt, device, True, code_max, trains)
+            kernel = _gemm_kernel(
+                config, codes.shape, rows, dt, device, True, code_max, trains, PLAN_PROBE_ROWS
+            )
         if kernel == "onednn":
             kernel = "int_mm"  # oneDNN's prepacked weight has no fake kernel; as many bytes
     else:
@@ -119,12 +118,17 @@ def integer_gemm(
     return prepared[kernel, dt]
 
 
-def _gemm_kernel(config, shape, n, dt, device, every_kernel, code_max, trains) -> str | None:
+def _gemm_kernel(
+    config, shape, n, dt, device, every_kernel, code_max, trains, probe_rows=gemm.PROBE_ROWS
+) -> str | None:
     """`integer_gemm`'s kernel, or None for the float GEMM of dequantized values.
     `every_kernel`: whether oneDNN's prepacked weight may be chosen (the weight is laid out
     once per step)."""
     out_f, in_f = shape
-    native_ok = config.kernels != "torch"
+    if measures_path(config, dt) and not integer_path(
+        config, in_f, out_f, dt, device, every_kernel, code_max, trains, probe_rows
+    ):
+        return None
     if config.gemm != "auto":
         allowed = (config.gemm,)
         why = gemm.unavailable(config.gemm, n, in_f, out_f, dt, device, code_max)
@@ -134,17 +138,54 @@ def _gemm_kernel(config, shape, n, dt, device, every_kernel, code_max, trains) -
         allowed = ("int_mm",)  # traced: nothing to measure
     else:
         allowed = gemm.KERNELS if every_kernel else ("int_mm", "float")
-    kernel = gemm.choose(n, in_f, out_f, dt, device, allowed, code_max, native_ok)
-    if kernel is None or not measures_path(config, dt):
-        return kernel
+    return gemm.choose(n, in_f, out_f, dt, device, allowed, code_max, config.kernels != "torch")
+
+
+def integer_path(
+    config: QATConfig,
+    in_f: int,
+    out_f: int,
+    dt: torch.dtype,
+    device,
+    every_kernel: bool = True,
+    code_max: int = 1,
+    trains: bool = True,
+    probe_rows: int = gemm.PROBE_ROWS,
+) -> bool:
+    """Where `measures_path`: whether an (in_f -> out_f) layer runs the integer GEMM in `dt`,
+    measured once per shape as the layer runs each form (`quant.gemm.integer_path`; decided
+    by the shape, never by a call's rows)."""
 
     def rebuild(codes, inv):
         return _dequantized(codes, inv, dt, config.kernels)
 
-    faster = gemm.integer_path(
-        n, in_f, out_f, dt, device, kernel, native_ok, rebuild if trains else None
-    )
-    return kernel if faster else None
+    return gemm.integer_path(
+        in_f, out_f, dt, device,
+        gemm.KERNELS if every_kernel else ("int_mm", "float"),
+        code_max, config.kernels != "torch",
+        rebuild if trains else None,
+        config.saved_activations == "codes", probe_rows,
+    )  # fmt: skip
+
+
+def decide_matmul(
+    config: QATConfig,
+    in_f: int,
+    out_f: int,
+    dt: torch.dtype,
+    device,
+    every_kernel: bool,
+    code_max: int,
+    trains: bool,
+) -> None:
+    """Measure now, not in the first forward, the GEMM a fused layer with integer weight
+    codes runs in `dt` where `measures_path` (a no-op elsewhere). The layers' own
+    `decide_matmul` call it; the Trainer calls those for the whole model before the first
+    step."""
+    a_spec = config.activation_spec()
+    fused = config.fused and a_spec is not None and a_spec.symmetric
+    if fused and a_spec.granularity == "token" and measures_path(config, dt):
+        integer_path(config, in_f, out_f, dt, device, every_kernel, code_max, trains)
 
 
 class _WeightSTE(torch.autograd.Function):
@@ -645,6 +686,19 @@ class BitLinear(nn.Linear):
         return self.weight_blend < 1.0 or (
             self.training and (cfg.quant_noise is not None or cfg.noise_factor > 0)
         )
+
+    def decide_matmul(self, dt: torch.dtype) -> None:
+        """Measure now which GEMM this layer runs in compute dtype `dt`, where
+        `integer_matmul: auto` leaves it to measurement (`measures_path`); else in its
+        first forward."""
+        spec = self.weight_spec()
+        if spec is None or spec.granularity not in ("tensor", "channel") or not spec.symmetric:
+            return  # no integer codes: the float GEMM
+        code_max = 1 if spec.bits in (1, 1.58) else 2 ** (int(spec.bits) - 1)
+        decide_matmul(
+            self.config, self.in_features, self.out_features, dt, self.weight.device, True,
+            code_max, self.weight.requires_grad,
+        )  # fmt: skip
 
     def quantized_weight(self) -> Quantized:
         """The weight's integer codes and scale(s), as export stores them: (codes, scale[, zp])."""

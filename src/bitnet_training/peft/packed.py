@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BitNetError
-from ..nn.bitlinear import BitLinear, _compute_dtype, _FusedBitLinear, integer_gemm
+from ..nn.bitlinear import BitLinear, _compute_dtype, _FusedBitLinear, decide_matmul, integer_gemm
 from ..quant.config import QATConfig
 from ..quant.fake_quant import fake_quantize
 from ..quant.functional import Quantized, dequantize
@@ -181,6 +181,15 @@ class PackedTernaryLinear(nn.Module):
         # BitLinear._quantize_weight's dequantization: codes * gamma in float32, then dt.
         codes = self.codes() if codes is None else codes
         return dequantize(Quantized(codes, self.weight_scale.float()), torch.float32).to(dt)
+
+    def decide_matmul(self, dt: torch.dtype) -> None:
+        """Measure now which GEMM this layer runs in compute dtype `dt` (as
+        `BitLinear.decide_matmul`; the base is frozen)."""
+        if self.granularity in ("tensor", "channel"):
+            device = self.qweight.device
+            decide_matmul(
+                self.config, self.in_features, self.out_features, dt, device, False, 1, False
+            )
 
     def nbytes(self) -> int:
         """Bytes of the layer's tensors: packed codes + scales (+ bias, + input norm)."""

@@ -26,13 +26,13 @@ on this CPU (oneDNN's s8 x s8 linear on an AMD EPYC without AMX ran 1,000-4,000x
 Where the layer may also run the float GEMM of the quantized values x_q = codes / s instead
 (`QATConfig(integer_matmul="auto")` in bf16: different roundings, not the same numbers),
 `integer_path` measures which of the two is faster for its (in, out) shape, once, and keeps
-the decision for the process and in the Trainer's checkpoints (a resumed run keeps its
-numbers); inside `ranks_agree()` rank 0 decides for every rank.
+the decision for the process; the Trainer decides every layer's before the first step, makes
+the ranks hold the same decisions (`agree_paths`), and saves them in checkpoints (a resumed
+run keeps its numbers).
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 
@@ -58,8 +58,6 @@ SCREEN_FACTOR = 20.0  # a kernel this many times slower than the fastest there i
 # (device type, dtype, in, out) -> whether the integer GEMM runs (True) or the float GEMM of
 # x_q (False), where both may (`integer_path`).
 _PATHS: dict[tuple, bool] = {}
-_AGREED: set[tuple] = set()  # keys every rank holds rank 0's decision for
-_AGREEING: list[bool] = []  # non-empty inside `ranks_agree()`
 # The integer path is chosen when its time is at most this share of the float path's: a
 # near tie keeps the float GEMM, the reference form's own numbers.
 PATH_FACTOR = 0.95
@@ -287,62 +285,48 @@ def _measure(usable, n, k, m, dt, device, native_ok: bool = True) -> str:
 
 
 def integer_path(
-    n: int,
     k: int,
     m: int,
     dt: torch.dtype,
     device,
-    kernel: str,
+    allowed=KERNELS,
+    code_max: int = 1,
     native_ok: bool = True,
     rebuild: Callable | None = None,
+    float_rebuilds: bool = False,
+    rows: int = PROBE_ROWS,
 ) -> bool:
-    """Whether a layer of this (in `k`, out `m`) shape runs the exact integer GEMM with
-    `kernel` (True) or the float GEMM of x_q = codes / s (False) in `dt` on `device`: the
-    faster of the two as measured on a probe of `n` rows (rounded up to a power of two), once
-    per (device, dtype, in, out) per process. `rebuild(codes, inv)` makes x_q as the layer
-    does: the integer path pays it once more, in the backward (None: a frozen weight, no
-    backward rebuild). Under `torch.compile` nothing is measured: the decision this process
-    already holds, else the float GEMM. Inside `ranks_agree()`, every rank takes rank 0's."""
+    """Whether a layer of this (in `k`, out `m`) shape runs the exact integer GEMM (True) or
+    the float GEMM of x_q = codes / s (False) in `dt` on `device`: the faster of the two,
+    measured once per (device, dtype, in, out) per process on a probe of `rows` rows (the
+    integer GEMM with the fastest of the `allowed` kernels there; False if none can run it).
+
+    `rebuild(codes, inv)` makes x_q as the layer does, for a weight that trains (None: a
+    frozen weight). The integer path pays it once more (the backward's x_q, or the forward's
+    where x_q is saved), and the float path too where `float_rebuilds` (codes saved). Under
+    `torch.compile` nothing is measured: the decision this process holds, else the float
+    GEMM."""
     key = (torch.device(device).type, dt, k, m)
     if torch.compiler.is_compiling():
         return _PATHS.get(key, False)
-    if _AGREEING and key not in _AGREED and _world_size() > 1:
-        import torch.distributed as dist
-
-        box = [None]
-        if dist.get_rank() == 0:
-            if key not in _PATHS:
-                _PATHS[key] = _measure_path(kernel, n, k, m, dt, device, native_ok, rebuild)
-            box[0] = _PATHS[key]
-        dist.broadcast_object_list(box, src=0)
-        _PATHS[key] = bool(box[0])
-        _AGREED.add(key)
-    elif key not in _PATHS:
-        _PATHS[key] = _measure_path(kernel, n, k, m, dt, device, native_ok, rebuild)
+    if key not in _PATHS:
+        _PATHS[key] = _measure_path(
+            allowed, rows, k, m, dt, device, code_max, native_ok, rebuild, float_rebuilds
+        )
     return _PATHS[key]
 
 
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-@contextlib.contextmanager
-def ranks_agree():
-    """Within, every rank of the default process group takes rank 0's `integer_path`
-    decisions (a broadcast per shape not yet agreed), so that data-parallel replicas run the
-    same numbers. Every rank must run the same quantized layers in the same order (as the
-    replicas of a data-parallel step do)."""
-    _AGREEING.append(True)
-    try:
-        yield
-    finally:
-        _AGREEING.pop()
-
-
-def _measure_path(kernel, n, k, m, dt, device, native_ok, rebuild) -> bool:
+def _measure_path(
+    allowed, rows, k, m, dt, device, code_max, native_ok, rebuild, float_rebuilds
+) -> bool:
     device = torch.device(device)
-    a, w, inv, gamma = _probe(_probe_rows(n), k, m, device)
+    # The `float` kernel runs the very GEMM the float path runs, plus the rescale: it could
+    # never win by the margin, so only the integer kernels are timed against that path.
+    integer = [kn for kn in allowed if kn != "float"]
+    kernel = choose(rows, k, m, dt, device, integer, code_max, native_ok) if integer else None
+    if kernel is None:
+        return False
+    a, w, inv, gamma = _probe(rows, k, m, device)
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         # What the float path multiplies: x_q as the layer makes it, w_q in dt (both paths
         # hold w_q, the backward's operand).
@@ -357,6 +341,8 @@ def _measure_path(kernel, n, k, m, dt, device, native_ok, rebuild) -> bool:
 
         def floating():
             F.linear(x_q, w_q)
+            if rebuild is not None and float_rebuilds:
+                rebuild(a, inv)
 
         runs = {True: integer, False: floating}
         for _ in range(WARMUP):
@@ -367,6 +353,21 @@ def _measure_path(kernel, n, k, m, dt, device, native_ok, rebuild) -> bool:
             for path, fn in runs.items():
                 best[path] = min(best[path], _timed(fn, device))
     return best[True] <= PATH_FACTOR * best[False]
+
+
+def agree_paths() -> None:
+    """Make every rank of the default process group hold the same `integer_path` decisions,
+    so that data-parallel replicas compute the same numbers: each shape takes the decision
+    of the lowest rank that holds one. A collective: every rank calls it (the Trainer does,
+    at setup, after each rank decided its own layers'). Nothing to do in one process."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, path_state())
+    _PATHS.clear()
+    for state in reversed(states):  # rank 0 last: its decisions win
+        load_path_state(state)
 
 
 def paths() -> dict[str, str]:
@@ -385,7 +386,7 @@ def path_state() -> list[list]:
 
 def load_path_state(state: list[list]) -> None:
     """Hold the decisions of `path_state()` (a resumed run keeps its matmuls, so its
-    numbers), as agreed: every rank loads the same checkpoint."""
+    numbers)."""
     for entry in state:
         ok = isinstance(entry, list) and len(entry) == 5
         dt = getattr(torch, entry[1], None) if ok and isinstance(entry[1], str) else None
@@ -396,7 +397,6 @@ def load_path_state(state: list[list]) -> None:
             )
         key = (str(entry[0]), dt, entry[2], entry[3])
         _PATHS[key] = bool(entry[4])
-        _AGREED.add(key)
 
 
 def _timed(fn, device: torch.device) -> float:

@@ -367,6 +367,16 @@ class Trainer:
             )
         self.total_steps = c.max_steps or c.num_epochs * per_epoch
         self.steps_per_epoch = max(1, per_epoch)
+        # Where the quantized layers' matmul is measured (bf16 `integer_matmul: auto`), it is
+        # decided now for every layer, and every rank holds rank 0's decisions (the same
+        # numbers on every replica; a collective at a point every rank reaches).
+        dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        floats = (p.dtype for p in self.model.parameters() if p.is_floating_point())
+        dt = dt or next(floats, torch.float32)
+        for module in self.model.modules():
+            if hasattr(module, "decide_matmul"):
+                module.decide_matmul(dt)
+        gemm.agree_paths()
         self._call("setup")
 
     def _check_pipeline(self) -> None:
@@ -648,34 +658,8 @@ class Trainer:
             torch.distributed.all_reduce(stop)
             self._ranks_stopping = bool(stop)
         total = total.clamp_min(1)
-        pipe = pipeline_of(unwrap(self.model))
-        # Data-parallel replicas run the same layers in the same order (pipeline stages do
-        # not): rank 0's measured matmuls for all, so that they compute the same numbers.
-        agree = self.data_parallel and pipe is None
-        with gemm.ranks_agree() if agree else contextlib.nullcontext():
-            loss_sum = self._micro_steps(micro, counts, total, scale, pipe)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        self._call("on_after_backward")
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        c = self.config
-        norm = clip_gradients(
-            params, c.gradient_clip_norm, c.gradient_clip_value, c.agc_clip_factor, c.agc_eps,
-            split_over_ranks=pipe is not None,  # each stage holds its own parameters
-        )  # fmt: skip
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skipped when a gradient is inf / nan
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self._call("on_optimizer_step")
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_sum, "grad_norm": norm, "tokens": ntok}
-
-    def _micro_steps(self, micro, counts, total, scale, pipe) -> torch.Tensor:
-        """Forward and backward of each micro-batch of a step; returns the sum of their
-        weighted losses."""
         loss_sum = torch.zeros((), device=self.device)
+        pipe = pipeline_of(unwrap(self.model))
         for i, (b, n) in enumerate(zip(micro, counts, strict=True)):
             last = i == len(micro) - 1
             if pipe is not None:  # the schedule runs forward and backward itself
@@ -699,7 +683,23 @@ class Trainer:
                         part = part + torch.stack([a.to(wide) for a in aux]).sum()
                 self._backward(part)
             loss_sum = loss_sum + part.detach()  # float64 when the model is
-        return loss_sum
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        self._call("on_after_backward")
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        c = self.config
+        norm = clip_gradients(
+            params, c.gradient_clip_norm, c.gradient_clip_value, c.agc_clip_factor, c.agc_eps,
+            split_over_ranks=pipe is not None,  # each stage holds its own parameters
+        )  # fmt: skip
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when a gradient is inf / nan
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self._call("on_optimizer_step")
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_sum, "grad_norm": norm, "tokens": ntok}
 
     def log(self, logs: dict) -> None:
         """Hand a log record to every callback's `on_log` (they may add to it)."""
