@@ -332,10 +332,9 @@ def _measure_path(
         # hold w_q, the backward's operand).
         x_q = rebuild(a, inv) if rebuild is not None else a.div(inv).to(dt)
         w_q = (w.float() * gamma).to(dt)
-        codes = a.to(dt) if kernel == "float" else a
 
         def integer():
-            Prepared(kernel, w, dt).scaled(codes, inv, gamma, native_ok)
+            Prepared(kernel, w, dt).scaled(a, inv, gamma, native_ok)
             if rebuild is not None:
                 rebuild(a, inv)  # x_q for the weight gradient
 

@@ -293,10 +293,14 @@ class Trainer:
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)
 
+    def _autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of this run's precision (None: fp32, no autocast)."""
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
     def _autocast(self):
-        if self.precision == "fp32":
+        dtype = self._autocast_dtype()
+        if dtype is None:
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _setup(self) -> None:
@@ -370,9 +374,8 @@ class Trainer:
         # Where the quantized layers' matmul is measured (bf16 `integer_matmul: auto`), it is
         # decided now for every layer, and every rank holds rank 0's decisions (the same
         # numbers on every replica; a collective at a point every rank reaches).
-        dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         floats = (p.dtype for p in self.model.parameters() if p.is_floating_point())
-        dt = dt or next(floats, torch.float32)
+        dt = self._autocast_dtype() or next(floats, torch.float32)
         for module in self.model.modules():
             if hasattr(module, "decide_matmul"):
                 module.decide_matmul(dt)
